@@ -1,0 +1,1 @@
+//! Ranks, groups, rendezvous store, host transport, NCCL and MoE all-to-all.

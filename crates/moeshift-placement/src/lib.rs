@@ -1,0 +1,1 @@
+//! Expert placement math: maps, policies and transfer plans.

@@ -1,0 +1,1 @@
+//! Dtypes, devices, strided views and buffers for moeshift.
