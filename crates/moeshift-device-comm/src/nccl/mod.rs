@@ -1,0 +1,1 @@
+//! NCCL communicator (feature `cuda`).
