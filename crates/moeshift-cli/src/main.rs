@@ -1,5 +1,6 @@
 //! The `moeshift` command: `plan`, `launch`, `demo`, `bench`.
 
+mod bench;
 mod launch;
 mod plan;
 
@@ -20,6 +21,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Start N ranks of a command with torchrun-style environment variables.
     Launch(launch::LaunchArgs),
+    /// Run a benchmark; rank 0 prints one JSON object.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
         Command::Launch(args) => launch::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
