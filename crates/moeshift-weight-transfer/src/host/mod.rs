@@ -1,0 +1,172 @@
+//! The `host` engine: weight transfer over the host (TCP) transport, between host buffers.
+//!
+//! The trainer is rank 0 of a [`HostGroup`](moeshift_device_comm::HostGroup); every other rank is a worker. It serves CPU
+//! users, tests, and machines without NCCL; the NCCL and CUDA-IPC engines follow the same
+//! protocol shape with device payloads.
+//!
+//! # Protocol (one session)
+//!
+//! For each update:
+//!
+//! 1. **Announce**: the trainer broadcasts a JSON control message: session and update
+//!    numbers, the [`UpdateInfo`] and the [`metadata_digest`](crate::metadata_digest) of the update's parameters.
+//! 2. **Vote**: every rank all-gathers "accept" or "refuse: reason". A worker refuses when
+//!    the info is invalid, the metadata digest differs from its own resolution, or the
+//!    update does not match its registry. One refusal and every rank abandons the update
+//!    ([`TransferError::PeersFailed`](crate::TransferError::PeersFailed) names who refused and why); nothing is sent.
+//! 3. **Payload**: the trainer sends to each worker, in update order:
+//!    * dense: one message per parameter (its bytes);
+//!    * packed: per chunk, the encoded [`ChunkHeader`](crate::ChunkHeader) then the chunk payload; the worker
+//!      checks each header against its own plan (its own `packed_buffer_size_bytes`);
+//!    * sparse: one message per parameter, its int32 indices (little-endian) then its
+//!      values.
+//!
+//!    Workers stage everything. A worker that finds a problem here (a chunk header that
+//!    differs from its plan, a patch index out of range) keeps receiving, discarding, so
+//!    that the stream stays in step, and reports the problem in the next phase.
+//! 4. **Commit**: every rank all-gathers "ready" or "failed: reason". Only if every rank is
+//!    ready do the workers apply what they staged; otherwise no worker applies anything.
+//!
+//! Then the trainer broadcasts an end marker.
+//!
+//! # Staging and memory
+//!
+//! Every update is staged whole before any byte is applied, so a failed update (a dead
+//! trainer, a missed deadline, a refusal anywhere) leaves every worker's weights exactly as
+//! they were, and either all workers apply an update or none does. The price is host memory
+//! equal to the update's payload on each worker, on top of the weights. A trainer that must
+//! bound it splits a large dense transfer into several updates of one session (each update is
+//! atomic on its own; the session as a whole is not). Sparse updates stage only their
+//! patches.
+//!
+//! A transport failure (a dead peer, a passed deadline) breaks the group: the caller builds
+//! a new one. Refusals and staging failures do not; the group stays usable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::info::UpdateInfo;
+use crate::packing::DEFAULT_PACKED_BUFFER_SIZE_BYTES;
+
+mod trainer;
+mod worker;
+
+pub use trainer::{HostTrainer, Progress};
+pub use worker::HostWorker;
+
+/// The trainer's rank in the transfer group.
+pub const TRAINER_RANK: usize = 0;
+
+/// Settings of the host engine, on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Chunk size for packed dense updates (default 1 GiB). Trainer and workers plan chunks
+    /// with their own value; a difference shows as a chunk header mismatch naming the tensor.
+    pub packed_buffer_size_bytes: usize,
+    /// Trainer: whether [`TrainerEngine::send_dense`](crate::TrainerEngine::send_dense) packs (default true).
+    pub packed: bool,
+    /// Trainer: announce "reuse the previous metadata" (empty lists) when a dense update
+    /// has exactly the parameters of the previous successful dense update (default true).
+    pub reuse_metadata: bool,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            packed_buffer_size_bytes: DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+            packed: true,
+            reuse_metadata: true,
+        }
+    }
+}
+
+/// A control message from the trainer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum Control {
+    Update {
+        session: u64,
+        update: u32,
+        info: UpdateInfo,
+        metadata_digest: String,
+    },
+    End {
+        session: u64,
+        updates: u32,
+    },
+}
+
+const OK: u8 = 1;
+const FAILED: u8 = 0;
+
+pub(crate) fn status_ok() -> Vec<u8> {
+    vec![OK]
+}
+
+pub(crate) fn status_failed(reason: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + reason.len());
+    v.push(FAILED);
+    v.extend_from_slice(reason.as_bytes());
+    v
+}
+
+/// `(rank, reason)` for every rank whose status is not "ok".
+pub(crate) fn failures(statuses: &[Vec<u8>]) -> Vec<(usize, String)> {
+    statuses
+        .iter()
+        .enumerate()
+        .filter_map(|(rank, s)| match s.split_first() {
+            Some((&OK, _)) => None,
+            Some((_, reason)) => Some((rank, String::from_utf8_lossy(reason).into_owned())),
+            None => Some((rank, "sent an empty status".into())),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_encoding() {
+        let statuses = vec![
+            status_ok(),
+            status_failed("bad shape for 'w'"),
+            Vec::new(),
+            status_ok(),
+        ];
+        assert_eq!(
+            failures(&statuses),
+            vec![
+                (1, "bad shape for 'w'".to_string()),
+                (2, "sent an empty status".to_string())
+            ]
+        );
+        assert!(failures(&[status_ok(), status_ok()]).is_empty());
+    }
+
+    #[test]
+    fn control_json_shape() {
+        let c = Control::End {
+            session: 4,
+            updates: 2,
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(text, r#"{"type":"end","session":4,"updates":2}"#);
+        let bad = r#"{"type":"update","session":1,"update":0,"metadata_digest":"00",
+            "info":{"names":[],"dtype_names":[],"shapes":[],"update_kind":"sparse_coo"}}"#;
+        let err = serde_json::from_str::<Control>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Unsupported update_kind 'sparse_coo'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn default_config() {
+        let c = HostConfig::default();
+        assert_eq!(c.packed_buffer_size_bytes, 1 << 30);
+        assert!(c.packed && c.reuse_metadata);
+    }
+}
