@@ -1,6 +1,7 @@
 //! `moeshift bench`: benchmarks that print one JSON object on rank 0.
 
 mod eplb_comm;
+mod weight_sync;
 
 use std::process::ExitCode;
 
@@ -15,11 +16,14 @@ pub struct BenchArgs {
 enum Which {
     /// Move random layer plans through an EPLB communicator (run under `moeshift launch`).
     EplbComm(eplb_comm::Args),
+    /// Push weights from a trainer (rank 0) into workers (run under `moeshift launch`).
+    WeightSync(weight_sync::Args),
 }
 
 /// Runs `moeshift bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.which {
         Which::EplbComm(a) => eplb_comm::run(a),
+        Which::WeightSync(a) => weight_sync::run(a),
     }
 }

@@ -1,0 +1,238 @@
+//! Multi-process tests as ordinary `#[test]` functions.
+//!
+//! # The convention
+//!
+//! A multi-rank scenario is a `#[test]` in an integration test file whose name starts with
+//! `rank_`. Its first line asks [`run_as_ranks`] (or a [`RankTest`]) what to do:
+//!
+//! - when the variable `RANK` is **not** set, the test is the *parent*: it starts
+//!   `world_size` copies of its own test binary (`std::env::current_exe()` with
+//!   `--exact <name> --nocapture --test-threads=1`) through the [`Launcher`], with the
+//!   torchrun variables set, and checks that every copy passed. `run_as_ranks` then returns
+//!   `Ok(None)` and the test returns;
+//! - when `RANK` **is** set, the test is one rank: `run_as_ranks` returns
+//!   `Ok(Some(world))` ([`World::from_env`]) and the test body runs as that rank.
+//!
+//! So `cargo test` runs the scenarios, and an external launcher can run the same test
+//! binary with any number of ranks:
+//! `moeshift launch --nproc 8 -- target/debug/deps/multirank-… --exact rank_store_ops --nocapture`.
+//!
+//! ```no_run
+//! use moeshift_device_comm::{testing, HostGroup, StoreClient};
+//! use moeshift_sync::Deadline;
+//! use std::time::Duration;
+//!
+//! #[test]
+//! fn rank_all_gather_4() {
+//!     let Some(world) = testing::run_as_ranks("rank_all_gather_4", 4, Duration::from_secs(60))
+//!         .expect("ranks")
+//!     else {
+//!         return; // parent: the 4 ranks ran and passed
+//!     };
+//!     let deadline = Deadline::after(Duration::from_secs(30));
+//!     let store = StoreClient::connect(&world, deadline).expect("store");
+//!     let group = HostGroup::world(&store, deadline).expect("group");
+//!     let all = group.all_gather(&[world.rank() as u8], deadline).expect("all_gather");
+//!     assert_eq!(all.len(), world.world_size());
+//! }
+//! ```
+//!
+//! # Failure injection
+//!
+//! Failure tests are separate tests (not `rank_`-prefixed, so an external launcher running
+//! every `rank_` test does not trip them). They use [`RankTest`] with
+//! [`keep_going`](RankTest::keep_going) (so that the launcher lets the surviving ranks
+//! report) and set [`ENV_FAIL_RANK`] / [`ENV_FAIL_POINT`]; the test body calls
+//! [`fail_point`] at the chosen point, and the chosen rank kills itself there with SIGKILL,
+//! as a crash or `kill -9` would. [`fail_point_hit`] lets a body do something else instead,
+//! such as returning before it ever joins (a rank that never shows up).
+
+use std::time::Duration;
+
+use crate::launch::{sys, LaunchError, LaunchOutcome, Launcher, OutputMode, Stream};
+use crate::world::{World, WorldError, ENV_RANK};
+
+/// Names the rank that [`fail_point`] kills.
+pub const ENV_FAIL_RANK: &str = "MOESHIFT_FAIL_RANK";
+/// Names the point at which [`fail_point`] kills it.
+pub const ENV_FAIL_POINT: &str = "MOESHIFT_FAIL_POINT";
+
+/// Why a multi-process test could not run or did not pass.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TestingError {
+    /// `RANK` is set but the rank variables are unusable.
+    #[error("this process has RANK set but cannot run as a rank: {0}")]
+    World(#[from] WorldError),
+    /// The test binary's own path is unknown.
+    #[error("cannot find the test binary to start the ranks: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    /// The ranks could not be launched.
+    #[error("cannot launch the ranks of {test}: {source}")]
+    Launch {
+        /// The test.
+        test: String,
+        /// The launcher's error.
+        #[source]
+        source: LaunchError,
+    },
+    /// Some rank failed.
+    #[error("{test}: not every rank passed\n{report}")]
+    RanksFailed {
+        /// The test.
+        test: String,
+        /// The launcher's summary and each failing rank's output.
+        report: String,
+    },
+}
+
+/// What a [`RankTest`] turned out to be in this process.
+#[derive(Debug)]
+pub enum RankRole {
+    /// This process is one rank: run the body as `World`.
+    Rank(World),
+    /// This process was the parent; here is how the ranks ended.
+    Parent(LaunchOutcome),
+}
+
+/// A multi-process test: its name, world size, timeout and extra variables for the ranks.
+#[derive(Debug, Clone)]
+pub struct RankTest {
+    name: String,
+    world_size: usize,
+    timeout: Duration,
+    envs: Vec<(String, String)>,
+    keep_going: bool,
+}
+
+/// True when this process runs as a rank (the variable `RANK` is set).
+pub fn is_rank_process() -> bool {
+    std::env::var_os(ENV_RANK).is_some()
+}
+
+/// Runs the test `test_name` as `world_size` ranks: returns `Ok(Some(world))` in a rank,
+/// and in the parent launches the ranks and returns `Ok(None)` once all passed (an error
+/// with every failing rank's output otherwise). See the [module docs](self).
+pub fn run_as_ranks(
+    test_name: &str,
+    world_size: usize,
+    timeout: Duration,
+) -> Result<Option<World>, TestingError> {
+    RankTest::new(test_name, world_size).timeout(timeout).run()
+}
+
+impl RankTest {
+    /// A test named `name` (the exact test path the harness knows, e.g. `rank_store_ops`)
+    /// run as `world_size` ranks, with a 60 s timeout.
+    pub fn new(name: &str, world_size: usize) -> Self {
+        Self {
+            name: name.to_string(),
+            world_size,
+            timeout: Duration::from_secs(60),
+            envs: Vec::new(),
+            keep_going: false,
+        }
+    }
+
+    /// Stops the ranks after `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets a variable in every rank (e.g. [`ENV_FAIL_RANK`]).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Lets the other ranks run on when one fails (for failure-injection tests).
+    pub fn keep_going(mut self) -> Self {
+        self.keep_going = true;
+        self
+    }
+
+    /// In a rank, returns [`RankRole::Rank`]; in the parent, launches the ranks, prints
+    /// their output (the test harness shows it when the test fails) and returns
+    /// [`RankRole::Parent`] with the outcome, whatever it is.
+    pub fn launch(&self) -> Result<RankRole, TestingError> {
+        if is_rank_process() {
+            return Ok(RankRole::Rank(World::from_env()?));
+        }
+        let exe = std::env::current_exe().map_err(TestingError::CurrentExe)?;
+        let mut launcher = Launcher::new(self.world_size, exe)
+            .args(["--exact", &self.name, "--nocapture", "--test-threads=1"])
+            .output(OutputMode::Capture)
+            .timeout(self.timeout)
+            .grace_period(Duration::from_secs(2))
+            .stop_on_failure(!self.keep_going);
+        for (k, v) in &self.envs {
+            launcher = launcher.env(k, v);
+        }
+        let outcome = launcher.run().map_err(|source| TestingError::Launch {
+            test: self.name.clone(),
+            source,
+        })?;
+        for r in &outcome.ranks {
+            for line in &r.output {
+                match line.stream {
+                    Stream::Stdout => println!("[rank {}] {}", r.rank, line.text),
+                    Stream::Stderr => eprintln!("[rank {}] {}", r.rank, line.text),
+                }
+            }
+        }
+        Ok(RankRole::Parent(outcome))
+    }
+
+    /// Like [`launch`](Self::launch), but in the parent turns any failed rank into
+    /// [`TestingError::RanksFailed`]: `Ok(Some(world))` in a rank, `Ok(None)` in a parent
+    /// whose ranks all passed.
+    pub fn run(&self) -> Result<Option<World>, TestingError> {
+        match self.launch()? {
+            RankRole::Rank(world) => Ok(Some(world)),
+            RankRole::Parent(outcome) if outcome.success() => Ok(None),
+            RankRole::Parent(outcome) => Err(TestingError::RanksFailed {
+                test: self.name.clone(),
+                report: failure_report(&outcome),
+            }),
+        }
+    }
+}
+
+/// The launcher's summary plus the output of every rank that did not pass.
+pub fn failure_report(outcome: &LaunchOutcome) -> String {
+    let mut report = outcome.summary();
+    for r in outcome.ranks.iter().filter(|r| !r.status.success()) {
+        report.push_str(&format!("--- rank {} ({}) output ---\n", r.rank, r.status));
+        if r.dropped_lines > 0 {
+            report.push_str(&format!("[{} earlier lines not kept]\n", r.dropped_lines));
+        }
+        for line in &r.output {
+            report.push_str(&line.text);
+            report.push('\n');
+        }
+    }
+    report
+}
+
+/// True when this rank is the one [`ENV_FAIL_RANK`] names and [`ENV_FAIL_POINT`] is
+/// `point`.
+pub fn fail_point_hit(world: &World, point: &str) -> bool {
+    let rank_matches = std::env::var(ENV_FAIL_RANK)
+        .ok()
+        .and_then(|r| r.trim().parse::<usize>().ok())
+        == Some(world.rank());
+    rank_matches && std::env::var(ENV_FAIL_POINT).ok().as_deref() == Some(point)
+}
+
+/// Kills this process with SIGKILL when [`fail_point_hit`] says so; does nothing otherwise.
+/// Only for tests: it is how a test makes one rank die at a chosen point.
+pub fn fail_point(world: &World, point: &str) {
+    if fail_point_hit(world, point) {
+        eprintln!(
+            "rank {}: fail point {point:?} reached, killing this process",
+            world.rank()
+        );
+        sys::kill_self();
+    }
+}
