@@ -1,0 +1,122 @@
+//! [`NixlConfig`]: the few knobs of the NIXL backend, and the check of the UCX environment
+//! it relies on.
+
+/// UCX parameter naming how the backend handles a failed peer.
+pub const ERROR_HANDLING_MODE: &str = "ucx_error_handling_mode";
+
+/// How the NIXL backend is set up. The defaults suit both a single machine (UCX picks `cma`
+/// for data and `tcp` for control, with no settings) and RDMA clusters.
+///
+/// ```
+/// use moeshift_eplb_comm::nixl::NixlConfig;
+///
+/// let config = NixlConfig::default().backend_param("num_workers", "2");
+/// assert_eq!(config.backend_params, vec![("num_workers".to_string(), "2".to_string())]);
+/// assert!(config.warm_up);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixlConfig {
+    /// UCX backend parameters that override the plugin's defaults (as NIXL's
+    /// `get_plugin_params("UCX")` lists them, e.g. `num_workers`, `ucx_devices`,
+    /// `ucx_error_handling_mode`). The default `ucx_error_handling_mode=peer` is what makes
+    /// a dead peer fail its READs quickly instead of hanging them.
+    pub backend_params: Vec<(String, String)>,
+    /// Open every connection and READ a few bytes from every peer while the communicator
+    /// is built, so the first layer does not pay for connection setup and first-touch page
+    /// faults. On by default.
+    pub warm_up: bool,
+}
+
+impl Default for NixlConfig {
+    fn default() -> Self {
+        Self {
+            backend_params: Vec::new(),
+            warm_up: true,
+        }
+    }
+}
+
+impl NixlConfig {
+    /// Adds (or replaces) one UCX backend parameter.
+    pub fn backend_param(mut self, key: &str, value: &str) -> Self {
+        self.backend_params.retain(|(k, _)| k != key);
+        self.backend_params
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The UCX error handling mode this configuration asks for (`peer` unless overridden).
+    pub(crate) fn error_handling_mode(&self) -> &str {
+        self.backend_params
+            .iter()
+            .find(|(k, _)| k == ERROR_HANDLING_MODE)
+            .map_or("peer", |(_, v)| v.as_str())
+    }
+}
+
+/// Checks a `UCX_TLS` value (`None` when unset). NIXL's UCX backend keeps its peer error
+/// handling working through UCX's `tcp` transport, so `tcp` must stay enabled unless
+/// `ucx_error_handling_mode` is `none`. Returns why the value cannot work.
+pub(crate) fn check_ucx_tls(value: Option<&str>, error_handling_mode: &str) -> Result<(), String> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(());
+    };
+    if error_handling_mode == "none" {
+        return Ok(());
+    }
+    let (excluded, list) = match value.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    let names: Vec<&str> = list.split(',').map(str::trim).collect();
+    let has_tcp = names.iter().any(|n| n.eq_ignore_ascii_case("tcp"));
+    let has_all = names.iter().any(|n| n.eq_ignore_ascii_case("all"));
+    let tcp_enabled = if excluded {
+        !has_tcp
+    } else {
+        has_tcp || has_all
+    };
+    if tcp_enabled {
+        Ok(())
+    } else {
+        Err(format!(
+            "UCX_TLS={value:?} disables UCX's tcp transport, which NIXL's UCX backend needs for \
+             peer error handling; add tcp (e.g. UCX_TLS={list},tcp), unset UCX_TLS, or set the \
+             backend parameter {ERROR_HANDLING_MODE}=none",
+            list = if excluded { "cma" } else { list }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ucx_tls_must_keep_tcp() {
+        assert_eq!(check_ucx_tls(None, "peer"), Ok(()));
+        assert_eq!(check_ucx_tls(Some(""), "peer"), Ok(()));
+        assert_eq!(check_ucx_tls(Some("cma,tcp"), "peer"), Ok(()));
+        assert_eq!(check_ucx_tls(Some("all"), "peer"), Ok(()));
+        assert_eq!(check_ucx_tls(Some(" rc , TCP "), "peer"), Ok(()));
+        assert_eq!(check_ucx_tls(Some("^ib"), "peer"), Ok(()));
+        let err = check_ucx_tls(Some("cma,sm"), "peer").unwrap_err();
+        assert!(err.contains("cma,sm") && err.contains("tcp"), "{err}");
+        assert!(check_ucx_tls(Some("^tcp,ib"), "peer").is_err());
+        // Without peer error handling, tcp is not needed.
+        assert_eq!(check_ucx_tls(Some("cma"), "none"), Ok(()));
+    }
+
+    #[test]
+    fn parameters_replace_and_set_the_error_mode() {
+        let c = NixlConfig::default()
+            .backend_param(ERROR_HANDLING_MODE, "none")
+            .backend_param("num_workers", "2")
+            .backend_param(ERROR_HANDLING_MODE, "peer");
+        assert_eq!(c.backend_params.len(), 2);
+        assert_eq!(c.error_handling_mode(), "peer");
+        assert_eq!(NixlConfig::default().error_handling_mode(), "peer");
+        let c = NixlConfig::default().backend_param(ERROR_HANDLING_MODE, "none");
+        assert_eq!(c.error_handling_mode(), "none");
+    }
+}

@@ -1,0 +1,266 @@
+//! Staging memory for one layer: room for exactly the expert rows that change on this rank
+//! (rows received from peers and rows copied from another local row), never a whole layer.
+//!
+//! Each staged row holds the expert's row of every tensor back to back, in tensor order, so
+//! a run of staged rows is one byte range a transport can fill with a single receive or
+//! READ. Backends may also reserve bytes between rows (the host backend receives each
+//! message's header right in front of its rows).
+//!
+//! Staging lives in host memory ([`HostBuffer`]). Device weights will need a second kind
+//! of staging memory here (device or pinned host memory) and device copies at commit.
+
+use std::ops::Range;
+
+use moeshift_tensor::{HostBuffer, HostBufferError, PAGE_ALIGN};
+
+use crate::error::EplbCommError;
+use crate::weights::LayerLayout;
+
+/// Where a staged row's content comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RowSource {
+    /// Copied from another row of this rank (its old content), before anything is written.
+    Local {
+        /// The row read.
+        src_row: usize,
+    },
+    /// Received from a peer (EPLB-group rank) in a round of the plan.
+    Peer {
+        /// The sending peer.
+        peer: usize,
+        /// The round.
+        round: usize,
+    },
+}
+
+/// One expert row held in staging until commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StagedRow {
+    /// The row it will be written to.
+    pub dst_row: usize,
+    /// The logical expert.
+    pub expert: usize,
+    /// Where the content comes from.
+    pub source: RowSource,
+    /// Byte offset of the row's first tensor in the staging memory.
+    pub offset: usize,
+}
+
+/// Lays out staging memory before it is allocated.
+#[derive(Debug)]
+pub(crate) struct StagingBuilder {
+    /// Start of each tensor's bytes inside a staged row.
+    tensor_offsets: Vec<usize>,
+    /// Bytes of each tensor's row.
+    tensor_bytes: Vec<usize>,
+    expert_bytes: usize,
+    len: usize,
+    overflow: bool,
+    rows: Vec<StagedRow>,
+}
+
+impl StagingBuilder {
+    /// Staging for rows of `layout`.
+    pub(crate) fn new(layout: &LayerLayout) -> Self {
+        let mut tensor_offsets = Vec::with_capacity(layout.tensors.len());
+        let mut at = 0usize;
+        let mut overflow = false;
+        for t in &layout.tensors {
+            tensor_offsets.push(at);
+            at = at.checked_add(t.row_bytes).unwrap_or_else(|| {
+                overflow = true;
+                0
+            });
+        }
+        Self {
+            tensor_offsets,
+            tensor_bytes: layout.tensors.iter().map(|t| t.row_bytes).collect(),
+            expert_bytes: at,
+            len: 0,
+            overflow,
+            rows: Vec::new(),
+        }
+    }
+
+    fn grow(&mut self, bytes: usize) -> usize {
+        let at = self.len;
+        match self.len.checked_add(bytes) {
+            Some(end) => self.len = end,
+            None => self.overflow = true,
+        }
+        at
+    }
+
+    /// Reserves `bytes` for the backend's own use and returns where they start.
+    pub(crate) fn reserve(&mut self, bytes: usize) -> Range<usize> {
+        let at = self.grow(bytes);
+        at..at.saturating_add(bytes)
+    }
+
+    /// Adds a staged row and returns its index in [`Staging::rows`].
+    pub(crate) fn push_row(&mut self, dst_row: usize, expert: usize, source: RowSource) -> usize {
+        let offset = self.grow(self.expert_bytes);
+        self.rows.push(StagedRow {
+            dst_row,
+            expert,
+            source,
+            offset,
+        });
+        self.rows.len() - 1
+    }
+
+    /// Bytes laid out so far.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Allocates the staging memory (`rank` and `layer` name the error).
+    pub(crate) fn build(self, rank: usize, layer: usize) -> Result<Staging, EplbCommError> {
+        let err = |source| EplbCommError::Staging {
+            rank,
+            layer,
+            bytes: self.len,
+            source,
+        };
+        if self.overflow {
+            return Err(err(HostBufferError::TooLarge {
+                len: usize::MAX,
+                align: PAGE_ALIGN,
+            }));
+        }
+        let buf = HostBuffer::zeroed(self.len).map_err(err)?;
+        Ok(Staging {
+            buf,
+            rows: self.rows,
+            tensor_offsets: self.tensor_offsets,
+            tensor_bytes: self.tensor_bytes,
+            expert_bytes: self.expert_bytes,
+        })
+    }
+}
+
+/// Allocated staging memory with its rows.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    buf: HostBuffer,
+    rows: Vec<StagedRow>,
+    tensor_offsets: Vec<usize>,
+    tensor_bytes: Vec<usize>,
+    expert_bytes: usize,
+}
+
+impl Staging {
+    /// The staged rows, in the order they were laid out.
+    pub(crate) fn rows(&self) -> &[StagedRow] {
+        &self.rows
+    }
+
+    /// Total bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Host address of the first byte (for transports that write into staging directly).
+    #[allow(dead_code)]
+    pub(crate) fn addr(&self) -> u64 {
+        self.buf.addr()
+    }
+
+    /// Bytes of one expert row across all tensors.
+    #[allow(dead_code)]
+    pub(crate) fn expert_bytes(&self) -> usize {
+        self.expert_bytes
+    }
+
+    /// The bytes in `range`.
+    #[allow(dead_code)]
+    pub(crate) fn region(&self, range: Range<usize>) -> Option<&[u8]> {
+        self.buf.as_slice().get(range)
+    }
+
+    /// The bytes in `range`, writable.
+    pub(crate) fn region_mut(&mut self, range: Range<usize>) -> Option<&mut [u8]> {
+        self.buf.as_mut_slice().get_mut(range)
+    }
+
+    fn tensor_range(&self, row: usize, tensor: usize) -> Option<Range<usize>> {
+        let base = self.rows.get(row)?.offset;
+        let start = base.checked_add(*self.tensor_offsets.get(tensor)?)?;
+        Some(start..start.checked_add(*self.tensor_bytes.get(tensor)?)?)
+    }
+
+    /// Tensor `tensor`'s bytes of staged row `row` (an index into [`rows`](Self::rows)).
+    pub(crate) fn row_tensor(&self, row: usize, tensor: usize) -> Option<&[u8]> {
+        let range = self.tensor_range(row, tensor)?;
+        self.buf.as_slice().get(range)
+    }
+
+    /// Tensor `tensor`'s bytes of staged row `row`, writable.
+    pub(crate) fn row_tensor_mut(&mut self, row: usize, tensor: usize) -> Option<&mut [u8]> {
+        let range = self.tensor_range(row, tensor)?;
+        self.buf.as_mut_slice().get_mut(range)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::TensorSpec;
+    use moeshift_tensor::DType;
+
+    fn layout() -> LayerLayout {
+        LayerLayout {
+            rows: 4,
+            tensors: vec![
+                TensorSpec {
+                    name: "a".into(),
+                    dtype: DType::F32,
+                    row_bytes: 12,
+                },
+                TensorSpec {
+                    name: "b".into(),
+                    dtype: DType::U8,
+                    row_bytes: 5,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn rows_are_packed_tensor_after_tensor_with_reserved_gaps() {
+        let mut b = StagingBuilder::new(&layout());
+        let header = b.reserve(8);
+        assert_eq!(header, 0..8);
+        assert_eq!(b.push_row(2, 7, RowSource::Peer { peer: 1, round: 0 }), 0);
+        assert_eq!(b.push_row(3, 9, RowSource::Local { src_row: 0 }), 1);
+        assert_eq!(b.len(), 8 + 2 * 17);
+        let mut s = b.build(0, 0).unwrap();
+        assert_eq!(s.len(), 42);
+        assert_eq!(s.rows()[1].offset, 8 + 17);
+        s.row_tensor_mut(1, 1).unwrap().fill(4);
+        s.row_tensor_mut(0, 0).unwrap().fill(1);
+        let all = s.region(0..42).unwrap();
+        assert!(all[8..20].iter().all(|&x| x == 1));
+        assert!(all[20..37].iter().all(|&x| x == 0));
+        assert!(all[37..42].iter().all(|&x| x == 4));
+        assert_eq!(s.row_tensor(0, 2), None);
+        assert_eq!(s.row_tensor(2, 0), None);
+        assert_eq!(s.region_mut(40..43), None);
+    }
+
+    #[test]
+    fn overflowing_layouts_are_an_error() {
+        let mut l = layout();
+        l.tensors[0].row_bytes = usize::MAX;
+        let mut b = StagingBuilder::new(&l);
+        b.push_row(0, 0, RowSource::Local { src_row: 1 });
+        assert!(matches!(
+            b.build(3, 4),
+            Err(EplbCommError::Staging {
+                rank: 3,
+                layer: 4,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,621 @@
+//! Multi-process tests of the `nixl` EPLB backend: real NIXL agents in separate processes
+//! READing each other's host memory through UCX.
+//!
+//! `rank_*` tests follow the convention of `moeshift_device_comm::testing`: under
+//! `cargo test` they launch their own ranks; with `RANK` set they are one rank of any world
+//! size. Every test runs only where the NIXL runtime loads (`MOESHIFT_NIXL_LIB_DIR`, set by
+//! `cargo xtask test`); elsewhere it prints that it was skipped and passes.
+//!
+//! Expected row contents come from [`pattern`], a function of (layer, tensor, expert, byte)
+//! that knows nothing of the code under test: after any sequence of plans, row `r` of rank
+//! `k` must hold the pattern of the expert the current map puts in slot `k·rows + r`.
+
+use std::time::{Duration, Instant};
+
+use moeshift_device_comm::testing::{
+    self, fail_point, fail_point_hit, RankRole, RankTest, ENV_FAIL_POINT, ENV_FAIL_RANK,
+};
+use moeshift_device_comm::{LaunchOutcome, RankStatus, StoreClient, World};
+use moeshift_eplb_comm::nixl::{probe, NixlCommunicator};
+use moeshift_eplb_comm::{
+    agree_on_plan, plan_digest, EplbCommError, EplbCommunicator, LayerWeights,
+};
+use moeshift_placement::LayerPlan;
+use moeshift_sync::Deadline;
+use moeshift_tensor::{DType, HostBuffer};
+
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Byte the bytes between strided rows are set to; they must never change.
+const GAP: u8 = 0xEE;
+
+fn setup_deadline() -> Deadline {
+    Deadline::after(Duration::from_secs(60))
+}
+
+/// True when NIXL loads here; otherwise prints that `test` is skipped.
+fn nixl_or_skip(test: &str) -> bool {
+    match probe() {
+        Ok(_) => true,
+        Err(e) => {
+            println!("{test}: skipped: {e}");
+            false
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Expected contents
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Byte `j` of expert `expert`'s row of tensor `tensor` in layer `layer`.
+fn pattern(layer: usize, tensor: usize, expert: usize, j: usize) -> u8 {
+    let word = splitmix64(
+        ((layer as u64) << 48) ^ ((tensor as u64) << 40) ^ ((expert as u64) << 20) ^ (j as u64 / 8),
+    );
+    word.to_le_bytes()[j % 8]
+}
+
+/// The whole row, a word of [`pattern`] at a time (equal to `pattern` at every byte).
+fn expected_row(layer: usize, tensor: usize, expert: usize, len: usize) -> Vec<u8> {
+    let mut row = Vec::with_capacity(len + 8);
+    for w in 0..len.div_ceil(8) {
+        let word = splitmix64(
+            ((layer as u64) << 48) ^ ((tensor as u64) << 40) ^ ((expert as u64) << 20) ^ w as u64,
+        );
+        row.extend_from_slice(&word.to_le_bytes());
+    }
+    row.truncate(len);
+    row
+}
+
+#[test]
+fn expected_rows_follow_the_byte_pattern() {
+    for len in [0, 1, 5, 8, 13, 64] {
+        let row = expected_row(2, 1, 7, len);
+        assert_eq!(row.len(), len);
+        for (j, &b) in row.iter().enumerate() {
+            assert_eq!(b, pattern(2, 1, 7, j), "byte {j} of {len}");
+        }
+    }
+    // Different experts, tensors and layers give different rows.
+    assert_ne!(expected_row(0, 0, 1, 16), expected_row(0, 0, 2, 16));
+    assert_ne!(expected_row(0, 0, 1, 16), expected_row(0, 1, 1, 16));
+    assert_ne!(expected_row(0, 0, 1, 16), expected_row(1, 0, 1, 16));
+}
+
+/// A small deterministic generator (the same sequence on every rank).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(1);
+        splitmix64(self.0)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Model: layers of several tensors with different dtypes, one of them strided
+
+/// One expert tensor: full shape `[rows, cols...]`, and optionally only the column range
+/// `cols.0 .. cols.0 + cols.1` of dim 1 is the tensor (strided rows with gaps).
+#[derive(Clone)]
+struct TensorSpec {
+    name: &'static str,
+    dtype: DType,
+    shape: Vec<usize>,
+    narrow: Option<(usize, usize)>,
+}
+
+impl TensorSpec {
+    fn row_bytes(&self) -> usize {
+        let mut shape = self.shape.clone();
+        if let Some((_, len)) = self.narrow {
+            shape[1] = len;
+        }
+        shape[1..].iter().product::<usize>() * self.dtype.size_bytes()
+    }
+
+    fn buffer_bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_bytes()
+    }
+}
+
+/// The tensors of `layer`; layers differ in size on purpose.
+fn specs(layer: usize, rows: usize) -> Vec<TensorSpec> {
+    vec![
+        TensorSpec {
+            name: "w13",
+            dtype: DType::Bf16,
+            shape: vec![rows, 16, 8 * (layer + 1)],
+            narrow: None,
+        },
+        TensorSpec {
+            name: "w2",
+            dtype: DType::F32,
+            shape: vec![rows, 24],
+            narrow: Some((4, 16)),
+        },
+        TensorSpec {
+            name: "scale",
+            dtype: DType::F8E4M3Fn,
+            shape: vec![rows, 5],
+            narrow: None,
+        },
+    ]
+}
+
+/// Buffers of every (layer, tensor), the bytes outside the tensors' rows set to [`GAP`] and
+/// row `r` holding the pattern of `map[rank·rows + r]`.
+fn make_buffers(
+    all_specs: &[Vec<TensorSpec>],
+    maps: &[Vec<usize>],
+    rank: usize,
+    rows: usize,
+) -> Vec<Vec<HostBuffer>> {
+    all_specs
+        .iter()
+        .enumerate()
+        .map(|(layer, specs)| {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(t, spec)| {
+                    let mut buf = HostBuffer::zeroed(spec.buffer_bytes()).expect("buffer");
+                    buf.as_mut_slice().fill(GAP);
+                    let (stride, start) = row_geometry(spec);
+                    for r in 0..rows {
+                        let expert = maps[layer][rank * rows + r];
+                        let at = r * stride + start;
+                        buf.as_mut_slice()[at..at + spec.row_bytes()]
+                            .copy_from_slice(&expected_row(layer, t, expert, spec.row_bytes()));
+                    }
+                    buf
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Bytes between row starts, and where a row starts inside its stride.
+fn row_geometry(spec: &TensorSpec) -> (usize, usize) {
+    let stride = spec.shape[1..].iter().product::<usize>() * spec.dtype.size_bytes();
+    let start = spec.narrow.map_or(0, |(s, _)| s * spec.dtype.size_bytes());
+    (stride, start)
+}
+
+fn make_weights<'a>(
+    all_specs: &[Vec<TensorSpec>],
+    buffers: &'a mut [Vec<HostBuffer>],
+) -> Vec<LayerWeights<'a>> {
+    buffers
+        .iter_mut()
+        .zip(all_specs)
+        .map(|(bufs, specs)| {
+            let mut b = LayerWeights::builder();
+            for (buf, spec) in bufs.iter_mut().zip(specs) {
+                let mut view = buf.view(&spec.shape, spec.dtype).expect("view");
+                if let Some((start, len)) = spec.narrow {
+                    view = view.narrow(1, start, len).expect("narrow");
+                }
+                b = b.host_view(spec.name, buf, view).expect("tensor");
+            }
+            b.build().expect("layer weights")
+        })
+        .collect()
+}
+
+/// Checks that every row of `layer` holds the pattern of the expert `map` puts there.
+fn check_layer(
+    weights: &LayerWeights<'_>,
+    specs: &[TensorSpec],
+    layer: usize,
+    map: &[usize],
+    rank: usize,
+    what: &str,
+) {
+    let rows = weights.num_rows();
+    for (t, spec) in specs.iter().enumerate() {
+        for r in 0..rows {
+            let expert = map[rank * rows + r];
+            let got = weights.row(t, r).expect("row");
+            assert!(
+                got == expected_row(layer, t, expert, spec.row_bytes()).as_slice(),
+                "rank {rank}, {what}: layer {layer} tensor {:?} row {r} should hold expert {expert}",
+                spec.name
+            );
+        }
+    }
+}
+
+/// Checks that the bytes between strided rows still hold [`GAP`].
+fn check_gaps(all_specs: &[Vec<TensorSpec>], buffers: &[Vec<HostBuffer>], rows: usize) {
+    for (layer, specs) in all_specs.iter().enumerate() {
+        for (t, spec) in specs.iter().enumerate() {
+            let (stride, start) = row_geometry(spec);
+            let bytes = buffers[layer][t].as_slice();
+            for r in 0..rows {
+                let row = r * stride + start..r * stride + start + spec.row_bytes();
+                for (i, &b) in bytes[r * stride..(r + 1) * stride].iter().enumerate() {
+                    let at = r * stride + i;
+                    if !row.contains(&at) {
+                        assert_eq!(
+                            b, GAP,
+                            "layer {layer} tensor {:?}: gap byte {at} changed",
+                            spec.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A random new map from `old`: mostly a fresh random placement (every expert at least
+/// once), sometimes no change, a permutation inside each rank (local copies only) or one
+/// swap of two slots.
+fn next_map(rng: &mut Rng, old: &[usize], experts: usize, rows: usize) -> Vec<usize> {
+    let mut new = old.to_vec();
+    match rng.below(8) {
+        0 => {}
+        1 => {
+            for seg in new.chunks_mut(rows) {
+                rng.shuffle(seg);
+            }
+        }
+        2 => {
+            let (a, b) = (rng.below(new.len()), rng.below(new.len()));
+            new.swap(a, b);
+        }
+        _ => {
+            new = (0..experts).collect();
+            while new.len() < old.len() {
+                new.push(rng.below(experts));
+            }
+            rng.shuffle(&mut new);
+        }
+    }
+    new
+}
+
+// ---------------------------------------------------------------------------------------
+// Random plans
+
+/// 200 random layer plans over 3 layers of 3 tensors (bf16, a strided f32 column slice,
+/// fp8 rows of 5 bytes). After each transfer the weights still hold the old placement;
+/// after each commit every row of every layer holds exactly its new expert, and the bytes
+/// between strided rows never change.
+#[test]
+fn rank_nixl_random_plans() {
+    const TEST: &str = "rank_nixl_random_plans";
+    if !nixl_or_skip(TEST) {
+        return;
+    }
+    let Some(world) =
+        testing::run_as_ranks(TEST, 4, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    else {
+        return;
+    };
+    let (me, n) = (world.rank(), world.world_size());
+    const ROWS: usize = 4;
+    const LAYERS: usize = 3;
+    const PLANS: usize = 200;
+    let slots = n * ROWS;
+    let experts = (slots * 3 / 4).max(1);
+    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS).map(|l| specs(l, ROWS)).collect();
+    let mut maps: Vec<Vec<usize>> = vec![(0..slots).map(|s| s % experts).collect(); LAYERS];
+    let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
+    let mut weights = make_weights(&all_specs, &mut buffers);
+
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
+    let mut comm = NixlCommunicator::new(&store, &members, &weights, setup_deadline())
+        .expect("build the communicator");
+    assert_eq!((comm.rank(), comm.num_ranks()), (me, n));
+    // The landing area is registered once, for the largest layer: ROWS whole experts.
+    let largest = all_specs
+        .iter()
+        .map(|s| ROWS * s.iter().map(TensorSpec::row_bytes).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    assert_eq!(comm.landing_bytes(), largest);
+
+    let mut rng = Rng(0x5EED);
+    let started = Instant::now();
+    let (mut received, mut moved_plans) = (0u64, 0usize);
+    for step in 0..PLANS {
+        let layer = rng.below(LAYERS);
+        let new = next_map(&mut rng, &maps[layer], experts, ROWS);
+        let plan = LayerPlan::new(&maps[layer], &new, n).expect("plan");
+        let deadline = Deadline::after(Duration::from_secs(30));
+        let staged = comm
+            .transfer(layer, &plan, &weights[layer], deadline)
+            .unwrap_or_else(|e| panic!("rank {me}, step {step}, layer {layer}: {e}"));
+        // Transferring never writes the weights.
+        check_layer(
+            &weights[layer],
+            &all_specs[layer],
+            layer,
+            &maps[layer],
+            me,
+            "after transfer",
+        );
+        let mine = plan.rank(me).expect("rank plan");
+        let expert_bytes: usize = all_specs[layer].iter().map(TensorSpec::row_bytes).sum();
+        let stats = *staged.stats();
+        // Staging holds exactly the rows that change and are not duplicate fills.
+        assert_eq!(
+            stats.staging_bytes as usize,
+            (mine.recvs.len() + mine.local_copies.len()) * expert_bytes,
+            "step {step}"
+        );
+        assert_eq!(
+            stats.bytes_received as usize,
+            mine.recvs.len() * expert_bytes
+        );
+        received += stats.bytes_received;
+        moved_plans += usize::from(plan.num_transfers() > 0);
+        staged.commit(&mut weights[layer]).expect("commit");
+        maps[layer] = new;
+        for (l, w) in weights.iter().enumerate() {
+            check_layer(
+                w,
+                &all_specs[l],
+                l,
+                &maps[l],
+                me,
+                &format!("after step {step}"),
+            );
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        moved_plans > PLANS / 2 || n == 1,
+        "only {moved_plans} plans crossed ranks"
+    );
+    println!(
+        "rank {me}: {PLANS} plans ({moved_plans} crossing ranks) in {elapsed:.2?}, {received} bytes READ"
+    );
+    drop(comm);
+    drop(weights);
+    check_gaps(&all_specs, &buffers, ROWS);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor mismatch at construction
+
+/// The last rank declares one tensor differently (another dtype of the same size, then
+/// another row shape of the same size): every rank's construction fails, naming the tensor
+/// and the rank it disagrees with.
+#[test]
+fn rank_nixl_tensor_mismatch() {
+    const TEST: &str = "rank_nixl_tensor_mismatch";
+    if !nixl_or_skip(TEST) {
+        return;
+    }
+    let Some(world) =
+        testing::run_as_ranks(TEST, 3, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    else {
+        return;
+    };
+    let (me, n) = (world.rank(), world.world_size());
+    if n < 2 {
+        println!("{TEST}: needs at least 2 ranks, skipped with {n}");
+        return;
+    }
+    const ROWS: usize = 2;
+    let odd = n - 1;
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
+    let expected_peer = if me == odd { 0 } else { odd };
+
+    /// How the odd rank alters layer 0, and a word the error must contain.
+    type Alter = (&'static str, fn(&mut [TensorSpec]));
+    let cases: [Alter; 2] = [
+        ("float16", |s| {
+            // Same bytes per row as [rows, 24] f32 with a 16-column slice: 16 × 4 = 32 × 2.
+            s[1] = TensorSpec {
+                name: "w2",
+                dtype: DType::F16,
+                shape: vec![ROWS, 48],
+                narrow: Some((8, 32)),
+            }
+        }),
+        ("row shape", |s| {
+            // Same dtype and bytes per row as [rows, 16, 8] bf16, shaped [rows, 8, 16].
+            s[0].shape = vec![ROWS, 8, 16];
+        }),
+    ];
+    for (what, alter) in cases {
+        let mut all_specs: Vec<Vec<TensorSpec>> = (0..2).map(|l| specs(l, ROWS)).collect();
+        if me == odd {
+            alter(&mut all_specs[0]);
+        }
+        let maps: Vec<Vec<usize>> = vec![(0..n * ROWS).collect(); 2];
+        let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
+        let weights = make_weights(&all_specs, &mut buffers);
+        let err = NixlCommunicator::new(&store, &members, &weights, setup_deadline())
+            .expect_err("ranks describe different tensors");
+        let text = err.to_string();
+        println!("rank {me}: {text}");
+        assert!(
+            matches!(err, EplbCommError::LayoutMismatch { .. }),
+            "{text}"
+        );
+        assert_eq!(err.peer(), Some(expected_peer), "{text}");
+        for part in [
+            format!("rank {me} "),
+            format!("peer rank {expected_peer}"),
+            "layer 0".to_string(),
+            what.to_string(),
+        ] {
+            assert!(text.contains(&part), "{part:?} missing in {text}");
+        }
+        let tensor = if what == "float16" {
+            "\"w2\""
+        } else {
+            "\"w13\""
+        };
+        assert!(text.contains(tensor), "{tensor} missing in {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A peer killed mid-transfer
+
+fn parent_outcome(test: &RankTest) -> Option<LaunchOutcome> {
+    match test.launch().unwrap_or_else(|e| panic!("{e}")) {
+        RankRole::Rank(_) => None,
+        RankRole::Parent(outcome) => Some(outcome),
+    }
+}
+
+fn output_of(outcome: &LaunchOutcome, rank: usize) -> String {
+    outcome.ranks[rank]
+        .output
+        .iter()
+        .map(|l| l.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Rank 2 of 4 is killed (SIGKILL) in the middle of a transfer in which every other rank
+/// READs rows from it: it takes part in the plan agreement, then dies while the others
+/// post their READs. The survivors fail within their deadline with an error naming rank 2
+/// (their READ from it fails, or the post-read check finds it gone); their weights keep the
+/// last committed placement and the communicator refuses further transfers.
+#[test]
+fn nixl_peer_killed_mid_transfer() {
+    const TEST: &str = "nixl_peer_killed_mid_transfer";
+    const POINT: &str = "after_plan_agreement";
+    const VICTIM: usize = 2;
+    if !nixl_or_skip(TEST) {
+        return;
+    }
+    let test = RankTest::new(TEST, 4)
+        .env(ENV_FAIL_RANK, &VICTIM.to_string())
+        .env(ENV_FAIL_POINT, POINT)
+        .timeout(LAUNCH_TIMEOUT)
+        .keep_going();
+    if let Some(outcome) = parent_outcome(&test) {
+        let report = testing::failure_report(&outcome);
+        assert_eq!(
+            outcome.ranks[VICTIM].status,
+            RankStatus::Signaled(9),
+            "{report}"
+        );
+        for rank in [0, 1, 3] {
+            assert_eq!(
+                outcome.ranks[rank].status,
+                RankStatus::Exited(0),
+                "{report}"
+            );
+            let out = output_of(&outcome, rank);
+            assert!(out.contains("survivor error:"), "rank {rank}:\n{out}");
+        }
+        return;
+    }
+    let world = World::from_env().expect("rank variables");
+    let (me, n) = (world.rank(), world.world_size());
+    const ROWS: usize = 4;
+    const LAYERS: usize = 2;
+    // 1 MiB per row of w13: each layer moves several MiB into every rank.
+    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS)
+        .map(|_| {
+            vec![
+                TensorSpec {
+                    name: "w13",
+                    dtype: DType::Bf16,
+                    shape: vec![ROWS, 512, 1024],
+                    narrow: None,
+                },
+                TensorSpec {
+                    name: "scale",
+                    dtype: DType::F32,
+                    shape: vec![ROWS, 16],
+                    narrow: None,
+                },
+            ]
+        })
+        .collect();
+    let slots = n * ROWS;
+    let mut maps: Vec<Vec<usize>> = vec![(0..slots).collect(); LAYERS];
+    let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
+    let mut weights = make_weights(&all_specs, &mut buffers);
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
+    let mut comm = NixlCommunicator::new(&store, &members, &weights, setup_deadline())
+        .expect("build the communicator");
+
+    // A few healthy layers first: rotate by one rank, so every rank READs from its left
+    // neighbour.
+    for step in 0..4 {
+        let layer = step % LAYERS;
+        let new: Vec<usize> = (0..slots)
+            .map(|s| maps[layer][(s + slots - ROWS) % slots])
+            .collect();
+        let plan = LayerPlan::new(&maps[layer], &new, n).expect("plan");
+        let deadline = Deadline::after(Duration::from_secs(20));
+        comm.transfer_and_commit(layer, &plan, &mut weights[layer], deadline)
+            .unwrap_or_else(|e| panic!("rank {me}, healthy step {step}: {e}"));
+        maps[layer] = new;
+    }
+    for (l, w) in weights.iter().enumerate() {
+        check_layer(w, &all_specs[l], l, &maps[l], me, "after the healthy steps");
+    }
+
+    // Every rank takes the victim's experts: all survivors READ from it.
+    let layer = 0;
+    let victim_rows = &maps[layer][VICTIM * ROWS..(VICTIM + 1) * ROWS];
+    let new: Vec<usize> = (0..slots).map(|s| victim_rows[s % ROWS]).collect();
+    let plan = LayerPlan::new(&maps[layer], &new, n).expect("plan");
+    let deadline = Deadline::after(Duration::from_secs(20));
+    if fail_point_hit(&world, POINT) {
+        let group = comm.group().expect("the EPLB group");
+        agree_on_plan(group, layer, plan_digest(layer, &plan), None, deadline)
+            .expect("the plan agreement");
+        fail_point(&world, POINT);
+        unreachable!("the fail point kills this rank");
+    }
+    let started = Instant::now();
+    let err = comm
+        .transfer_and_commit(layer, &plan, &mut weights[layer], deadline)
+        .expect_err("rank 2 dies during this transfer");
+    let text = err.to_string();
+    println!("survivor error: after {:.1?}: {text}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("rank 2"), "{text}");
+    assert!(err.poisons_communicator(), "{text}");
+    // Nothing was committed: every layer keeps its last placement.
+    for (l, w) in weights.iter().enumerate() {
+        check_layer(w, &all_specs[l], l, &maps[l], me, "after the failure");
+    }
+    let again = comm
+        .transfer(layer, &plan, &weights[layer], deadline)
+        .expect_err("the communicator is unusable after the failure");
+    assert!(
+        matches!(again, EplbCommError::CommunicatorFailed { .. }),
+        "{again}"
+    );
+}
