@@ -198,7 +198,7 @@ pub enum LayoutError {
         ranks: Vec<usize>,
         /// The transport's error.
         #[source]
-        source: CommError,
+        source: Box<CommError>,
     },
 }
 
@@ -425,7 +425,7 @@ impl ParallelLayout {
                 kind,
                 index: m.index,
                 ranks: m.ranks.to_vec(),
-                source,
+                source: Box::new(source),
             }
         })
     }
@@ -522,7 +522,10 @@ mod tests {
     fn membership_names_group_and_position() {
         let layout = ParallelLayout::new(8, sizes(2, 2, 1, 2)).expect("layout");
         let m = layout.membership(GroupKind::Ep, 6).expect("ep of 6");
-        assert_eq!((m.index, m.ranks, m.rank_in_group), (1, &[2, 3, 6, 7][..], 2));
+        assert_eq!(
+            (m.index, m.ranks, m.rank_in_group),
+            (1, &[2, 3, 6, 7][..], 2)
+        );
         assert_eq!(m.name(), "ep/1");
         let m = layout.membership(GroupKind::Pp, 5).expect("pp of 5");
         assert_eq!((m.index, m.ranks, m.rank_in_group), (3, &[5, 7][..], 0));
@@ -599,7 +602,10 @@ mod tests {
         }
         let err = ParallelLayout::new(8, sizes(2, 2, 1, 3)).expect_err("mismatch");
         let text = err.to_string();
-        assert!(text.contains("= 12 ranks") && text.contains("world has 8"), "{text}");
+        assert!(
+            text.contains("= 12 ranks") && text.contains("world has 8"),
+            "{text}"
+        );
         let layout = ParallelLayout::new(2, sizes(2, 1, 1, 1)).expect("layout");
         assert!(matches!(
             layout.membership(GroupKind::Tp, 2),

@@ -75,6 +75,8 @@ impl HostDispatched {
         slots_per_rank: usize,
         route: Route,
     ) -> Self {
+        let mut items = items;
+        items.sort_by_key(|w| w.local_slot);
         let mut slot_offsets = vec![0usize; slots_per_rank + 1];
         for it in &items {
             if let Some(c) = slot_offsets.get_mut(it.local_slot + 1) {
@@ -84,22 +86,12 @@ impl HostDispatched {
         for s in 1..slot_offsets.len() {
             slot_offsets[s] += slot_offsets[s - 1];
         }
-        let mut next = slot_offsets.clone();
-        let mut sorted = items.clone();
-        for it in items {
-            if let Some(pos) = next.get_mut(it.local_slot) {
-                if let Some(dst) = sorted.get_mut(*pos) {
-                    *dst = it;
-                }
-                *pos += 1;
-            }
-        }
         Self {
             origin,
             layer,
             hidden_size,
             rows,
-            items: sorted,
+            items,
             slot_offsets,
             route,
         }
@@ -281,7 +273,13 @@ mod tests {
 
     #[test]
     fn items_are_grouped_by_local_slot_stably() {
-        let d = dispatched(vec![work(0, 2), work(1, 0), work(2, 2), work(0, 0), work(1, 2)]);
+        let d = dispatched(vec![
+            work(0, 2),
+            work(1, 0),
+            work(2, 2),
+            work(0, 0),
+            work(1, 2),
+        ]);
         let rows_of = |s| {
             d.items_for_local_slot(s)
                 .iter()

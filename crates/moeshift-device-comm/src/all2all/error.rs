@@ -196,6 +196,6 @@ pub enum All2AllError {
         layer: usize,
         /// The transport's error (it names the ranks and the group).
         #[source]
-        source: CommError,
+        source: Box<CommError>,
     },
 }

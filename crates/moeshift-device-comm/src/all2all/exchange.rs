@@ -41,7 +41,7 @@ impl<'g> Ctx<'g> {
             manager: self.manager,
             op,
             layer: self.layer,
-            source,
+            source: Box::new(source),
         }
     }
 

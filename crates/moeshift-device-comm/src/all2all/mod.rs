@@ -294,3 +294,20 @@ fn route_tokens(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in HostAll2AllKind::ALL {
+            assert_eq!(HostAll2AllKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(
+            HostAll2AllKind::from_name("agrs"),
+            Some(HostAll2AllKind::AgRs)
+        );
+        assert_eq!(HostAll2AllKind::from_name("naive"), None);
+    }
+}

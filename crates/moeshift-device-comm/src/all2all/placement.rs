@@ -10,6 +10,11 @@ use super::replica::{replica_index, splitmix64};
 
 /// One MoE layer's logical → physical map, validated.
 ///
+/// Slots are rank-major: global physical slot `g` lives on EP rank `g / slots_per_rank`, at
+/// local slot `g % slots_per_rank`. A logical expert's replicas are physical slots, listed
+/// in ascending order. The placement crate owns the policies that produce these maps; this
+/// type only checks and reads them, so the transport does not depend on it.
+///
 /// ```
 /// use moeshift_device_comm::all2all::ExpertPlacement;
 ///
@@ -287,7 +292,10 @@ mod tests {
     fn invalid_maps_are_rejected_with_the_layer() {
         let err = ExpertPlacement::from_phy2log(7, &[0, 0, 2, 2], 3, 2).expect_err("no replica");
         assert!(err.to_string().contains("layer 7"), "{err}");
-        assert!(err.to_string().contains("logical expert 1 has no replica"), "{err}");
+        assert!(
+            err.to_string().contains("logical expert 1 has no replica"),
+            "{err}"
+        );
         let err = ExpertPlacement::from_phy2log(0, &[0, 1, 2], 3, 2).expect_err("uneven");
         assert!(err.to_string().contains("evenly"), "{err}");
         let err = ExpertPlacement::from_phy2log(0, &[0, 5], 2, 1).expect_err("unknown");
@@ -295,7 +303,8 @@ mod tests {
         let err = ExpertPlacement::from_log2phy(0, &[0, 1, 1, -1], 2, &[2, 1], 2, 1)
             .expect_err("slot listed twice");
         assert!(
-            err.to_string().contains("slot 1 is listed for logical experts 0 and 1"),
+            err.to_string()
+                .contains("slot 1 is listed for logical experts 0 and 1"),
             "{err}"
         );
         let err = ExpertPlacement::from_log2phy(0, &[0, 9], 2, &[2], 2, 1).expect_err("range");

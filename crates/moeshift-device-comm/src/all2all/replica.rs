@@ -76,7 +76,11 @@ mod tests {
     #[test]
     fn vllm_hash_matches_the_reference_vectors() {
         // Study §10.3, tokens 0..8.
-        let picks = |rc| (0..8u64).map(|t| vllm_replica_index(t, rc)).collect::<Vec<_>>();
+        let picks = |rc| {
+            (0..8u64)
+                .map(|t| vllm_replica_index(t, rc))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(picks(2), [0, 1, 0, 1, 0, 1, 0, 1]);
         assert_eq!(picks(3), [0, 0, 2, 2, 1, 0, 0, 2]);
         assert_eq!(picks(4), [0, 1, 2, 3, 0, 1, 2, 3]);
@@ -93,7 +97,10 @@ mod tests {
         // …and beyond, still a function of `t mod rc` only.
         for rc in [16usize, 32, 64] {
             for t in 0..1000u64 {
-                assert_eq!(vllm_replica_index(t, rc), vllm_replica_index(t % rc as u64, rc));
+                assert_eq!(
+                    vllm_replica_index(t, rc),
+                    vllm_replica_index(t % rc as u64, rc)
+                );
             }
         }
     }

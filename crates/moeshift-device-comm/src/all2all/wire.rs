@@ -103,7 +103,12 @@ impl<'a> Reader<'a> {
     }
 
     /// Appends `n` f32 values to `out`.
-    pub(crate) fn f32s_into(&mut self, n: usize, out: &mut Vec<f32>, what: &str) -> Result<(), String> {
+    pub(crate) fn f32s_into(
+        &mut self,
+        n: usize,
+        out: &mut Vec<f32>,
+        what: &str,
+    ) -> Result<(), String> {
         let bytes = self.take(n.checked_mul(4).ok_or("size overflow")?, what)?;
         out.extend(bytes.chunks_exact(4).map(|c| {
             let mut a = [0u8; 4];
@@ -125,7 +130,12 @@ impl<'a> Reader<'a> {
     }
 
     /// Appends `n` u32 values to `out`.
-    pub(crate) fn u32s_into(&mut self, n: usize, out: &mut Vec<u32>, what: &str) -> Result<(), String> {
+    pub(crate) fn u32s_into(
+        &mut self,
+        n: usize,
+        out: &mut Vec<u32>,
+        what: &str,
+    ) -> Result<(), String> {
         let bytes = self.take(n.checked_mul(4).ok_or("size overflow")?, what)?;
         out.extend(bytes.chunks_exact(4).map(|c| {
             let mut a = [0u8; 4];
@@ -308,7 +318,10 @@ mod tests {
         assert_eq!(out, [1.5, -2.0]);
         assert!(r.finish().is_err(), "one word left");
         let err = r.u64("picks").expect_err("only 4 bytes left");
-        assert!(err.contains("picks") && err.contains("needs 8 bytes"), "{err}");
+        assert!(
+            err.contains("picks") && err.contains("needs 8 bytes"),
+            "{err}"
+        );
         let mut sums = [1.0f32, 1.0];
         Reader::new(&bytes)
             .f32s_add(&mut sums, "partials")

@@ -1,20 +1,5 @@
 //! [`Workspace`]: sizing, validation and coordinated growth of the one-sided all-to-all
 //! workspace.
-//!
-//! The one-sided single-node manager (the role of FlashInfer's NVLink one-sided
-//! `MoeAlltoAll`) lets every rank write its tokens straight into its peers' memory through
-//! CUDA IPC mappings of one workspace with a region per EP rank. Its data path needs the
-//! GPU work (IPC handles, device kernels) and is not part of this crate yet; what is here
-//! is the part every later implementation must get right:
-//!
-//! - dim 0 of the workspace is the **EP group size** (DP·PCP·TP), never the DP group size.
-//!   With TP = 2 and DP = 4 a workspace of 4 regions, sized to the DP group, leaves half the
-//!   EP ranks without a region; vLLM shipped that bug (its kernel asserts
-//!   `workspace.size(0) == moe_ep_size`), and here it is a typed error at construction;
-//! - capacity only grows, and a resize is agreed on by every rank of the EP group: each
-//!   rank proposes what it needs, an all-reduce takes the maximum, and every rank gets the
-//!   same [`ResizePlan`] (a rebuild needs every rank to tear down and re-map together);
-//! - top-k, the expert count and the element size are fixed once the workspace exists.
 
 use moeshift_sync::Deadline;
 
@@ -158,7 +143,9 @@ pub enum WorkspaceError {
         ep_size: usize,
     },
     /// Another rank asked for an invalid resize, so no rank resizes.
-    #[error("{rank}: workspace resize refused everywhere: group rank {peer} asked for an invalid one")]
+    #[error(
+        "{rank}: workspace resize refused everywhere: group rank {peer} asked for an invalid one"
+    )]
     PeerRejected {
         /// The rank reporting.
         rank: RankRef,
@@ -185,7 +172,7 @@ pub enum WorkspaceError {
     },
     /// The host transport failed while agreeing.
     #[error("workspace resize: {0}")]
-    Comm(#[from] CommError),
+    Comm(#[source] Box<CommError>),
 }
 
 fn dp_hint(slots: &usize, shape: &EpGroupShape) -> String {
@@ -200,8 +187,23 @@ fn dp_hint(slots: &usize, shape: &EpGroupShape) -> String {
 }
 
 /// The sizing of the one-sided workspace: one region per EP rank (dim 0 = EP size), each
-/// able to receive `max_tokens_per_rank` tokens from every EP rank. See the
-/// [module docs](self).
+/// able to receive `max_tokens_per_rank` tokens from every EP rank.
+///
+/// The one-sided single-node manager (the role of FlashInfer's NVLink one-sided
+/// `MoeAlltoAll`) lets every rank write its tokens straight into its peers' memory through
+/// CUDA IPC mappings of one workspace with a region per EP rank. Its data path needs the
+/// GPU work (IPC handles, device kernels) and is not part of this crate yet; this type is
+/// the part every implementation must get right:
+///
+/// - dim 0 of the workspace is the **EP group size** (DP·PCP·TP), never the DP group size.
+///   With TP = 2 and DP = 4 a workspace of 4 regions, sized to the DP group, leaves half the
+///   EP ranks without a region; vLLM shipped that bug (its kernel asserts
+///   `workspace.size(0) == moe_ep_size`), and here it is a typed error at construction;
+/// - capacity only grows, and a resize is agreed on by every rank of the EP group
+///   ([`agree_resize`](Self::agree_resize)): each rank proposes what it needs, an
+///   all-reduce takes the maximum, and every rank gets the same [`ResizePlan`] (a rebuild
+///   needs every rank to tear down and re-map together);
+/// - top-k, the expert count and the element size are fixed once the workspace exists.
 ///
 /// ```
 /// use moeshift_device_comm::all2all::{EpGroupShape, Workspace, WorkspaceCapacity, WorkspaceConfig};
@@ -366,17 +368,15 @@ impl Workspace {
             need.hidden_size,
             need.extra_bytes_per_token,
         ];
-        let local = self
-            .check_config(config)
-            .and_then(|()| {
-                fields
-                    .iter()
-                    .map(|&v| i64::try_from(v))
-                    .collect::<Result<Vec<i64>, _>>()
-                    .map_err(|_| WorkspaceError::Overflow {
-                        detail: format!("{need:?} is too large to exchange"),
-                    })
-            });
+        let local = self.check_config(config).and_then(|()| {
+            fields
+                .iter()
+                .map(|&v| i64::try_from(v))
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(|_| WorkspaceError::Overflow {
+                    detail: format!("{need:?} is too large to exchange"),
+                })
+        });
         // [rejected-by (group rank + 1), config fields, -config fields, capacity fields],
         // all reduced with max: the maximum capacity, and a config mismatch shows as
         // max != -max(-x) = min.
@@ -393,7 +393,9 @@ impl Workspace {
             }
             Err(_) => v[0] = group.rank() as i64 + 1,
         }
-        group.all_reduce(&mut v, ReduceOp::Max, deadline)?;
+        group
+            .all_reduce(&mut v, ReduceOp::Max, deadline)
+            .map_err(|e| WorkspaceError::Comm(Box::new(e)))?;
         local?;
         if v[0] > 0 {
             return Err(WorkspaceError::PeerRejected {
@@ -523,11 +525,11 @@ mod tests {
         let text = Workspace::new(6, shape, CONFIG, cap(1, 1, 0))
             .expect_err("6 slots")
             .to_string();
-        assert!(text.contains("must be 8") && !text.contains("DP group size"), "{text}");
-        let zero = WorkspaceConfig {
-            top_k: 0,
-            ..CONFIG
-        };
+        assert!(
+            text.contains("must be 8") && !text.contains("DP group size"),
+            "{text}"
+        );
+        let zero = WorkspaceConfig { top_k: 0, ..CONFIG };
         assert!(matches!(
             Workspace::new(8, shape, zero, cap(1, 1, 0)),
             Err(WorkspaceError::Zero { field: "top-k" })
@@ -583,10 +585,7 @@ mod tests {
             ws.apply(&shrink),
             Err(WorkspaceError::StalePlan { .. })
         ));
-        let other = WorkspaceConfig {
-            top_k: 4,
-            ..CONFIG
-        };
+        let other = WorkspaceConfig { top_k: 4, ..CONFIG };
         assert!(matches!(
             ws.plan(&other, &cap(1, 1, 0)),
             Err(WorkspaceError::FixedParameter {
