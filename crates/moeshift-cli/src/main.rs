@@ -1,7 +1,9 @@
 //! The `moeshift` command: `plan`, `launch`, `demo`, `bench`.
 
 mod bench;
+mod demo;
 mod launch;
+mod pattern;
 mod plan;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Start N ranks of a command with torchrun-style environment variables.
     Launch(launch::LaunchArgs),
+    /// Rebalance drifting expert loads across real processes, moving and verifying every row.
+    Demo(demo::DemoArgs),
     /// Run a benchmark; rank 0 prints one JSON object.
     Bench(bench::BenchArgs),
 }
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
         Command::Launch(args) => launch::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
