@@ -42,7 +42,7 @@ pub struct PlanArgs {
     max_moves: Option<usize>,
     /// Migration policy: how far below the fresh DeepSeek plan's balancedness a layer may stay
     /// (absolute, default 0.01).
-    #[arg(long, value_name = "X")]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
     tolerance: Option<f64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -92,11 +92,33 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Sizes beyond any real model; larger requests are refused instead of exhausting memory.
+const MAX_SLOTS_PER_LAYER: usize = 1 << 20;
+const MAX_TABLE_ENTRIES: usize = 1 << 28;
+
 fn plan(args: &PlanArgs) -> Result<(), BadInput> {
     let load = read_load(&args.load)?;
+    let too_large = args.replicas > MAX_SLOTS_PER_LAYER
+        || load.num_layers().saturating_mul(args.replicas) > MAX_TABLE_ENTRIES
+        || load.num_experts().saturating_mul(args.gpus) > MAX_TABLE_ENTRIES;
+    if too_large {
+        return Err(BadInput(format!(
+            "{} layers x {} slots on {} GPUs for {} experts is larger than moeshift plan handles \
+             (at most {MAX_SLOTS_PER_LAYER} slots per layer)",
+            load.num_layers(),
+            args.replicas,
+            args.gpus,
+            load.num_experts()
+        )));
+    }
     let topo = Topology::new(args.replicas, args.groups, args.nodes, args.gpus);
     let old = match &args.old {
-        Some(path) => Some(read_old(path, load.num_experts(), args.gpus)?),
+        Some(path) => Some(read_old(
+            path,
+            load.num_experts(),
+            args.replicas,
+            args.gpus,
+        )?),
         None => None,
     };
     let policy = match args.policy {
@@ -139,7 +161,10 @@ fn plan(args: &PlanArgs) -> Result<(), BadInput> {
         Format::Json => {
             let mut v = serde_json::to_value(&result.placement)?;
             if let Value::Object(map) = &mut v {
-                map.insert("balancedness".into(), serde_json::to_value(&after.per_layer)?);
+                map.insert(
+                    "balancedness".into(),
+                    serde_json::to_value(&after.per_layer)?,
+                );
                 map.insert("moved".into(), serde_json::to_value(&result.moved)?);
             }
             format!("{v}\n")
@@ -176,11 +201,14 @@ fn plan(args: &PlanArgs) -> Result<(), BadInput> {
             &title,
             &sums(&before_placement)?,
             &sums(&result.placement)?,
-            if old.is_some() { "old placement" } else { "initial placement" },
+            if old.is_some() {
+                "old placement"
+            } else {
+                "initial placement"
+            },
         );
-        std::fs::write(path, svg).map_err(|e| {
-            BadInput(format!("cannot write plot file {}: {e}", path.display()))
-        })?;
+        std::fs::write(path, svg)
+            .map_err(|e| BadInput(format!("cannot write plot file {}: {e}", path.display())))?;
     }
     Ok(())
 }
@@ -188,8 +216,12 @@ fn plan(args: &PlanArgs) -> Result<(), BadInput> {
 fn read_json(path: &Path, what: &str) -> Result<Value, BadInput> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| BadInput(format!("cannot read {what} file {}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| BadInput(format!("{what} file {} is not valid JSON: {e}", path.display())))
+    serde_json::from_str(&text).map_err(|e| {
+        BadInput(format!(
+            "{what} file {} is not valid JSON: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn read_load(path: &Path) -> Result<LoadMatrix, BadInput> {
@@ -215,12 +247,16 @@ fn read_load(path: &Path) -> Result<LoadMatrix, BadInput> {
     let mut out = Vec::with_capacity(rows.len());
     for (layer, row) in rows.iter().enumerate() {
         let Value::Array(row) = row else {
-            return Err(BadInput(format!("load row of layer {layer} is not an array")));
+            return Err(BadInput(format!(
+                "load row of layer {layer} is not an array"
+            )));
         };
         let mut values = Vec::with_capacity(row.len());
         for (expert, x) in row.iter().enumerate() {
             values.push(x.as_f64().ok_or_else(|| {
-                BadInput(format!("load of layer {layer}, expert {expert} is not a number: {x}"))
+                BadInput(format!(
+                    "load of layer {layer}, expert {expert} is not a number: {x}"
+                ))
             })?);
         }
         out.push(values);
@@ -228,7 +264,12 @@ fn read_load(path: &Path) -> Result<LoadMatrix, BadInput> {
     Ok(LoadMatrix::from_f64_rows(&out)?)
 }
 
-fn read_old(path: &Path, experts: usize, gpus: usize) -> Result<Placement, BadInput> {
+fn read_old(
+    path: &Path,
+    experts: usize,
+    replicas: usize,
+    gpus: usize,
+) -> Result<Placement, BadInput> {
     let v = read_json(path, "old placement")?;
     let Value::Array(rows) = &v else {
         return Err(BadInput(format!(
@@ -243,6 +284,12 @@ fn read_old(path: &Path, experts: usize, gpus: usize) -> Result<Placement, BadIn
                 "old placement row of layer {layer} is not an array"
             )));
         };
+        if row.len() != replicas {
+            return Err(BadInput(format!(
+                "old placement row of layer {layer} has {} slots, but --replicas is {replicas}",
+                row.len()
+            )));
+        }
         let mut ids = Vec::with_capacity(row.len());
         for (slot, x) in row.iter().enumerate() {
             let id = x
@@ -258,8 +305,7 @@ fn read_old(path: &Path, experts: usize, gpus: usize) -> Result<Placement, BadIn
         }
         out.push(ids);
     }
-    Placement::from_rows(experts, gpus, &out)
-        .map_err(|e| BadInput(format!("old placement: {e}")))
+    Placement::from_rows(experts, gpus, &out).map_err(|e| BadInput(format!("old placement: {e}")))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -291,24 +337,29 @@ fn table(
         args.nodes,
         args.groups
     );
-    let _ = writeln!(
+    let _ = write!(
         s,
-        "balancedness (sum of means / sum of maxima over layers): {:.4} ({before_name} placement {:.4}); moved replicas {}",
-        after.overall,
-        before.overall,
-        moved.iter().sum::<usize>()
+        "balancedness (sum of means / sum of maxima over layers): {:.4} ({before_name} placement {:.4})",
+        after.overall, before.overall,
     );
+    if args.old.is_some() {
+        let _ = write!(s, "; moved replicas {}", moved.iter().sum::<usize>());
+    }
+    s.push('\n');
     let loads = plan.rank_loads(load)?;
     let old_loads = before_placement.rank_loads(load)?;
     let ranks_per_node = (args.gpus / args.nodes.max(1)).max(1);
     for layer in 0..load.num_layers() {
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "\nlayer {layer}: balancedness {:.4} ({before_name} {:.4}), moved {}",
+            "\nlayer {layer}: balancedness {:.4} ({before_name} {:.4})",
             after.per_layer.get(layer).copied().unwrap_or(0.0),
             before.per_layer.get(layer).copied().unwrap_or(0.0),
-            moved.get(layer).copied().unwrap_or(0)
         );
+        if args.old.is_some() {
+            let _ = write!(s, ", moved {}", moved.get(layer).copied().unwrap_or(0));
+        }
+        s.push('\n');
         let _ = writeln!(
             s,
             "  {:>5} {:>5} {:>12} {:>12}  experts",
@@ -507,7 +558,12 @@ mod tests {
 
     #[test]
     fn svg_has_a_bar_pair_per_rank() {
-        let svg = svg_chart("t <&>", &[1.0, 2.0, 3.0], &[2.0, 2.0, 2.0], "initial placement");
+        let svg = svg_chart(
+            "t <&>",
+            &[1.0, 2.0, 3.0],
+            &[2.0, 2.0, 2.0],
+            "initial placement",
+        );
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         // 3 ranks × 2 bars, plus the background and two legend swatches.
