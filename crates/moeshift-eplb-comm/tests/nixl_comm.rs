@@ -411,7 +411,7 @@ fn rank_nixl_tensor_mismatch() {
         return;
     }
     let Some(world) =
-        testing::run_as_ranks(TEST, 3, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+        testing::run_as_ranks(TEST, 4, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
     else {
         return;
     };

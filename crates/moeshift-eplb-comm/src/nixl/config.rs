@@ -54,9 +54,9 @@ impl NixlConfig {
     }
 }
 
-/// Checks a `UCX_TLS` value (`None` when unset). NIXL's UCX backend keeps its peer error
-/// handling working through UCX's `tcp` transport, so `tcp` must stay enabled unless
-/// `ucx_error_handling_mode` is `none`. Returns why the value cannot work.
+/// Checks a `UCX_TLS` value (`None` when unset). With its default peer error handling,
+/// NIXL's UCX backend needs UCX's `tcp` transport among the enabled ones, so `tcp` must stay
+/// unless `ucx_error_handling_mode` is `none`. Returns why the value cannot work.
 pub(crate) fn check_ucx_tls(value: Option<&str>, error_handling_mode: &str) -> Result<(), String> {
     let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
         return Ok(());
@@ -77,15 +77,23 @@ pub(crate) fn check_ucx_tls(value: Option<&str>, error_handling_mode: &str) -> R
         has_tcp || has_all
     };
     if tcp_enabled {
-        Ok(())
-    } else {
-        Err(format!(
-            "UCX_TLS={value:?} disables UCX's tcp transport, which NIXL's UCX backend needs for \
-             peer error handling; add tcp (e.g. UCX_TLS={list},tcp), unset UCX_TLS, or set the \
-             backend parameter {ERROR_HANDLING_MODE}=none",
-            list = if excluded { "cma" } else { list }
-        ))
+        return Ok(());
     }
+    let fix = if excluded {
+        let kept: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !n.eq_ignore_ascii_case("tcp"))
+            .collect();
+        format!("stop excluding tcp (e.g. UCX_TLS=^{})", kept.join(","))
+    } else {
+        format!("add tcp (e.g. UCX_TLS={list},tcp)")
+    };
+    Err(format!(
+        "UCX_TLS={value:?} disables UCX's tcp transport, which NIXL's UCX backend needs with \
+         peer error handling; {fix}, unset UCX_TLS, or set the backend parameter \
+         {ERROR_HANDLING_MODE}=none"
+    ))
 }
 
 #[cfg(test)]
@@ -102,7 +110,8 @@ mod tests {
         assert_eq!(check_ucx_tls(Some("^ib"), "peer"), Ok(()));
         let err = check_ucx_tls(Some("cma,sm"), "peer").unwrap_err();
         assert!(err.contains("cma,sm") && err.contains("tcp"), "{err}");
-        assert!(check_ucx_tls(Some("^tcp,ib"), "peer").is_err());
+        let err = check_ucx_tls(Some("^tcp,ib"), "peer").unwrap_err();
+        assert!(err.contains("UCX_TLS=^ib"), "{err}");
         // Without peer error handling, tcp is not needed.
         assert_eq!(check_ucx_tls(Some("cma"), "none"), Ok(()));
     }

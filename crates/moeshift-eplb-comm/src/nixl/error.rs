@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::comm::Backend;
 use crate::error::EplbCommError;
 
 /// Errors of the NIXL backend. They convert into [`EplbCommError`]
@@ -209,6 +210,14 @@ impl NixlError {
 
 impl From<NixlError> for EplbCommError {
     fn from(e: NixlError) -> Self {
+        if let NixlError::PeerSetupFailed { rank, peer, reason } = e {
+            return EplbCommError::PeerSetupFailed {
+                rank,
+                peer,
+                backend: Backend::Nixl,
+                reason,
+            };
+        }
         match e.parts() {
             Some((rank, layer, op, detail)) => EplbCommError::Nixl {
                 rank,
@@ -258,11 +267,24 @@ mod tests {
             peer: 2,
             reason: "registration failed".into(),
         });
+        assert_eq!(e.peer(), Some(2));
         let text = e.to_string();
-        assert!(
-            text.contains("rank 0") && text.contains("peer rank 2"),
-            "{text}"
-        );
-        assert!(text.contains("registration failed"), "{text}");
+        for part in ["rank 0", "peer rank 2", "registration failed", "nixl"] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+
+        let e = EplbCommError::from(NixlError::ReadFailed {
+            rank: 3,
+            layer: 1,
+            peer: 0,
+            experts: vec![6],
+            detail: "backend error".into(),
+        });
+        let text = e.to_string();
+        for part in ["rank 3", "layer 1", "peer rank 0", "[6]", "backend error"] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+        // The cause appears once, not repeated by the wrapper.
+        assert_eq!(text.matches("backend error").count(), 1, "{text}");
     }
 }

@@ -61,8 +61,13 @@ mod error;
 mod landing;
 #[allow(unsafe_code)]
 mod probe;
+mod setup;
+mod status;
+mod transfer;
 
 pub use communicator::NixlCommunicator;
 pub use config::{NixlConfig, ERROR_HANDLING_MODE};
 pub use error::NixlError;
-pub use probe::{is_nixl_available, probe, NixlRuntime, ENV_LIB_DIR, ENV_PLUGIN_DIR, LIBRARY};
+pub use probe::{
+    is_nixl_available, probe, NixlRuntime, ENV_LIB_DIR, ENV_PLUGIN_DIR, ENV_UCX_MODULES, LIBRARY,
+};

@@ -18,6 +18,12 @@
 //! NIXL finds its transport plugins through `NIXL_PLUGIN_DIR`. When that variable is unset
 //! and the library came from a known directory with a `plugins` folder (the layout of the
 //! `nixl-cu13` wheel), [`probe`] sets it to that folder before any agent exists.
+//!
+//! UCX's InfiniBand modules (`ucx/libuct_ib*`, next to the library folder in the wheel's
+//! layout) make every NIXL process crash at exit when the system's ibverbs providers are
+//! installed (two copies of libnl), and they serve no purpose without RDMA devices. When
+//! the runtime ships them, the machine has no RDMA device (`/sys/class/infiniband` is empty)
+//! and `UCX_MODULES` is unset, [`probe`] sets `UCX_MODULES=^ib`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -31,6 +37,10 @@ pub const ENV_LIB_DIR: &str = "MOESHIFT_NIXL_LIB_DIR";
 pub const ENV_PLUGIN_DIR: &str = "NIXL_PLUGIN_DIR";
 /// File name (and soname) of NIXL's C API library.
 pub const LIBRARY: &str = "libnixl_capi.so";
+/// Variable selecting UCX's loadable modules.
+pub const ENV_UCX_MODULES: &str = "UCX_MODULES";
+/// Where the kernel lists RDMA devices.
+const RDMA_DEVICES: &str = "/sys/class/infiniband";
 
 /// Every C API function that `nixl-sys` calls on the paths this backend uses. The stub
 /// resolves each lazily and aborts on a missing one, so all are checked up front.
@@ -109,16 +119,21 @@ static PROBED: OnceLock<Result<NixlRuntime, String>> = OnceLock::new();
 /// file that is not a loadable library and a library lacking a needed symbol are all
 /// [`NixlError::Unavailable`].
 ///
-/// On success the library stays loaded for the rest of the process, and `NIXL_PLUGIN_DIR`
-/// is set to `<lib dir>/plugins` when it was unset and that folder exists. Call it early
-/// (before threads that read the environment start), as with any change of the
-/// environment.
+/// On success the library stays loaded for the rest of the process, `NIXL_PLUGIN_DIR` is
+/// set to `<lib dir>/plugins` when it was unset and that folder exists, and `UCX_MODULES`
+/// to `^ib` when the runtime ships UCX's InfiniBand modules, the machine has no RDMA
+/// device and `UCX_MODULES` is unset (they crash NIXL processes at exit when the system's
+/// ibverbs providers are installed). Call it early (before threads that read the
+/// environment start), as with any change of the environment.
 pub fn probe() -> Result<NixlRuntime, NixlError> {
     PROBED
         .get_or_init(|| {
             let found = load_from_env(|key| std::env::var_os(key))?;
             if let Some(dir) = &found.set_plugin_dir {
                 std::env::set_var(ENV_PLUGIN_DIR, dir);
+            }
+            if found.disable_ib_modules {
+                std::env::set_var(ENV_UCX_MODULES, "^ib");
             }
             Ok(found.runtime)
         })
@@ -138,6 +153,8 @@ pub(crate) struct Loaded {
     pub(crate) runtime: NixlRuntime,
     /// `NIXL_PLUGIN_DIR` should be set to this (it was unset and the folder exists).
     pub(crate) set_plugin_dir: Option<PathBuf>,
+    /// `UCX_MODULES` should be set to `^ib` (see the module documentation).
+    pub(crate) disable_ib_modules: bool,
 }
 
 /// Loads the library as the environment read through `lookup` says, without caching and
@@ -179,6 +196,9 @@ pub(crate) fn load_from_env(lookup: impl Fn(&str) -> Option<OsString>) -> Result
         }
         (None, _) => (None, None),
     };
+    let disable_ib_modules = lookup(ENV_UCX_MODULES).is_none()
+        && lib_dir.as_deref().is_some_and(ships_ib_modules)
+        && !has_rdma_devices(Path::new(RDMA_DEVICES));
     Ok(Loaded {
         runtime: NixlRuntime {
             library,
@@ -186,7 +206,31 @@ pub(crate) fn load_from_env(lookup: impl Fn(&str) -> Option<OsString>) -> Result
             plugin_dir,
         },
         set_plugin_dir,
+        disable_ib_modules,
     })
+}
+
+/// True when a `ucx` folder next to `lib_dir` (a sibling folder's `ucx/`, as in the wheel)
+/// holds UCX's InfiniBand transport modules.
+fn ships_ib_modules(lib_dir: &Path) -> bool {
+    let Some(parent) = lib_dir.parent() else {
+        return false;
+    };
+    let Ok(siblings) = std::fs::read_dir(parent) else {
+        return false;
+    };
+    siblings.flatten().any(|sibling| {
+        std::fs::read_dir(sibling.path().join("ucx")).is_ok_and(|modules| {
+            modules
+                .flatten()
+                .any(|m| m.file_name().to_string_lossy().starts_with("libuct_ib"))
+        })
+    })
+}
+
+/// True when `dir` (the kernel's RDMA device list) names at least one device.
+fn has_rdma_devices(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut devices| devices.next().is_some())
 }
 
 /// Loads `library` and checks that it has every symbol in [`REQUIRED_SYMBOLS`].
@@ -280,6 +324,27 @@ mod tests {
         for name in REQUIRED_SYMBOLS {
             assert!(err.contains(name), "{name} not reported missing: {err}");
         }
+    }
+
+    #[test]
+    fn infiniband_modules_are_found_next_to_the_library() {
+        let root = temp_dir("ib");
+        let lib = root.join(".nixl_cu13.mesonpy.libs");
+        let ucx = root.join("nixl_cu13.libs").join("ucx");
+        std::fs::create_dir_all(&lib).expect("lib dir");
+        std::fs::create_dir_all(&ucx).expect("ucx dir");
+        std::fs::write(ucx.join("libuct_cma.so.0"), b"").expect("cma module");
+        assert!(!ships_ib_modules(&lib));
+        std::fs::write(ucx.join("libuct_ib_mlx5.so.0"), b"").expect("ib module");
+        assert!(ships_ib_modules(&lib));
+        // RDMA devices: none in an empty or missing folder, some once one is listed.
+        let devices = root.join("infiniband");
+        assert!(!has_rdma_devices(&devices));
+        std::fs::create_dir_all(&devices).expect("devices dir");
+        assert!(!has_rdma_devices(&devices));
+        std::fs::create_dir_all(devices.join("mlx5_0")).expect("device");
+        assert!(has_rdma_devices(&devices));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -1,0 +1,523 @@
+//! How a [`NixlCommunicator`] moves one layer: local checks and plan agreement, one READ
+//! request per peer into the landing area, local copies meanwhile, polling with a deadline,
+//! then the post-read check. See the type's documentation.
+
+use std::time::{Duration, Instant};
+
+use moeshift_placement::{LayerPlan, RankPlan};
+use moeshift_sync::Deadline;
+use moeshift_tensor::Device;
+
+use super::agent::{Read, ReadDesc};
+use super::communicator::{NixlCommunicator, Peer};
+use super::error::NixlError;
+use super::status::exchange_status;
+use crate::agree::{agree_on_plan, plan_digest};
+use crate::comm::{Backend, StagedLayer, TransferStats};
+use crate::error::EplbCommError;
+use crate::staging::{RowSource, Staging, StagingBuilder};
+use crate::weights::{LayerLayout, LayerWeights};
+
+/// Part of the time left that a transfer keeps for the post-read check, so a rank whose
+/// READs ran out of time can still tell its peers (at most [`MAX_RESERVE`]).
+const RESERVE_FRACTION: u32 = 5;
+/// Upper bound of the reserve.
+const MAX_RESERVE: Duration = Duration::from_secs(2);
+/// How long polling only yields the thread between rounds. Host-memory READs (UCX `cma`)
+/// progress only while this rank polls, so polling is tight at first; RDMA READs progress
+/// on their own, and a long transfer then costs a few wake-ups, not a spinning core.
+const SPIN: Duration = Duration::from_millis(2);
+/// Sleep between polls once spinning is over.
+const POLL_SLEEP: Duration = Duration::from_micros(50);
+
+impl NixlCommunicator {
+    /// Everything a layer's transfer needs that can be checked and built locally.
+    fn prepare<'p>(
+        &self,
+        layer: usize,
+        plan: &'p LayerPlan,
+        weights: &LayerWeights<'_>,
+    ) -> Result<Prepared<'p>, EplbCommError> {
+        let me = self.me;
+        let place = self
+            .layers
+            .get(layer)
+            .ok_or(EplbCommError::LayerOutOfRange {
+                rank: me,
+                layer,
+                layers: self.layers.len(),
+            })?;
+        if let Some(detail) = place.difference_from(weights) {
+            return Err(EplbCommError::WeightsChanged {
+                rank: me,
+                layer,
+                detail,
+            });
+        }
+        let layout = &place.layout;
+        let mismatch = |detail: String| EplbCommError::PlanMismatch {
+            rank: me,
+            layer,
+            detail,
+        };
+        if plan.num_ranks() != self.peers.len() {
+            return Err(mismatch(format!(
+                "the plan is for {} ranks, the EPLB group has {}",
+                plan.num_ranks(),
+                self.peers.len()
+            )));
+        }
+        if plan.rows_per_rank() != layout.rows {
+            return Err(mismatch(format!(
+                "the plan has {} rows per rank, the weights have {}",
+                plan.rows_per_rank(),
+                layout.rows
+            )));
+        }
+        let mine = plan
+            .rank(me)
+            .map_err(|e| mismatch(format!("no part for this rank: {e}")))?;
+        let rows = layout.rows;
+        let row_ok = |expert: usize, row: usize| {
+            if row < rows {
+                Ok(())
+            } else {
+                Err(EplbCommError::RowOutOfRange {
+                    rank: me,
+                    layer,
+                    expert,
+                    row,
+                    rows,
+                })
+            }
+        };
+        for c in mine.local_copies.iter().chain(&mine.dup_fills) {
+            row_ok(c.expert, c.src_row)?;
+            row_ok(c.expert, c.dst_row)?;
+        }
+        for s in &mine.sends {
+            row_ok(s.expert, s.src_row)?;
+        }
+
+        // Staging: received rows first (packed exactly as in the landing area), then local
+        // copies.
+        let expert_bytes = layout.expert_bytes();
+        let mut offsets = Vec::with_capacity(layout.tensors.len());
+        let mut at = 0usize;
+        for t in &layout.tensors {
+            offsets.push(at);
+            at = at.saturating_add(t.row_bytes);
+        }
+        let mut builder = StagingBuilder::new(layout);
+        let mut by_peer: Vec<Option<PeerRead>> = (0..self.peers.len()).map(|_| None).collect();
+        for r in &mine.recvs {
+            row_ok(r.expert, r.dst_row)?;
+            let peer = self
+                .peers
+                .get(r.src)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| {
+                    mismatch(format!(
+                        "expert {} comes from rank {}, which is this rank or outside the group of {}",
+                        r.expert,
+                        r.src,
+                        self.peers.len()
+                    ))
+                })?;
+            // The row the sender reads from: its plan's send of this expert to this rank.
+            let src_row = plan
+                .rank(r.src)
+                .ok()
+                .and_then(|p| p.sends.iter().find(|s| s.dst == me && s.expert == r.expert))
+                .map(|s| s.src_row)
+                .ok_or_else(|| {
+                    mismatch(format!(
+                        "expert {} comes from rank {}, whose part of the plan has no such send",
+                        r.expert, r.src
+                    ))
+                })?;
+            row_ok(r.expert, src_row)?;
+            let theirs = peer
+                .layers
+                .get(layer)
+                .ok_or_else(|| mismatch(format!("rank {} registered no layer {layer}", r.src)))?;
+            let index = builder.push_row(
+                r.dst_row,
+                r.expert,
+                RowSource::Peer {
+                    peer: r.src,
+                    round: r.round,
+                },
+            );
+            let base = index.saturating_mul(expert_bytes);
+            let entry = by_peer
+                .get_mut(r.src)
+                .ok_or_else(|| mismatch(format!("rank {} is outside the group", r.src)))?
+                .get_or_insert_with(|| PeerRead {
+                    peer: r.src,
+                    device: theirs.device,
+                    experts: Vec::new(),
+                    descs: Vec::new(),
+                });
+            entry.experts.push(r.expert);
+            for ((spec, off), place) in layout.tensors.iter().zip(&offsets).zip(&theirs.tensors) {
+                if spec.row_bytes == 0 {
+                    continue;
+                }
+                entry.descs.push(ReadDesc {
+                    local: self
+                        .landing
+                        .addr()
+                        .saturating_add(base.saturating_add(*off) as u64),
+                    remote: place.row_addr(src_row),
+                    len: spec.row_bytes,
+                });
+            }
+        }
+        let received = mine.recvs.len().saturating_mul(expert_bytes);
+        if received > self.landing.len() {
+            return Err(mismatch(format!(
+                "{} received rows need {received} bytes, the landing area has {}",
+                mine.recvs.len(),
+                self.landing.len()
+            )));
+        }
+        for c in &mine.local_copies {
+            builder.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
+        }
+        let staging = builder.build(me, layer)?;
+        Ok(Prepared {
+            mine,
+            layout: layout.clone(),
+            staging,
+            reads: by_peer.into_iter().flatten().collect(),
+            received,
+        })
+    }
+
+    /// Posts this rank's READs, stages the local copies meanwhile, waits for the READs and
+    /// moves the received rows into staging.
+    fn move_rows(
+        &self,
+        layer: usize,
+        prepared: &mut Prepared<'_>,
+        weights: &LayerWeights<'_>,
+        deadline: Deadline,
+    ) -> Result<(), EplbCommError> {
+        let me = self.me;
+        let mut pending = Vec::with_capacity(prepared.reads.len());
+        for r in &prepared.reads {
+            let peer = self.peer(r.peer).map_err(EplbCommError::from)?;
+            if r.descs.is_empty() {
+                continue;
+            }
+            let read = self
+                .agent
+                .post_read(&peer.agent, &r.descs, self.landing.device(), r.device)
+                .map_err(|e| NixlError::ReadFailed {
+                    rank: me,
+                    layer,
+                    peer: r.peer,
+                    experts: r.experts.clone(),
+                    detail: format!("{}: {}", e.op, e.status),
+                })?;
+            pending.push((r.peer, r.experts.clone(), read));
+        }
+
+        // Local copies read the old rows, which stay valid until the commit.
+        let tensors = prepared.layout.tensors.len();
+        let first_local = prepared.mine.recvs.len();
+        for (k, c) in prepared.mine.local_copies.iter().enumerate() {
+            let index = first_local.saturating_add(k);
+            for t in 0..tensors {
+                let src = weights.row(t, c.src_row)?;
+                let dst = prepared.staging.row_tensor_mut(index, t).ok_or_else(|| {
+                    EplbCommError::PlanMismatch {
+                        rank: me,
+                        layer,
+                        detail: format!(
+                            "inconsistent staging: staged row {index} has no room for tensor {t}"
+                        ),
+                    }
+                })?;
+                dst.copy_from_slice(src);
+            }
+        }
+
+        self.wait_reads(&mut pending, deadline)
+            .map_err(|e| match e {
+                WaitError::Failed {
+                    peer,
+                    experts,
+                    detail,
+                } => NixlError::ReadFailed {
+                    rank: me,
+                    layer,
+                    peer,
+                    experts,
+                    detail,
+                },
+                WaitError::Timeout {
+                    peer,
+                    experts,
+                    waited,
+                } => NixlError::ReadTimeout {
+                    rank: me,
+                    layer,
+                    peer,
+                    experts,
+                    waited,
+                },
+            })?;
+        if prepared.received > 0 {
+            let landed = self.landing.bytes(0..prepared.received);
+            let dst = prepared.staging.region_mut(0..prepared.received);
+            match (landed, dst) {
+                (Some(src), Some(dst)) => dst.copy_from_slice(src),
+                _ => {
+                    return Err(EplbCommError::PlanMismatch {
+                        rank: me,
+                        layer,
+                        detail: format!(
+                            "inconsistent staging: {} received bytes do not fit the landing area ({}) or staging ({})",
+                            prepared.received,
+                            self.landing.len(),
+                            prepared.staging.len()
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls `pending` READs (peer, experts, request) until all completed. On an error or
+    /// at the deadline it returns, naming the peer; the caller then drops the requests,
+    /// which releases (aborts) any still in flight.
+    pub(super) fn wait_reads(
+        &self,
+        pending: &mut Vec<(usize, Vec<usize>, Read)>,
+        deadline: Deadline,
+    ) -> Result<(), WaitError> {
+        let started = Instant::now();
+        loop {
+            let mut outstanding = false;
+            for (peer, experts, read) in pending.iter_mut() {
+                match self.agent.poll(read) {
+                    Ok(true) => {}
+                    Ok(false) => outstanding = true,
+                    Err(e) => {
+                        return Err(WaitError::Failed {
+                            peer: *peer,
+                            experts: experts.clone(),
+                            detail: format!("{}: {}", e.op, e.status),
+                        })
+                    }
+                }
+            }
+            if !outstanding {
+                pending.clear();
+                return Ok(());
+            }
+            if deadline.is_expired() {
+                let (peer, experts) = pending
+                    .iter()
+                    .find(|(_, _, r)| !r.is_done())
+                    .map(|(p, e, _)| (*p, e.clone()))
+                    .unwrap_or_default();
+                return Err(WaitError::Timeout {
+                    peer,
+                    experts,
+                    waited: started.elapsed(),
+                });
+            }
+            if started.elapsed() < SPIN {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(POLL_SLEEP);
+            }
+        }
+    }
+
+    fn peer(&self, peer: usize) -> Result<&Peer, NixlError> {
+        self.peers
+            .get(peer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| NixlError::Call {
+                rank: self.me,
+                op: format!("looking up peer rank {peer}"),
+                status: "no such peer".into(),
+            })
+    }
+
+    /// Marks the communicator unusable after `error` (when the error says so) and returns
+    /// the error.
+    fn fail(&mut self, error: EplbCommError) -> EplbCommError {
+        if error.poisons_communicator() && self.failed.is_none() {
+            self.failed = Some(error.to_string());
+        }
+        error
+    }
+
+    /// Marks the communicator unusable after a failure while READs may have been in flight
+    /// (whatever the error is: a released request may not have stopped writing into the
+    /// landing area), and returns the error.
+    fn fail_after_reads(&mut self, error: EplbCommError) -> EplbCommError {
+        if self.failed.is_none() {
+            self.failed = Some(error.to_string());
+        }
+        error
+    }
+
+    pub(super) fn transfer_inner(
+        &mut self,
+        layer: usize,
+        plan: &LayerPlan,
+        weights: &LayerWeights<'_>,
+        deadline: Deadline,
+    ) -> Result<StagedLayer, EplbCommError> {
+        let started = Instant::now();
+        let me = self.me;
+        let group = match (&self.group, &self.failed) {
+            (Some(g), None) => g,
+            (_, reason) => {
+                return Err(EplbCommError::CommunicatorFailed {
+                    rank: me,
+                    reason: reason
+                        .clone()
+                        .unwrap_or_else(|| "the EPLB group is gone".into()),
+                })
+            }
+        };
+
+        // 1. Local checks, then agreement (a refusal is sent to the peers, not kept).
+        let digest = plan_digest(layer, plan);
+        let prepared = self.prepare(layer, plan, weights);
+        let refusal = prepared.as_ref().err().map(ToString::to_string);
+        if let Err(e) = agree_on_plan(group, layer, digest, refusal.as_deref(), deadline) {
+            return Err(self.fail(e));
+        }
+        let mut prepared = prepared?;
+
+        // 2–4. READs and local copies, keeping a reserve for the post-read check.
+        let crosses_ranks = plan.num_transfers() > 0;
+        let reserve = (deadline.remaining() / RESERVE_FRACTION).min(MAX_RESERVE);
+        let read_deadline = Deadline::at(
+            deadline
+                .instant()
+                .checked_sub(reserve)
+                .unwrap_or(deadline.instant()),
+        );
+        let moved = self.move_rows(layer, &mut prepared, weights, read_deadline);
+
+        // 5. Post-read check: nobody commits while a peer may still read, and nobody
+        //    commits unless everybody got its rows.
+        if crosses_ranks {
+            let Some(group) = self.group.as_ref() else {
+                return Err(self.fail(EplbCommError::CommunicatorFailed {
+                    rank: me,
+                    reason: "the EPLB group is gone".into(),
+                }));
+            };
+            let outcome = moved.as_ref().err().map(ToString::to_string);
+            let checked = exchange_status(
+                group,
+                Some(layer),
+                "the post-read check",
+                outcome.as_deref(),
+                deadline,
+            );
+            match (moved, checked) {
+                (Err(e), _) => return Err(self.fail_after_reads(e)),
+                (Ok(()), Err(e)) => return Err(self.fail(e)),
+                (Ok(()), Ok(failed_peers)) => {
+                    if let Some((peer, reason)) = failed_peers.into_iter().next() {
+                        return Err(self.fail(
+                            NixlError::PeerReadFailed {
+                                rank: me,
+                                layer,
+                                peer,
+                                reason,
+                            }
+                            .into(),
+                        ));
+                    }
+                }
+            }
+        } else if let Err(e) = moved {
+            return Err(self.fail_after_reads(e));
+        }
+
+        let mine = prepared.mine;
+        let expert_bytes = prepared.layout.expert_bytes() as u64;
+        let mut peers: Vec<usize> = mine
+            .sends
+            .iter()
+            .map(|s| s.dst)
+            .chain(mine.recvs.iter().map(|r| r.src))
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        let mut rounds: Vec<usize> = mine
+            .sends
+            .iter()
+            .map(|s| s.round)
+            .chain(mine.recvs.iter().map(|r| r.round))
+            .collect();
+        rounds.sort_unstable();
+        rounds.dedup();
+        let stats = TransferStats {
+            bytes_sent: expert_bytes.saturating_mul(mine.sends.len() as u64),
+            bytes_received: expert_bytes.saturating_mul(mine.recvs.len() as u64),
+            bytes_copied_locally: expert_bytes.saturating_mul(mine.local_copies.len() as u64),
+            peers: peers.len(),
+            rounds: rounds.len(),
+            staging_bytes: prepared.staging.len() as u64,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok(StagedLayer::new(
+            layer,
+            me,
+            Backend::Nixl,
+            mine.clone(),
+            prepared.layout,
+            prepared.staging,
+            stats,
+        ))
+    }
+}
+
+/// Why waiting for READs stopped.
+pub(super) enum WaitError {
+    /// A request failed.
+    Failed {
+        peer: usize,
+        experts: Vec<usize>,
+        detail: String,
+    },
+    /// Requests were still in flight at the deadline.
+    Timeout {
+        peer: usize,
+        experts: Vec<usize>,
+        waited: Duration,
+    },
+}
+
+/// A layer's transfer, prepared.
+struct Prepared<'p> {
+    mine: &'p RankPlan,
+    layout: LayerLayout,
+    staging: Staging,
+    /// One READ request per peer this rank receives from.
+    reads: Vec<PeerRead>,
+    /// Bytes of received rows, packed at the start of both the landing area and staging.
+    received: usize,
+}
+
+/// The rows this rank READs from one peer.
+struct PeerRead {
+    peer: usize,
+    device: Device,
+    experts: Vec<usize>,
+    descs: Vec<ReadDesc>,
+}
