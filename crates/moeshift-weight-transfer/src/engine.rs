@@ -328,6 +328,14 @@ fn plan_auto(params: &[AutoParam<'_>], policy: &AutoPolicy) -> Result<AutoPlan, 
     Ok(plan)
 }
 
+/// The metadata of an outgoing update's parameters, in order.
+pub(crate) fn outgoing_metas(update: &Outgoing<'_>) -> Vec<ParamMeta> {
+    match update {
+        Outgoing::Dense { params, .. } => params.iter().map(|p| p.meta.clone()).collect(),
+        Outgoing::Sparse { params } => params.iter().map(|p| p.meta.clone()).collect(),
+    }
+}
+
 /// Checks an outgoing update before anything is sent: data lengths for dense, patches
 /// against their metadata for sparse. Returns the update info to announce (`None` for an
 /// empty update, which is skipped).

@@ -116,7 +116,46 @@ pub enum TransferError {
         /// Bytes received.
         got: usize,
     },
-    /// Other ranks refused or failed the update, so no rank applied it.
+    /// A registered parameter's memory cannot be used by this engine (another device, a
+    /// misaligned address).
+    #[error("rank {rank}: parameter '{name}': {detail}")]
+    Storage {
+        /// This process's rank.
+        rank: usize,
+        /// The parameter.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A NCCL operation failed or passed its deadline (the communicator is then aborted and
+    /// the engine must be rebuilt).
+    #[cfg(feature = "cuda")]
+    #[error("rank {rank}: {during}: {source}")]
+    Nccl {
+        /// This process's rank in the transfer group.
+        rank: usize,
+        /// What the engine was doing.
+        during: String,
+        /// NCCL's error.
+        #[source]
+        source: Box<moeshift_device_comm::nccl::NcclError>,
+    },
+    /// A CUDA driver call failed.
+    #[cfg(feature = "cuda")]
+    #[error("rank {rank} (cuda:{device}): {during}: {source}")]
+    Cuda {
+        /// This process's rank in the transfer group.
+        rank: usize,
+        /// The device ordinal.
+        device: usize,
+        /// What the engine was doing.
+        during: String,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// Ranks refused or failed the update. Whether any rank applied part of it is the
+    /// engine's documented staging rule (the host engine: none did).
     #[error("rank {rank}: update {update} of session {session} was abandoned: {}", describe_failures(.failures))]
     PeersFailed {
         /// This process's rank.

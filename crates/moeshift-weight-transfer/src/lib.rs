@@ -27,6 +27,20 @@
 //! * [`host`]: the engine over the host (TCP) transport between host buffers. Updates are
 //!   staged whole and committed only when every rank is ready, so a failed update (a dead
 //!   trainer, a refusal, a passed deadline) leaves every worker's weights as they were.
+//! * `nccl` (feature `cuda`): GPU to GPU over a dedicated NCCL group (trainer rank 0,
+//!   workers `rank_offset + index`): dense broadcasts straight into the live parameters,
+//!   packed chunks with headers through two pipelined chunk buffers, and sparse patches
+//!   staged, checked with one kernel and one device-to-host copy per update, then scattered
+//!   in place. Each payload kind documents what a failure leaves behind.
+//! * `ipc` (feature `cuda`): one node; the trainer exports a packed buffer through CUDA
+//!   IPC and the workers copy straight out of it.
+//! * `device` (feature `cuda`): `DeviceStorage` (device parameters), `DevicePatch`,
+//!   `DeviceDiff` (the trainer-side diff on the GPU) and `device_digest`.
+//!
+//! Every engine shares one control protocol over a
+//! [`HostGroup`](moeshift_device_comm::HostGroup) whose rank 0 is the trainer: per update an
+//! announcement (the info and a metadata digest), a vote (a refusal anywhere moves no
+//! payload), the payload, and a status round; every blocking step has a deadline.
 //!
 //! # Example
 //!
@@ -76,33 +90,51 @@
 //! # Ok::<(), Error>(())
 //! ```
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod auto;
+mod control;
+#[cfg(feature = "cuda")]
+pub mod device;
 pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod host;
 pub mod info;
+#[cfg(feature = "cuda")]
+pub mod ipc;
 pub mod lifecycle;
 pub mod meta;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod packing;
 pub mod patch;
 pub mod registry;
+pub mod sparse_layout;
 
 pub use auto::{AutoPolicy, Choice, BF16_CROSSOVER_DENSITY};
+pub use control::TRAINER_RANK;
+#[cfg(feature = "cuda")]
+pub use device::{
+    device_digest, DeviceAutoParam, DeviceDenseParam, DeviceDiff, DeviceOutgoing, DevicePatch,
+    DeviceSparseParam, DeviceStorage,
+};
 pub use digest::{Digest, Hasher};
 pub use engine::{
     Announcement, AutoParam, Capabilities, DenseParam, Outgoing, PreparedUpdate, SendReport,
     SparseParam, TrainerEngine, UpdateReport, WorkerEngine,
 };
 pub use error::TransferError;
-pub use host::{HostConfig, HostTrainer, HostWorker, Progress, TRAINER_RANK};
+pub use host::{HostConfig, HostTrainer, HostWorker, Progress};
 pub use info::{InfoError, ResolvedUpdate, UpdateInfo, UpdateKind};
+#[cfg(feature = "cuda")]
+pub use ipc::{ChunkNotice, IpcConfig, IpcTrainer, IpcWorker};
 pub use lifecycle::{SessionReport, WeightReceiver};
 pub use meta::{metadata_digest, MetaError, ParamMeta};
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclConfig, NcclTrainer, NcclWorker};
 pub use packing::{
-    pack_chunk, plan_chunks, split_chunk, ChunkEntry, ChunkHeader, PackError,
+    pack_chunk, plan_chunks, plan_chunks_within, split_chunk, ChunkEntry, ChunkHeader, PackError,
     DEFAULT_PACKED_BUFFER_SIZE_BYTES,
 };
 pub use patch::{diff, PatchError, SparsePatch};

@@ -102,6 +102,20 @@ pub enum PackError {
         /// Bytes received.
         got: usize,
     },
+    /// A tensor does not fit in a fixed-size buffer (engines that pack into one exported
+    /// buffer of exactly `packed_buffer_size_bytes`, such as CUDA IPC).
+    #[error(
+        "tensor {tensor} has {bytes} bytes, more than the packed buffer of {buffer} bytes; \
+         raise packed_buffer_size_bytes to at least {bytes}"
+    )]
+    Oversize {
+        /// The tensor, described.
+        tensor: String,
+        /// Its bytes.
+        bytes: usize,
+        /// The buffer size.
+        buffer: usize,
+    },
     /// A tensor handed to [`pack_chunk`] has the wrong number of bytes.
     #[error("chunk {seq}: tensor '{name}' has {got} bytes, its metadata says {expected}")]
     TensorLength {
@@ -207,6 +221,39 @@ pub fn plan_chunks(
             entries,
         })
         .collect())
+}
+
+/// Like [`plan_chunks`], for a buffer that can never grow: every chunk fits in
+/// `buffer_size` bytes, and a tensor larger than the buffer is [`PackError::Oversize`]
+/// (checked before anything is planned, so nothing is sent).
+///
+/// ```
+/// use moeshift_tensor::DType;
+/// use moeshift_weight_transfer::{plan_chunks_within, PackError, ParamMeta};
+///
+/// let p = |n: &str, len| ParamMeta::new(n, DType::U8, vec![len]).unwrap();
+/// assert_eq!(plan_chunks_within(&[p("a", 6), p("b", 4), p("c", 3)], 10)?.len(), 2);
+/// assert!(matches!(
+///     plan_chunks_within(&[p("a", 6), p("d", 11)], 10),
+///     Err(PackError::Oversize { bytes: 11, buffer: 10, .. })
+/// ));
+/// # Ok::<(), PackError>(())
+/// ```
+pub fn plan_chunks_within(
+    params: &[ParamMeta],
+    buffer_size: usize,
+) -> Result<Vec<ChunkHeader>, PackError> {
+    if buffer_size == 0 {
+        return Err(PackError::ZeroBufferSize);
+    }
+    if let Some(p) = params.iter().find(|p| p.byte_len() > buffer_size) {
+        return Err(PackError::Oversize {
+            tensor: p.describe(),
+            bytes: p.byte_len(),
+            buffer: buffer_size,
+        });
+    }
+    plan_chunks(params, buffer_size)
 }
 
 impl ChunkHeader {
@@ -521,6 +568,30 @@ mod tests {
             chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
             vec![0, 1, 2, 3]
         );
+    }
+
+    #[test]
+    fn fixed_buffer_plans_never_exceed_it() {
+        // The same input as the flush test: with a fixed buffer, d (20 > 10) is refused.
+        let params = [u8p("a", 6), u8p("b", 4), u8p("c", 3), u8p("d", 20)];
+        let err = plan_chunks_within(&params, 10).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PackError::Oversize {
+                    bytes: 20,
+                    buffer: 10,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("'d'"), "{err}");
+        let ok = plan_chunks_within(&params[..3], 10).unwrap();
+        assert!(ok.iter().all(|c| c.payload_len <= 10));
+        assert_eq!(names(&ok), vec![vec!["a", "b"], vec!["c"]]);
+        // A tensor of exactly the buffer size fits.
+        assert_eq!(plan_chunks_within(&[u8p("x", 10)], 10).unwrap().len(), 1);
     }
 
     #[test]

@@ -56,6 +56,24 @@ pub enum PatchError {
         /// Elements of the parameter.
         numel: usize,
     },
+    /// Device engines apply patches whose indices strictly increase (so no two entries of
+    /// one patch write the same element, and the scatter needs no ordering); this one does
+    /// not.
+    #[error(
+        "patch for '{name}': indices[{position}] = {index} does not exceed indices[{}] = {previous}; \
+         device engines need strictly increasing indices",
+        .position.saturating_sub(1)
+    )]
+    NotIncreasing {
+        /// Parameter name.
+        name: String,
+        /// Position of the offending entry.
+        position: usize,
+        /// The index before it.
+        previous: i32,
+        /// The index at `position`.
+        index: i32,
+    },
     /// The number of entries differs from what the update announced.
     #[error("patch for '{name}': the update announced {expected} entries, the patch has {got}")]
     CountMismatch {
@@ -249,6 +267,44 @@ impl SparsePatch {
         }
     }
 
+    /// True when the indices strictly increase (what device engines apply).
+    pub fn is_strictly_increasing(&self) -> bool {
+        self.indices.windows(2).all(|w| w[0] < w[1])
+    }
+
+    /// The same update with strictly increasing indices: entries sorted by index and, where
+    /// an index repeats, only the last entry kept (the one [`SparsePatch::apply`] leaves in
+    /// place). Applying either patch gives the same bytes. Fails only when the values do not
+    /// hold one element per index.
+    pub fn to_strictly_increasing(&self) -> Result<SparsePatch, PatchError> {
+        self.check_lengths()?;
+        if self.is_strictly_increasing() {
+            return Ok(self.clone());
+        }
+        let elem = self.dtype.size_bytes();
+        let mut order: Vec<usize> = (0..self.indices.len()).collect();
+        // Stable: among equal indices the original order is kept, so the last one wins.
+        order.sort_by_key(|&k| self.indices[k]);
+        let mut indices: Vec<i32> = Vec::with_capacity(order.len());
+        let mut values: Vec<u8> = Vec::with_capacity(self.values.len());
+        for &k in &order {
+            let value = &self.values[k * elem..(k + 1) * elem];
+            if indices.last() == Some(&self.indices[k]) {
+                let at = values.len() - elem;
+                values[at..].copy_from_slice(value);
+            } else {
+                indices.push(self.indices[k]);
+                values.extend_from_slice(value);
+            }
+        }
+        Ok(SparsePatch {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            indices,
+            values,
+        })
+    }
+
     /// SHA-256 of the little-endian int32 indices followed by the raw value bytes (in the
     /// parameter's own dtype, not converted to float32): two patches with equal digests
     /// write the same bits to the same elements. Name and dtype are not hashed.
@@ -415,6 +471,41 @@ mod tests {
         let mut w = f32_bytes(&[0.0, 0.0]);
         patch.apply(&m, &mut w).unwrap();
         assert_eq!(w, f32_bytes(&[0.0, 6.0]));
+    }
+
+    #[test]
+    fn strictly_increasing_form_keeps_the_last_write() {
+        // Entries (index, value): (3, 1.0), (1, 2.0), (3, 5.0), (0, 7.0), (1, 8.0).
+        // Applied in order, element 3 ends as 5.0 and element 1 as 8.0.
+        let patch = SparsePatch::new(
+            "w",
+            DType::F32,
+            vec![3, 1, 3, 0, 1],
+            f32_bytes(&[1.0, 2.0, 5.0, 7.0, 8.0]),
+        )
+        .unwrap();
+        assert!(!patch.is_strictly_increasing());
+        let inc = patch.to_strictly_increasing().unwrap();
+        assert!(inc.is_strictly_increasing());
+        assert_eq!(inc.indices, vec![0, 1, 3]);
+        assert_eq!(inc.values, f32_bytes(&[7.0, 8.0, 5.0]));
+        let m = meta("w", DType::F32, vec![4]);
+        let (mut a, mut b) = (f32_bytes(&[0.0; 4]), f32_bytes(&[0.0; 4]));
+        patch.apply(&m, &mut a).unwrap();
+        inc.apply(&m, &mut b).unwrap();
+        assert_eq!(a, b);
+        // Already increasing: unchanged.
+        let sorted = SparsePatch::new("w", DType::U8, vec![0, 2], vec![1, 2]).unwrap();
+        assert_eq!(sorted.to_strictly_increasing().unwrap(), sorted);
+        let err = PatchError::NotIncreasing {
+            name: "w".into(),
+            position: 4,
+            previous: 9,
+            index: 9,
+        };
+        assert!(err
+            .to_string()
+            .contains("indices[4] = 9 does not exceed indices[3] = 9"));
     }
 
     #[test]

@@ -326,6 +326,25 @@ impl<S: ParamStorage> ParamRegistry<S> {
             .ok_or(RegistryError::Slot { slot, len })
     }
 
+    /// The memory of the parameters in `slots` (distinct), writable at once, in the order
+    /// of `slots`.
+    pub fn storages_mut(&mut self, slots: &[usize]) -> Result<Vec<&mut S>, RegistryError> {
+        let len = self.params.len();
+        let mut all: Vec<Option<&mut S>> = self
+            .params
+            .iter_mut()
+            .map(|p| Some(&mut p.storage))
+            .collect();
+        slots
+            .iter()
+            .map(|&slot| {
+                all.get_mut(slot)
+                    .and_then(Option::take)
+                    .ok_or(RegistryError::Slot { slot, len })
+            })
+            .collect()
+    }
+
     /// Metadata of the parameter in `slot`.
     pub fn meta(&self, slot: usize) -> Result<&ParamMeta, RegistryError> {
         self.entry(slot).map(|p| &p.meta)
@@ -517,6 +536,26 @@ mod tests {
         assert_eq!(r.digest(), before);
         r.apply_patches(&[good]).unwrap();
         assert_eq!(&r.bytes("w").unwrap()[12..], &1.5f32.to_le_bytes());
+    }
+
+    #[test]
+    fn several_storages_at_once() {
+        let mut r = registry();
+        {
+            let mut both = r.storages_mut(&[1, 0]).unwrap();
+            assert_eq!(both[0].len(), 4);
+            assert_eq!(both[1].len(), 16);
+            both[0][0] = 9;
+        }
+        assert_eq!(r.bytes("b").unwrap()[0], 9);
+        assert!(matches!(
+            r.storages_mut(&[0, 0]),
+            Err(RegistryError::Slot { slot: 0, .. })
+        ));
+        assert!(matches!(
+            r.storages_mut(&[2]),
+            Err(RegistryError::Slot { slot: 2, len: 2 })
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! For each update:
 //!
 //! 1. **Announce**: the trainer broadcasts a JSON control message: session and update
-//!    numbers, the [`UpdateInfo`] and the [`metadata_digest`](crate::metadata_digest) of the update's parameters.
+//!    numbers, the [`UpdateInfo`](crate::UpdateInfo) and the [`metadata_digest`](crate::metadata_digest) of the update's parameters.
 //! 2. **Vote**: every rank all-gathers "accept" or "refuse: reason". A worker refuses when
 //!    the info is invalid, the metadata digest differs from its own resolution, or the
 //!    update does not match its registry. One refusal and every rank abandons the update
@@ -42,19 +42,14 @@
 //! A transport failure (a dead peer, a passed deadline) breaks the group: the caller builds
 //! a new one. Refusals and staging failures do not; the group stays usable.
 
-use serde::{Deserialize, Serialize};
-
-use crate::info::UpdateInfo;
 use crate::packing::DEFAULT_PACKED_BUFFER_SIZE_BYTES;
 
 mod trainer;
 mod worker;
 
+pub use crate::control::TRAINER_RANK;
 pub use trainer::{HostTrainer, Progress};
 pub use worker::HostWorker;
-
-/// The trainer's rank in the transfer group.
-pub const TRAINER_RANK: usize = 0;
 
 /// Settings of the host engine, on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,89 +74,9 @@ impl Default for HostConfig {
     }
 }
 
-/// A control message from the trainer.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub(crate) enum Control {
-    Update {
-        session: u64,
-        update: u32,
-        info: UpdateInfo,
-        metadata_digest: String,
-    },
-    End {
-        session: u64,
-        updates: u32,
-    },
-}
-
-const OK: u8 = 1;
-const FAILED: u8 = 0;
-
-pub(crate) fn status_ok() -> Vec<u8> {
-    vec![OK]
-}
-
-pub(crate) fn status_failed(reason: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + reason.len());
-    v.push(FAILED);
-    v.extend_from_slice(reason.as_bytes());
-    v
-}
-
-/// `(rank, reason)` for every rank whose status is not "ok".
-pub(crate) fn failures(statuses: &[Vec<u8>]) -> Vec<(usize, String)> {
-    statuses
-        .iter()
-        .enumerate()
-        .filter_map(|(rank, s)| match s.split_first() {
-            Some((&OK, _)) => None,
-            Some((_, reason)) => Some((rank, String::from_utf8_lossy(reason).into_owned())),
-            None => Some((rank, "sent an empty status".into())),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_encoding() {
-        let statuses = vec![
-            status_ok(),
-            status_failed("bad shape for 'w'"),
-            Vec::new(),
-            status_ok(),
-        ];
-        assert_eq!(
-            failures(&statuses),
-            vec![
-                (1, "bad shape for 'w'".to_string()),
-                (2, "sent an empty status".to_string())
-            ]
-        );
-        assert!(failures(&[status_ok(), status_ok()]).is_empty());
-    }
-
-    #[test]
-    fn control_json_shape() {
-        let c = Control::End {
-            session: 4,
-            updates: 2,
-        };
-        let text = serde_json::to_string(&c).unwrap();
-        assert_eq!(text, r#"{"type":"end","session":4,"updates":2}"#);
-        let bad = r#"{"type":"update","session":1,"update":0,"metadata_digest":"00",
-            "info":{"names":[],"dtype_names":[],"shapes":[],"update_kind":"sparse_coo"}}"#;
-        let err = serde_json::from_str::<Control>(bad)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("Unsupported update_kind 'sparse_coo'"),
-            "{err}"
-        );
-    }
 
     #[test]
     fn default_config() {

@@ -2,14 +2,17 @@
 
 use std::time::Instant;
 
-use moeshift_device_comm::{CommError, HostGroup};
+use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
-use super::{failures, status_ok, Control, HostConfig, TRAINER_RANK};
-use crate::engine::{outgoing_info, Capabilities, Outgoing, SendReport, TrainerEngine};
+use super::HostConfig;
+use crate::control::TrainerControl;
+use crate::engine::{
+    outgoing_info, outgoing_metas, Capabilities, Outgoing, SendReport, TrainerEngine,
+};
 use crate::error::TransferError;
 use crate::info::UpdateInfo;
-use crate::meta::{metadata_digest, ParamMeta};
+use crate::meta::ParamMeta;
 use crate::packing::{pack_chunk, plan_chunks, PackError};
 
 /// Where a trainer's update stands, reported after every payload message.
@@ -31,45 +34,32 @@ type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
 
 /// The trainer side of the host engine: group rank 0.
 pub struct HostTrainer {
-    group: HostGroup,
+    control: TrainerControl,
     config: HostConfig,
-    session: u64,
-    /// Parameters of the last dense update every worker applied, for "reuse".
-    last_dense: Option<Vec<ParamMeta>>,
     progress: Option<ProgressFn>,
 }
 
 impl std::fmt::Debug for HostTrainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostTrainer")
-            .field("group", &self.group)
+            .field("group", &self.control.group)
             .field("config", &self.config)
-            .field("session", &self.session)
+            .field("session", &self.control.session)
             .field("progress", &self.progress.is_some())
             .finish()
     }
 }
 
 impl HostTrainer {
-    /// The trainer over `group`, whose rank must be [`TRAINER_RANK`].
+    /// The trainer over `group`, whose rank must be [`TRAINER_RANK`](crate::TRAINER_RANK).
     pub fn new(group: HostGroup, config: HostConfig) -> Result<Self, TransferError> {
-        if group.rank() != TRAINER_RANK {
-            return Err(TransferError::Config {
-                detail: format!(
-                    "group {:?}: the trainer must be rank {TRAINER_RANK}, this is rank {}",
-                    group.name(),
-                    group.rank()
-                ),
-            });
-        }
+        let control = TrainerControl::new(group, config.reuse_metadata)?;
         if config.packed_buffer_size_bytes == 0 {
             return Err(PackError::ZeroBufferSize.into());
         }
         Ok(Self {
-            group,
+            control,
             config,
-            session: 0,
-            last_dense: None,
             progress: None,
         })
     }
@@ -82,68 +72,12 @@ impl HostTrainer {
 
     /// The transport group.
     pub fn group(&self) -> &HostGroup {
-        &self.group
+        &self.control.group
     }
 
     /// Gives back the group.
     pub fn into_group(self) -> HostGroup {
-        self.group
-    }
-
-    fn comm(&self, during: impl Into<String>) -> impl FnOnce(CommError) -> TransferError {
-        let during = during.into();
-        move |source| TransferError::Comm {
-            rank: TRAINER_RANK,
-            during,
-            source: Box::new(source),
-        }
-    }
-
-    fn workers(&self) -> std::ops::Range<usize> {
-        1..self.group.size()
-    }
-
-    /// Sends `data` to every worker.
-    fn send_all(&self, data: &[u8], what: &str, deadline: Deadline) -> Result<(), TransferError> {
-        for w in self.workers() {
-            self.group
-                .send(w, data, deadline)
-                .map_err(self.comm(format!("sending {what} to rank {w}")))?;
-        }
-        Ok(())
-    }
-
-    fn status_round(
-        &self,
-        update: u32,
-        what: &str,
-        deadline: Deadline,
-    ) -> Result<(), TransferError> {
-        let statuses = self
-            .group
-            .all_gather(&status_ok(), deadline)
-            .map_err(self.comm(format!("{what} of update {update}")))?;
-        let failed = failures(&statuses);
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(TransferError::PeersFailed {
-                rank: TRAINER_RANK,
-                session: self.session,
-                update,
-                failures: failed,
-            })
-        }
-    }
-
-    fn announce(&self, control: &Control, deadline: Deadline) -> Result<(), TransferError> {
-        let bytes = serde_json::to_vec(control).map_err(|e| TransferError::Config {
-            detail: format!("encoding an announcement: {e}"),
-        })?;
-        self.group
-            .broadcast_bytes(TRAINER_RANK, Some(&bytes), deadline)
-            .map_err(self.comm("announcing to the workers"))?;
-        Ok(())
+        self.control.group
     }
 
     fn send_payload(
@@ -154,14 +88,14 @@ impl HostTrainer {
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
         let mut progress = Progress {
-            session: self.session,
+            session: self.control.session,
             update: index,
             messages: 0,
             bytes: 0,
             total_bytes,
         };
         let mut step = |this: &mut Self, data: &[u8], what: &str| -> Result<(), TransferError> {
-            this.send_all(data, what, deadline)?;
+            this.control.send_all(data, what, deadline)?;
             progress.messages += 1;
             progress.bytes += data.len();
             if let Some(observer) = this.progress.as_mut() {
@@ -193,7 +127,11 @@ impl HostTrainer {
                     let payload = pack_chunk(header, &tensors)?;
                     let what = format!("chunk {} of {}", header.seq, header.total);
                     // The header is control data: it is not counted as payload.
-                    self.send_all(&header.encode(), &format!("the header of {what}"), deadline)?;
+                    self.control.send_all(
+                        &header.encode(),
+                        &format!("the header of {what}"),
+                        deadline,
+                    )?;
                     step(self, &payload, &what)?;
                 }
             }
@@ -216,47 +154,21 @@ impl HostTrainer {
     ) -> Result<(), TransferError> {
         for (index, (update, full_info)) in updates.iter().enumerate() {
             let index = index as u32;
-            let metas: Vec<ParamMeta> = match update {
-                Outgoing::Dense { params, .. } => params.iter().map(|p| p.meta.clone()).collect(),
-                Outgoing::Sparse { params } => params.iter().map(|p| p.meta.clone()).collect(),
-            };
-            let digest = metadata_digest(&metas);
-            let info = match update {
-                Outgoing::Dense { packed, .. }
-                    if self.config.reuse_metadata
-                        && self.last_dense.as_deref() == Some(metas.as_slice()) =>
-                {
-                    UpdateInfo::dense_reuse(*packed)
-                }
-                _ => full_info.clone(),
-            };
-            let control = Control::Update {
-                session: self.session,
-                update: index,
-                info,
-                metadata_digest: digest.to_string(),
-            };
-            self.announce(&control, deadline)?;
-            self.status_round(index, "vote", deadline)?;
+            let metas = outgoing_metas(update);
+            self.control.announce(index, full_info, &metas, deadline)?;
             let total = full_info.resolve(None)?.payload_bytes();
             report.payload_bytes += self.send_payload(index, update, total, deadline)?;
-            self.status_round(index, "commit", deadline)?;
+            self.control.status_round(index, "commit", deadline)?;
             report.updates += 1;
             match update {
                 Outgoing::Dense { params, .. } => {
                     report.dense_params += params.len();
-                    self.last_dense = Some(metas);
+                    self.control.dense_applied(metas);
                 }
                 Outgoing::Sparse { params } => report.sparse_params += params.len(),
             }
         }
-        self.announce(
-            &Control::End {
-                session: self.session,
-                updates: updates.len() as u32,
-            },
-            deadline,
-        )
+        self.control.end(updates.len() as u32, deadline)
     }
 }
 
@@ -291,12 +203,12 @@ impl TrainerEngine for HostTrainer {
                 checked.push((*u, info));
             }
         }
-        self.session += 1;
+        self.control.begin_session();
         let mut report = SendReport::default();
         let r = self.run_session(&checked, &mut report, deadline);
         if r.is_err() {
             // Workers may disagree about the last metadata now: send full lists next time.
-            self.last_dense = None;
+            self.control.forget_metadata();
         }
         r?;
         report.elapsed = started.elapsed();

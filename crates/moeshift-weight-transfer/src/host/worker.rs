@@ -3,11 +3,11 @@
 use std::marker::PhantomData;
 use std::time::Instant;
 
-use moeshift_device_comm::{CommError, HostGroup};
+use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
-use super::{failures, status_failed, status_ok, Control, HostConfig, TRAINER_RANK};
-use crate::digest::Digest;
+use super::HostConfig;
+use crate::control::{status_ok, WorkerControl, TRAINER_RANK};
 use crate::engine::{Announcement, Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
 use crate::error::TransferError;
 use crate::info::UpdateKind;
@@ -19,146 +19,42 @@ use crate::registry::{HostStorage, ParamRegistry};
 ///
 /// `S` is the registry's storage type; the default mixes any host memory.
 pub struct HostWorker<S = Box<dyn HostStorage + Send>> {
-    group: HostGroup,
+    control: WorkerControl,
     config: HostConfig,
-    /// Session being received, once its first message arrived.
-    session: Option<u64>,
-    /// Updates received in the current session.
-    updates: u32,
-    /// `announcement` already returned the end marker of the current session.
-    ended: bool,
     _storage: PhantomData<fn() -> S>,
 }
 
 impl<S> std::fmt::Debug for HostWorker<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostWorker")
-            .field("group", &self.group)
+            .field("control", &self.control)
             .field("config", &self.config)
-            .field("session", &self.session)
             .finish()
     }
 }
 
 impl<S: HostStorage> HostWorker<S> {
-    /// A worker over `group`, whose rank must not be [`TRAINER_RANK`].
+    /// A worker over `group`, whose rank must not be [`TRAINER_RANK`](crate::TRAINER_RANK).
     pub fn new(group: HostGroup, config: HostConfig) -> Result<Self, TransferError> {
-        if group.rank() == TRAINER_RANK {
-            return Err(TransferError::Config {
-                detail: format!(
-                    "group {:?}: rank {TRAINER_RANK} is the trainer; workers are ranks 1..{}",
-                    group.name(),
-                    group.size()
-                ),
-            });
-        }
+        let control = WorkerControl::new(group)?;
         if config.packed_buffer_size_bytes == 0 {
             return Err(PackError::ZeroBufferSize.into());
         }
         Ok(Self {
-            group,
+            control,
             config,
-            session: None,
-            updates: 0,
-            ended: false,
             _storage: PhantomData,
         })
     }
 
     /// The transport group.
     pub fn group(&self) -> &HostGroup {
-        &self.group
+        &self.control.group
     }
 
     /// Gives back the group.
     pub fn into_group(self) -> HostGroup {
-        self.group
-    }
-
-    fn comm(&self, during: impl Into<String>) -> impl FnOnce(CommError) -> TransferError {
-        let rank = self.group.rank();
-        let during = during.into();
-        move |source| TransferError::Comm {
-            rank,
-            during,
-            source: Box::new(source),
-        }
-    }
-
-    fn protocol(&self, detail: String) -> TransferError {
-        TransferError::Protocol {
-            rank: self.group.rank(),
-            peer: TRAINER_RANK,
-            detail,
-        }
-    }
-
-    fn session_label(&self) -> (u64, u32) {
-        (self.session.unwrap_or(0), self.updates)
-    }
-
-    fn peers_failed(&self, failures: Vec<(usize, String)>) -> TransferError {
-        let (session, update) = self.session_label();
-        TransferError::PeersFailed {
-            rank: self.group.rank(),
-            session,
-            update,
-            failures,
-        }
-    }
-
-    /// One all-gathered status round; `Ok` when every rank said ok.
-    fn status_round(
-        &self,
-        mine: Vec<u8>,
-        what: &str,
-        deadline: Deadline,
-    ) -> Result<(), TransferError> {
-        let statuses = self
-            .group
-            .all_gather(&mine, deadline)
-            .map_err(self.comm(format!("{what} of update {}", self.updates)))?;
-        let failed = failures(&statuses);
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(self.peers_failed(failed))
-        }
-    }
-
-    fn read_control(&mut self, deadline: Deadline) -> Result<Control, TransferError> {
-        let bytes = self
-            .group
-            .broadcast_bytes(TRAINER_RANK, None, deadline)
-            .map_err(self.comm("waiting for the trainer's next announcement"))?;
-        let control: Control = match serde_json::from_slice(&bytes) {
-            Ok(c) => c,
-            Err(e) => {
-                // The trainer is waiting for votes on what it announced: refuse, so it
-                // hears why instead of waiting for its deadline.
-                let reason = format!("unreadable announcement: {e}");
-                let _ = self.group.all_gather(&status_failed(&reason), deadline);
-                return Err(self.protocol(reason));
-            }
-        };
-        let session = match &control {
-            Control::Update { session, .. } | Control::End { session, .. } => *session,
-        };
-        if let Some(current) = self.session {
-            if current != session {
-                return Err(self.protocol(format!(
-                    "message of session {session} inside session {current}"
-                )));
-            }
-        }
-        self.session = Some(session);
-        Ok(control)
-    }
-
-    fn end_session(&mut self) {
-        self.session = None;
-        self.updates = 0;
-        self.ended = false;
+        self.control.group
     }
 
     /// Receives the payload of `update` into staging. Returns the staged data, or the first
@@ -170,11 +66,12 @@ impl<S: HostStorage> HostWorker<S> {
                 let mut out = Vec::with_capacity(r.params.len());
                 for (p, &slot) in r.params.iter().zip(&update.slots) {
                     let mut buf = vec![0u8; p.byte_len()];
-                    self.group
+                    self.control
+                        .group
                         .recv_into(TRAINER_RANK, &mut buf, deadline)
                         .map_err(|e| {
                             let during = format!("receiving the dense values of '{}'", p.name());
-                            StageError::Fatal(self.comm(during)(e))
+                            StageError::Fatal(self.control.comm(during)(e))
                         })?;
                     out.push((slot, buf));
                 }
@@ -187,11 +84,12 @@ impl<S: HostStorage> HostWorker<S> {
                 for (p, &n) in r.params.iter().zip(&r.num_updates) {
                     let elem = p.dtype().size_bytes();
                     let mut buf = vec![0u8; n.saturating_mul(4 + elem)];
-                    self.group
+                    self.control
+                        .group
                         .recv_into(TRAINER_RANK, &mut buf, deadline)
                         .map_err(|e| {
                             let during = format!("receiving the sparse patch of '{}'", p.name());
-                            StageError::Fatal(self.comm(during)(e))
+                            StageError::Fatal(self.control.comm(during)(e))
                         })?;
                     if problem.is_some() {
                         continue;
@@ -235,9 +133,16 @@ impl<S: HostStorage> HostWorker<S> {
         let mut total = plan.len() as u32;
         let mut seq = 0u32;
         while seq < total {
-            let fatal =
-                |e| StageError::Fatal(self.comm(format!("receiving packed chunk {seq}"))(e));
-            let raw = self.group.recv(TRAINER_RANK, deadline).map_err(fatal)?;
+            let fatal = |e| {
+                StageError::Fatal(self.control.comm(format!("receiving packed chunk {seq}"))(
+                    e,
+                ))
+            };
+            let raw = self
+                .control
+                .group
+                .recv(TRAINER_RANK, deadline)
+                .map_err(fatal)?;
             // A header that cannot be read does not say how long its payload is: the
             // stream cannot be followed any further.
             let header = ChunkHeader::decode(&raw).map_err(|e| StageError::Fatal(e.into()))?;
@@ -258,11 +163,15 @@ impl<S: HostStorage> HostWorker<S> {
             }
             if problem.is_some() {
                 // Keep the stream in step; the payload is discarded.
-                self.group.recv(TRAINER_RANK, deadline).map_err(fatal)?;
+                self.control
+                    .group
+                    .recv(TRAINER_RANK, deadline)
+                    .map_err(fatal)?;
             } else {
                 // The header matched the plan, so its length is the one we expect.
                 let mut payload = vec![0u8; usize::try_from(header.payload_len).unwrap_or(0)];
-                self.group
+                self.control
+                    .group
                     .recv_into(TRAINER_RANK, &mut payload, deadline)
                     .map_err(fatal)?;
                 staged.push((header, payload));
@@ -337,56 +246,15 @@ impl<S: HostStorage> WorkerEngine for HostWorker<S> {
     }
 
     fn rank(&self) -> usize {
-        self.group.rank()
+        self.control.rank()
     }
 
     fn announcement(&mut self, deadline: Deadline) -> Result<Announcement, TransferError> {
-        match self.read_control(deadline)? {
-            Control::Update {
-                update,
-                info,
-                metadata_digest,
-                ..
-            } => {
-                let problem = if update != self.updates {
-                    Some(format!(
-                        "update {update} announced, expected update {}",
-                        self.updates
-                    ))
-                } else if Digest::from_hex(&metadata_digest).is_none() {
-                    Some(format!("metadata digest '{metadata_digest}' is not hex"))
-                } else {
-                    None
-                };
-                if let Some(detail) = problem {
-                    // The trainer waits for votes on this announcement: refuse it.
-                    let e = self.protocol(detail);
-                    let _ = self.reject(&e, deadline);
-                    return Err(e);
-                }
-                Ok(Announcement::Update {
-                    info,
-                    metadata_digest: Digest::from_hex(&metadata_digest),
-                })
-            }
-            Control::End { updates, .. } => {
-                if updates != self.updates {
-                    return Err(self.protocol(format!(
-                        "the trainer ended the session after {updates} updates; this worker \
-                         received {}",
-                        self.updates
-                    )));
-                }
-                self.ended = true;
-                Ok(Announcement::End)
-            }
-        }
+        self.control.announcement(deadline)
     }
 
     fn reject(&mut self, reason: &TransferError, deadline: Deadline) -> Result<(), TransferError> {
-        let r = self.status_round(status_failed(&reason.to_string()), "refusal", deadline);
-        self.updates += 1;
-        r
+        self.control.reject(reason, deadline)
     }
 
     fn receive(
@@ -396,21 +264,17 @@ impl<S: HostStorage> WorkerEngine for HostWorker<S> {
         deadline: Deadline,
     ) -> Result<UpdateReport, TransferError> {
         let started = Instant::now();
-        self.status_round(status_ok(), "vote", deadline)?;
-        let staged = self.stage(update, deadline);
-        let (staged, status) = match staged {
-            Ok(s) => (Some(s), status_ok()),
+        self.control.status_round(status_ok(), "vote", deadline)?;
+        let staged = match self.stage(update, deadline) {
+            Ok(s) => Some(s),
             Err(StageError::Refused(e)) => {
-                let status = status_failed(&e.to_string());
                 // Commit round: tell everyone, then report our own reason.
-                let _ = self.status_round(status, "commit", deadline);
-                self.updates += 1;
-                return Err(e);
+                return Err(self.control.fail_round(e, "commit", deadline));
             }
             Err(StageError::Fatal(e)) => return Err(e),
         };
-        self.status_round(status, "commit", deadline)?;
-        self.updates += 1;
+        self.control.status_round(status_ok(), "commit", deadline)?;
+        self.control.updates += 1;
         let chunks = match &staged {
             Some(Staged::Packed(c)) => c.len(),
             _ => 0,
@@ -427,26 +291,10 @@ impl<S: HostStorage> WorkerEngine for HostWorker<S> {
     }
 
     fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {
-        if !self.ended {
-            match self.announcement(deadline)? {
-                Announcement::End => {}
-                Announcement::Update { .. } => {
-                    let e = self.protocol(format!(
-                        "the trainer announced update {} while this worker finished the session",
-                        self.updates
-                    ));
-                    // Refuse it so the trainer learns why.
-                    let _ = self.status_round(status_failed(&e.to_string()), "refusal", deadline);
-                    self.end_session();
-                    return Err(e);
-                }
-            }
-        }
-        self.end_session();
-        Ok(())
+        self.control.finish(deadline)
     }
 
     fn abort(&mut self) {
-        self.end_session();
+        self.control.end_session();
     }
 }

@@ -1,0 +1,167 @@
+//! `moeshift bench weight-sync` end to end with the host engine: the real binary under
+//! `moeshift launch`, a trainer and two workers.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Runs `moeshift` with `args`, killing it if it runs past `limit`.
+fn moeshift(args: &[&str], limit: Duration) -> Output {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moeshift"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start moeshift");
+    let mut out_pipe = child.stdout.take().expect("stdout");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out_pipe, &mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err_pipe, &mut v);
+        v
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("moeshift {args:?} ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// Launches 3 ranks of the benchmark with `extra` arguments; returns rank 0's JSON.
+fn bench(extra: &[&str]) -> Value {
+    let exe = env!("CARGO_BIN_EXE_moeshift");
+    let mut args = vec![
+        "launch",
+        "--nproc",
+        "3",
+        "--timeout",
+        "60",
+        "--",
+        exe,
+        "bench",
+        "weight-sync",
+        "--engine",
+        "host",
+        "--deadline",
+        "30",
+        "--reps",
+        "2",
+        "--verify",
+    ];
+    args.extend_from_slice(extra);
+    let out = moeshift(&args, Duration::from_secs(90));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("[rank 0] "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "rank 0 prints one line:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.starts_with("[rank 1] ") || l.starts_with("[rank 2] ")),
+        "workers print nothing on stdout:\n{stdout}"
+    );
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {}", lines[0]))
+}
+
+fn check_common(v: &Value, mode: &str, bytes: u64) {
+    assert_eq!(v["engine"], "host", "{v}");
+    assert_eq!(v["mode"], mode, "{v}");
+    assert_eq!(v["workers"], 2, "{v}");
+    assert_eq!(v["params"], 100_000, "{v}");
+    assert_eq!(v["bytes_on_wire"], bytes, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    let seconds = v["seconds"].as_f64().expect("seconds");
+    assert!(seconds > 0.0, "{v}");
+    let gbps = v["GBps_per_worker"].as_f64().expect("GBps_per_worker");
+    let expected = bytes as f64 / seconds / 1e9;
+    assert!((gbps - expected).abs() <= expected * 1e-9, "{v}");
+}
+
+#[test]
+fn packed_dense_reaches_every_worker() {
+    // 100 000 bf16 elements in 4 tensors: 200 000 bytes per worker per session.
+    let v = bench(&[
+        "--params",
+        "100000",
+        "--tensors",
+        "4",
+        "--mode",
+        "packed",
+        "--buffer-mib",
+        "1",
+    ]);
+    check_common(&v, "packed", 200_000);
+}
+
+#[test]
+fn sparse_moves_indices_and_values_only() {
+    // 4 tensors of 25 000 elements, 1 % changed: 250 entries each, 6 bytes per bf16 entry
+    // (int32 index + value): 4 · 250 · 6 = 6 000 bytes.
+    let v = bench(&[
+        "--params",
+        "100000",
+        "--tensors",
+        "4",
+        "--mode",
+        "sparse",
+        "--sparse-fraction",
+        "0.01",
+    ]);
+    check_common(&v, "sparse", 6_000);
+    assert_eq!(v["nnz"], 1_000, "{v}");
+}
+
+#[test]
+fn bad_combinations_fail_with_a_reason() {
+    let exe = env!("CARGO_BIN_EXE_moeshift");
+    let out = moeshift(
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            "--timeout",
+            "30",
+            "--",
+            exe,
+            "bench",
+            "weight-sync",
+            "--engine",
+            "host",
+            "--device",
+            "cuda",
+            "--params",
+            "10",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("use --device cpu"), "{stderr}");
+}

@@ -1,0 +1,249 @@
+//! The crate's kernels (`kernels.cu`, shipped as `kernels.ptx`), loaded into a context, and
+//! their raw launches. Callers ([`super::sparse`], [`super::diff`]) establish the bounds the
+//! launches rely on.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+/// The PTX text of `kernels.cu`.
+pub(crate) const PTX: &str = include_str!("kernels.ptx");
+
+/// Entry points the crate loads from [`PTX`].
+pub(crate) const ENTRY_POINTS: [&str; 4] = [
+    "msh_check_indices",
+    "msh_scatter",
+    "msh_diff_count",
+    "msh_diff_write",
+];
+
+/// Threads per block of every launch (a multiple of 32, as the diff kernels need).
+pub(crate) const BLOCK: u32 = 256;
+/// Largest grid along x for the grid-stride kernels.
+const MAX_GRID_X: u64 = 8192;
+/// Largest grid along y (CUDA's limit).
+const MAX_GRID_Y: usize = 65_535;
+
+/// The kernels, loaded into one context.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    check: CudaFunction,
+    scatter: CudaFunction,
+    diff_count: CudaFunction,
+    diff_write: CudaFunction,
+}
+
+/// Grid of a per-parameter grid-stride launch: x covers the largest parameter, y the
+/// parameters.
+fn per_param_grid(max_count: usize, nparams: usize) -> LaunchConfig {
+    let x = (max_count as u64)
+        .div_ceil(u64::from(BLOCK))
+        .clamp(1, MAX_GRID_X) as u32;
+    let y = nparams.clamp(1, MAX_GRID_Y) as u32;
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Kernels {
+    /// Loads the PTX into `ctx` (the driver JIT-compiles it for the device).
+    pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Self>, DriverError> {
+        let module = ctx.load_module(Ptx::from_src(PTX))?;
+        Ok(Arc::new(Self {
+            check: module.load_function(ENTRY_POINTS[0])?,
+            scatter: module.load_function(ENTRY_POINTS[1])?,
+            diff_count: module.load_function(ENTRY_POINTS[2])?,
+            diff_write: module.load_function(ENTRY_POINTS[3])?,
+        }))
+    }
+
+    /// `msh_check_indices`. `table` holds `starts`, `counts`, `numels` (each `nparams` u64s)
+    /// back to back; `first_bad` receives `nparams` u64s.
+    ///
+    /// # Safety
+    /// Every address is device memory usable from `stream`, live until the kernel finished:
+    /// `table` with `3 · nparams` u64s, `first_bad` with `nparams`, and `idx` with at least
+    /// `starts[p] + counts[p]` int32s for every `p`.
+    pub(crate) unsafe fn check_indices(
+        &self,
+        stream: &CudaStream,
+        idx: u64,
+        table: u64,
+        nparams: usize,
+        max_count: usize,
+        first_bad: u64,
+    ) -> Result<(), DriverError> {
+        if nparams == 0 || max_count == 0 {
+            return Ok(());
+        }
+        let p = nparams as u64 * 8;
+        let (starts, counts, numels) = (table, table + p, table + 2 * p);
+        let n = nparams as u32;
+        let mut b = stream.launch_builder(&self.check);
+        b.arg(&idx)
+            .arg(&starts)
+            .arg(&counts)
+            .arg(&numels)
+            .arg(&n)
+            .arg(&first_bad);
+        // SAFETY: argument types match the kernel's signature; the memory contract is the
+        // caller's.
+        unsafe { b.launch(per_param_grid(max_count, nparams)) }.map(|_| ())
+    }
+
+    /// `msh_scatter`. `table` is the same table as for [`Self::check_indices`], followed by
+    /// `dsts`, `val_starts` and `elems` (six arrays of `nparams` u64s in all).
+    ///
+    /// # Safety
+    /// As for [`Self::check_indices`], and in addition: for every `p` each index in its
+    /// range is in `[0, n)` where `dsts[p]` has `n · elems[p]` writable bytes aligned to
+    /// `elems[p]`, and `vals` has `val_starts[p] + counts[p] · elems[p]` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn scatter(
+        &self,
+        stream: &CudaStream,
+        idx: u64,
+        vals: u64,
+        table: u64,
+        nparams: usize,
+        max_count: usize,
+    ) -> Result<(), DriverError> {
+        if nparams == 0 || max_count == 0 {
+            return Ok(());
+        }
+        let p = nparams as u64 * 8;
+        let (starts, counts, dsts, val_starts, elems) = (
+            table,
+            table + p,
+            table + 3 * p,
+            table + 4 * p,
+            table + 5 * p,
+        );
+        let n = nparams as u32;
+        let mut b = stream.launch_builder(&self.scatter);
+        b.arg(&idx)
+            .arg(&vals)
+            .arg(&dsts)
+            .arg(&starts)
+            .arg(&counts)
+            .arg(&val_starts)
+            .arg(&elems)
+            .arg(&n);
+        // SAFETY: argument types match the kernel's signature; the memory contract is the
+        // caller's.
+        unsafe { b.launch(per_param_grid(max_count, nparams)) }.map(|_| ())
+    }
+
+    /// `msh_diff_count` over `tiles` tiles of `tile` elements.
+    ///
+    /// # Safety
+    /// `prev` and `cur` hold `n · elem` readable bytes aligned to `elem`; `counts` holds
+    /// `tiles = ceil(n / tile)` zeroed u32s; all usable from `stream` until the kernel ends.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn diff_count(
+        &self,
+        stream: &CudaStream,
+        prev: u64,
+        cur: u64,
+        n: u64,
+        elem: u32,
+        tile: u64,
+        tiles: u32,
+        counts: u64,
+    ) -> Result<(), DriverError> {
+        if tiles == 0 {
+            return Ok(());
+        }
+        let mut b = stream.launch_builder(&self.diff_count);
+        b.arg(&prev)
+            .arg(&cur)
+            .arg(&n)
+            .arg(&elem)
+            .arg(&tile)
+            .arg(&counts);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match the kernel's signature; the memory contract is the
+        // caller's.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    }
+
+    /// `msh_diff_write`.
+    ///
+    /// # Safety
+    /// As for [`Self::diff_count`]; `offsets` holds `tiles` u64s, the exclusive prefix sums
+    /// of the counts `diff_count` produced for the same inputs, and `out_idx` / `out_vals`
+    /// hold room for their total (4 and `elem` bytes per entry).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn diff_write(
+        &self,
+        stream: &CudaStream,
+        prev: u64,
+        cur: u64,
+        n: u64,
+        elem: u32,
+        tile: u64,
+        tiles: u32,
+        offsets: u64,
+        out_idx: u64,
+        out_vals: u64,
+    ) -> Result<(), DriverError> {
+        if tiles == 0 {
+            return Ok(());
+        }
+        let mut b = stream.launch_builder(&self.diff_write);
+        b.arg(&prev)
+            .arg(&cur)
+            .arg(&n)
+            .arg(&elem)
+            .arg(&tile)
+            .arg(&offsets)
+            .arg(&out_idx)
+            .arg(&out_vals);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match the kernel's signature; the memory contract is the
+        // caller's.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptx_declares_every_entry_point_for_an_old_enough_target() {
+        assert!(PTX.contains("\n.version 8.0\n"), "PTX ISA must stay at 8.0");
+        assert!(PTX.contains("\n.target sm_80\n"));
+        for name in ENTRY_POINTS {
+            assert!(
+                PTX.contains(&format!(".visible .entry {name}(")),
+                "kernels.ptx lacks {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn grids_cover_the_work_within_limits() {
+        let g = per_param_grid(1000, 3);
+        assert_eq!((g.grid_dim.0, g.grid_dim.1), (4, 3));
+        let big = per_param_grid(usize::MAX / 2, 1_000_000);
+        assert_eq!(big.grid_dim.0 as u64, MAX_GRID_X);
+        assert_eq!(big.grid_dim.1 as usize, MAX_GRID_Y);
+        let empty = per_param_grid(0, 0);
+        assert_eq!((empty.grid_dim.0, empty.grid_dim.1), (1, 1));
+    }
+}
