@@ -2,7 +2,9 @@
 # Entry point of the GPU bundle built by `cargo xtask test-multigpu`.
 #   bash run.sh gpu    run the GPU test executables (names containing "gpu")
 #   bash run.sh all    run every test executable
-#   bash run.sh bench  run the benchmarks and the PyTorch peer; JSON lands in $OUT or ./results
+#   bash run.sh bench  run the benchmarks beside their PyTorch peers; results land in $OUT or
+#                      ./results: bench.jsonl (one labelled JSON result a line) and bench.log
+#   bash run.sh gpu+bench  both
 # Needs: NVIDIA driver, CUDA runtime, NCCL (libnccl.so or libnccl.so.2), python3 + torch for the
 # peer baseline. Nothing is downloaded.
 set -uo pipefail
@@ -35,7 +37,8 @@ run_tests() { # pattern
     name=$(basename "$t")
     case "$name" in $1) ;; *) continue ;; esac
     echo "==> $name"
-    if "$t" --test-threads=1 2>&1 | tee "$results/test-$name.log"; then
+    echo "==> $name" >> "$results/tests.log"
+    if "$t" --test-threads=1 2>&1 | tee -a "$results/tests.log"; then
       passed=$((passed + 1))
     else
       failed=$((failed + 1)); fail=1; echo "FAILED: $name"
@@ -43,21 +46,57 @@ run_tests() { # pattern
   done
 }
 
+# Runs one benchmark, keeps its output in bench.log and its JSON result (the last line that is
+# a JSON object, with or without the launcher's "[rank 0] " prefix) in bench.jsonl, labelled.
+bench() { # label command...
+  local label=$1; shift
+  echo "==> bench $label: $*" | tee -a "$results/bench.log"
+  local out rc json
+  out=$("$@" 2>&1); rc=$?
+  printf '%s\n' "$out" >> "$results/bench.log"
+  json=$(printf '%s\n' "$out" | sed -n 's/^\[rank 0\] //; /^{.*}$/p' | tail -n 1)
+  if [ $rc -ne 0 ] || [ -z "$json" ]; then
+    echo "FAILED: bench $label (rc=$rc)" | tee -a "$results/bench.log"; fail=1
+    printf '{"label": "%s", "failed": true, "rc": %d}\n' "$label" "$rc" >> "$results/bench.jsonl"
+  else
+    printf '{"label": "%s", "result": %s}\n' "$label" "$json" >> "$results/bench.jsonl"
+    echo "$json"
+  fi
+}
+
+run_benches() {
+  : > "$results/bench.jsonl"
+  local ex="$here/examples" L="moeshift launch --nproc 2 --timeout 300 --"
+  # The PyTorch peer first: NCCL point-to-point, a vLLM-style EPLB layer, dense vs sparse sync.
+  if [ -f "$here/torch_peer_baseline.py" ]; then
+    bench torch_peer python3 "$here/torch_peer_baseline.py"
+  fi
+  [ -x "$ex/nccl_bw" ] && bench nccl_p2p $L "$ex/nccl_bw"
+  # One DeepSeek-V3-sized layer (w13 [4096,7168] + w2 [7168,2048] bf16), 32 experts per rank,
+  # 8 moved each way, as the peer's figure 2.
+  local layer="--layers 3 --experts-per-rank 32 --moved-per-rank 8 --tensors 2 --tensor-bytes 58720256,29360128 --device cuda --verify"
+  for b in nccl nixl host; do
+    bench "eplb_$b" $L moeshift bench eplb-comm --backend $b $layer
+  done
+  # 494M bf16 parameters, 1 trainer + 1 worker: dense, packed, sparse at 0.1 %, CUDA IPC.
+  local ws="--params 494000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 5"
+  bench ws_nccl_dense $L moeshift bench weight-sync --engine nccl --mode dense $ws
+  bench ws_nccl_packed $L moeshift bench weight-sync --engine nccl --mode packed $ws
+  bench ws_nccl_sparse $L moeshift bench weight-sync --engine nccl --mode sparse --sparse-fraction 0.001 $ws
+  bench ws_ipc_packed $L moeshift bench weight-sync --engine ipc --mode packed $ws
+  # MoE dispatch + combine, 4096 tokens x 7168 bf16, top-8 of 256 experts, and its peer.
+  [ -x "$ex/all2all_bw" ] && bench all2all $L "$ex/all2all_bw"
+  [ -f "$here/torch_all2all_peer.py" ] && bench all2all_torch python3 "$here/torch_all2all_peer.py"
+  # Host transport against memcpy, on this machine's CPUs.
+  [ -x "$ex/host_bw" ] && bench host_transport $L "$ex/host_bw" 64 256
+}
+
 case "$mode" in
   gpu) run_tests '*gpu*' ;;
   all) run_tests '*' ;;
-  bench)
-    if [ -x "$here/examples/nccl_bw" ]; then
-      echo "==> nccl_bw (2 ranks)"
-      moeshift launch --nproc 2 --timeout 300 -- "$here/examples/nccl_bw" \
-        | tee "$results/nccl_bw.log" || fail=1
-    fi
-    if [ -f "$here/torch_peer_baseline.py" ]; then
-      echo "==> torch_peer_baseline.py"
-      python3 "$here/torch_peer_baseline.py" --out "$results/torch_peer.json" || fail=1
-    fi
-    ;;
-  *) echo "usage: bash run.sh [gpu|all|bench]"; exit 2 ;;
+  bench) run_benches ;;
+  gpu+bench) run_tests '*gpu*'; run_benches ;;
+  *) echo "usage: bash run.sh [gpu|all|bench|gpu+bench]"; exit 2 ;;
 esac
-[ "$mode" = bench ] || echo "$passed passed, $failed failed"
+[ "$mode" = bench ] || echo "gpu tests: $passed passed, $failed failed"
 exit $fail

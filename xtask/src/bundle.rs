@@ -8,7 +8,8 @@
 //!   `run.sh gpu` runs the ones whose name contains `gpu`, `run.sh all` runs every one;
 //! - `examples/*`: benchmark programs, run by `run.sh bench`;
 //! - `nixl-runtime.tar.xz`: the NIXL runtime files, unpacked by `run.sh` at start;
-//! - `torch_peer_baseline.py`: the PyTorch peer measured beside moeshift's own figures;
+//! - `torch_peer_baseline.py` and `bench/*.py`: the PyTorch peers measured beside moeshift's
+//!   own figures;
 //! - `run.sh`: the entry point (copied from `xtask/gpu/run.sh`).
 
 use crate::{setup, util};
@@ -45,7 +46,7 @@ pub fn test_multigpu(rest: &[String]) -> Result<()> {
         );
         return Ok(());
     }
-    util::run(Command::new("bash").arg(dir.join("run.sh")).arg("gpu"))
+    util::run(Command::new("bash").arg(dir.join("run.sh")).arg("gpu+bench"))
 }
 
 fn build_bundle(dir: &Path) -> Result<()> {
@@ -109,6 +110,15 @@ fn build_bundle(dir: &Path) -> Result<()> {
         copy(&baseline, &dir.join("torch_peer_baseline.py"))?;
     } else {
         eprintln!("note: {} not found; run.sh bench will skip the PyTorch peer", baseline.display());
+    }
+    // moeshift's own peer scripts (e.g. the all-to-all peer).
+    let peers = root.join("bench");
+    if peers.is_dir() {
+        for e in std::fs::read_dir(&peers)?.flatten() {
+            if e.path().extension().is_some_and(|x| x == "py") {
+                copy(&e.path(), &dir.join(e.file_name()))?;
+            }
+        }
     }
     copy(&root.join("xtask/gpu/run.sh"), &dir.join("run.sh"))?;
 

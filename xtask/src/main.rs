@@ -33,8 +33,8 @@ Commands:
                             moeshift binary built with CUDA/NCCL support, the NIXL runtime
                             (.tar.xz), the PyTorch peer baseline script and run.sh, a folder that
                             a GPU machine with no Rust toolchain and no network can run
-                            (`bash run.sh [gpu|all|bench]`). When GPUs are visible here
-                            (nvidia-smi -L), runs it directly unless --bundle-only.
+                            (`bash run.sh [gpu|all|bench|gpu+bench]`). When GPUs are visible here
+                            (nvidia-smi -L), runs `gpu+bench` directly unless --bundle-only.
   help                      This text.
 ";
 
