@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moeshift_placement::{LayerPlan, RankPlan};
 use moeshift_sync::Deadline;
@@ -33,8 +33,9 @@ pub enum Backend {
     /// Staged through host memory over the host (TCP) transport of `moeshift-device-comm`:
     /// the role `torch_gloo` plays in vLLM. Works everywhere; slowest.
     Host,
-    /// Grouped NCCL point-to-point in symmetric rounds. **Not implemented in this build**:
-    /// selecting it returns [`EplbCommError::BackendUnavailable`].
+    /// Grouped NCCL point-to-point in symmetric rounds between CUDA weights. Built with
+    /// feature `cuda`; without it, selecting it returns
+    /// [`EplbCommError::BackendUnavailable`].
     Nccl,
     /// Zero-copy one-sided READs from peers' registered weights through NIXL.
     Nixl,
@@ -145,7 +146,9 @@ pub struct TransferStats {
     pub peers: usize,
     /// Rounds of the plan in which this rank talked to a peer.
     pub rounds: usize,
-    /// Bytes of staging memory this layer used (freed by the commit).
+    /// Bytes of staging memory this layer used: the rows received or copied, held until the
+    /// commit, plus, for backends that pack rows before sending them (`nccl`), the packed
+    /// rows.
     pub staging_bytes: u64,
     /// Wall time of the transfer, plus the commit's once committed.
     pub seconds: f64,
@@ -228,18 +231,45 @@ impl StagedLayer {
     }
 
     /// The staged bytes of tensor `tensor` of staged row `index` (see
-    /// [`staged_rows`](Self::staged_rows)), for inspection.
+    /// [`staged_rows`](Self::staged_rows)), for inspection; `None` when the layer is staged
+    /// in device memory.
     pub fn staged_bytes(&self, index: usize, tensor: usize) -> Option<&[u8]> {
         self.staging.row_tensor(index, tensor)
     }
 
+    /// Where the staged rows live: the host, or the weights' GPU.
+    pub fn staging_device(&self) -> Device {
+        self.staging.device()
+    }
+
     /// Writes the staged rows into `weights`, then fills duplicate rows from their
     /// primaries, and returns the layer's statistics. Purely local. Everything is checked
-    /// first (same layout as staged, rows in range, host memory), so on error nothing is
-    /// written.
+    /// first (same layout as staged, rows in range, weights on the staging's device), so on
+    /// error nothing is written.
+    ///
+    /// Host weights are written by the CPU. CUDA weights (staged on their GPU) are written
+    /// by device-to-device copies on a stream of the staging's own, and `commit` returns
+    /// once the copies finished, so any stream sees the new rows afterwards; the caller
+    /// must make sure no kernel still reads the replaced rows (for instance by committing
+    /// between two forward passes, after synchronizing the serving stream). The GPU gets
+    /// [`DEVICE_COMMIT_WAIT`] to finish the copies; [`commit_within`](Self::commit_within)
+    /// takes a deadline instead.
     pub fn commit(self, weights: &mut LayerWeights<'_>) -> Result<TransferStats, EplbCommError> {
+        self.commit_within(weights, Deadline::after(DEVICE_COMMIT_WAIT))
+    }
+
+    /// [`commit`](Self::commit), waiting for the GPU's copies at most until `deadline`
+    /// ([`EplbCommError::DeviceTimeout`] after it). Host commits do not wait for anything.
+    pub fn commit_within(
+        self,
+        weights: &mut LayerWeights<'_>,
+        deadline: Deadline,
+    ) -> Result<TransferStats, EplbCommError> {
         let started = Instant::now();
         self.check_commit(weights)?;
+        if let Device::Cuda(_) = self.staging.device() {
+            return self.commit_device(weights, deadline, started);
+        }
         let tensors = self.layout.tensors.len();
         for (i, row) in self.staging.rows().iter().enumerate() {
             for t in 0..tensors {
@@ -252,17 +282,52 @@ impl StagedLayer {
                 weights.row_mut(t, row.dst_row)?.copy_from_slice(src);
             }
         }
-        let mut stats = self.stats;
         for fill in &self.plan.dup_fills {
             for t in 0..tensors {
                 weights.copy_row(t, fill.src_row, fill.dst_row)?;
             }
-            stats.bytes_copied_locally = stats
-                .bytes_copied_locally
-                .saturating_add(self.layout.expert_bytes() as u64);
         }
+        Ok(self.finish_stats(started))
+    }
+
+    /// Device-to-device copies from device staging (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    fn commit_device(
+        self,
+        weights: &mut LayerWeights<'_>,
+        deadline: Deadline,
+        started: Instant,
+    ) -> Result<TransferStats, EplbCommError> {
+        crate::cuda_stage::commit::commit_on_device(
+            self.rank,
+            self.layer,
+            &self.staging,
+            &self.plan,
+            weights,
+            deadline,
+        )?;
+        Ok(self.finish_stats(started))
+    }
+
+    /// Without feature `cuda` no layer is staged in device memory.
+    #[cfg(not(feature = "cuda"))]
+    fn commit_device(
+        self,
+        _weights: &mut LayerWeights<'_>,
+        _deadline: Deadline,
+        _started: Instant,
+    ) -> Result<TransferStats, EplbCommError> {
+        Err(self.mismatch("device staging needs feature `cuda`".into()))
+    }
+
+    /// The transfer's statistics plus the duplicate fills and the commit's time.
+    fn finish_stats(&self, started: Instant) -> TransferStats {
+        let mut stats = self.stats;
+        let fills =
+            (self.plan.dup_fills.len() as u64).saturating_mul(self.layout.expert_bytes() as u64);
+        stats.bytes_copied_locally = stats.bytes_copied_locally.saturating_add(fills);
         stats.seconds += started.elapsed().as_secs_f64();
-        Ok(stats)
+        stats
     }
 
     fn mismatch(&self, detail: String) -> EplbCommError {
@@ -284,17 +349,24 @@ impl StagedLayer {
                 "the weights differ from the ones staged for: {which}{detail}"
             )));
         }
-        if weights.device() != Device::Host {
+        let staged_on = self.staging.device();
+        if weights.device() != staged_on {
             let name = weights
                 .tensors()
                 .first()
                 .map(|t| t.name().to_string())
                 .unwrap_or_default();
-            return Err(EplbCommError::NotHostMemory {
-                tensor: name,
-                device: weights.device(),
-                what: "committing host-staged rows",
-            });
+            if staged_on == Device::Host {
+                return Err(EplbCommError::NotHostMemory {
+                    tensor: name,
+                    device: weights.device(),
+                    what: "committing host-staged rows",
+                });
+            }
+            return Err(self.mismatch(format!(
+                "the rows are staged on {staged_on} but tensor {name:?} lives on {}",
+                weights.device()
+            )));
         }
         let rows = layout.rows;
         let in_range = |row: usize| row < rows;
@@ -315,10 +387,9 @@ impl StagedLayer {
                     r.expert, r.dst_row
                 )));
             }
-            if self
+            if !self
                 .staging
-                .row_tensor(i, self.layout.tensors.len().saturating_sub(1))
-                .is_none()
+                .has_row_tensor(i, self.layout.tensors.len().saturating_sub(1))
             {
                 return Err(
                     self.mismatch(format!("staged row {i} (expert {}) is truncated", r.expert))
@@ -336,6 +407,9 @@ impl StagedLayer {
         Ok(())
     }
 }
+
+/// How long [`StagedLayer::commit`] lets the GPU take for a device commit's copies.
+pub const DEVICE_COMMIT_WAIT: Duration = Duration::from_secs(30);
 
 /// Executes a layer's transfer plan over some transport. See the
 /// [module documentation](self) for the contract of the two halves.

@@ -9,7 +9,7 @@
 use std::fmt;
 
 use moeshift_device_comm::CommError;
-use moeshift_tensor::{Device, ExpertRowsError, HostBufferError, ViewError};
+use moeshift_tensor::{CudaError, Device, ExpertRowsError, HostBufferError, ViewError};
 
 use crate::comm::Backend;
 
@@ -408,6 +408,69 @@ pub enum EplbCommError {
         source: HostBufferError,
     },
 
+    /// A backend that moves device memory met a tensor outside CUDA device memory.
+    #[error("tensor {tensor:?} lives in {device} memory, but {what} needs CUDA device memory")]
+    NotDeviceMemory {
+        /// The tensor.
+        tensor: String,
+        /// Where it lives.
+        device: Device,
+        /// What needed device memory.
+        what: &'static str,
+    },
+
+    /// A CUDA driver call failed: a device or page-locked allocation, a copy, a stream.
+    #[error("rank {rank}{}: {source}", AtLayer(.layer))]
+    Cuda {
+        /// This rank.
+        rank: usize,
+        /// The layer, if the call concerned one.
+        layer: Option<usize>,
+        /// The driver's error, naming the operation and the device.
+        #[source]
+        source: CudaError,
+    },
+
+    /// Copies queued on a GPU did not finish before the deadline.
+    #[error("rank {rank}{}: deadline expired while the GPU was {op}", AtLayer(.layer))]
+    DeviceTimeout {
+        /// This rank.
+        rank: usize,
+        /// The layer, if the copies concerned one.
+        layer: Option<usize>,
+        /// What the GPU was doing.
+        op: String,
+    },
+
+    /// A NCCL operation failed or did not finish before its deadline; the NCCL
+    /// communicator was aborted (a new EPLB communicator is needed).
+    #[cfg(feature = "cuda")]
+    #[error("rank {rank}{}: NCCL {op} failed: {source}", AtLayer(.layer))]
+    Nccl {
+        /// This rank.
+        rank: usize,
+        /// The layer, if the operation concerned one.
+        layer: Option<usize>,
+        /// The step, e.g. "exchanging rows".
+        op: String,
+        /// NCCL's error, naming the peers waited for.
+        #[source]
+        source: Box<moeshift_device_comm::nccl::NcclError>,
+    },
+
+    /// A peer could not set up its side of a backend and said why; nothing was built.
+    #[error("rank {rank}: peer rank {peer} could not set up the {backend} EPLB backend: {reason}")]
+    PeerSetupFailed {
+        /// This rank.
+        rank: usize,
+        /// The peer that failed.
+        peer: usize,
+        /// The backend.
+        backend: Backend,
+        /// Its error.
+        reason: String,
+    },
+
     /// [`StagedLayer::commit`](crate::StagedLayer::commit) was given weights that do not
     /// match the ones the layer was staged for. Nothing was written.
     #[error("rank {rank}, layer {layer}: cannot commit into these weights: {detail}")]
@@ -436,7 +499,19 @@ impl EplbCommError {
                 | Self::WireMismatch { .. }
                 | Self::CommunicatorFailed { .. }
                 | Self::Nixl { .. }
-        )
+                | Self::Cuda { .. }
+                | Self::DeviceTimeout { .. }
+        ) || self.is_nccl()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn is_nccl(&self) -> bool {
+        matches!(self, Self::Nccl { .. })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn is_nccl(&self) -> bool {
+        false
     }
 
     /// The peer this error is about, if one (EPLB-group rank).
@@ -446,9 +521,18 @@ impl EplbCommError {
             | Self::PeerRefused { peer, .. }
             | Self::WireMismatch { peer, .. }
             | Self::PeerLost { peer, .. }
-            | Self::PeerAborted { peer, .. } => Some(*peer),
+            | Self::PeerAborted { peer, .. }
+            | Self::PeerSetupFailed { peer, .. } => Some(*peer),
             Self::PlanDigestMismatch { peers, .. } => peers.first().copied(),
             Self::DeadlineExpired { waiting_for, .. } => waiting_for.first().copied(),
+            #[cfg(feature = "cuda")]
+            Self::Nccl { source, .. } => match source.as_ref() {
+                moeshift_device_comm::nccl::NcclError::Timeout { peers, .. }
+                | moeshift_device_comm::nccl::NcclError::Call { peers, .. } => {
+                    peers.first().copied()
+                }
+                _ => None,
+            },
             _ => None,
         }
     }

@@ -52,9 +52,13 @@ pub fn open_communicator<'w>(
 /// Builds the `backend` communicator over `group` for the layers `all_layers` (index =
 /// layer). Every member of the group calls it with the same backend.
 ///
-/// Errors: [`EplbCommError::BackendUnavailable`] for `nccl` (not implemented in this
-/// build); the backend's own construction errors (layouts that differ between ranks,
-/// weights a backend cannot use, NIXL failures, deadline expiry).
+/// The `nccl` backend needs CUDA weights and is built with feature `cuda`; its communicator
+/// is not `Send` (it owns a NCCL communicator), so neither is the box for it: build it on
+/// the thread that will run the transfers.
+///
+/// Errors: [`EplbCommError::BackendUnavailable`] for `nccl` in a build without feature
+/// `cuda`; the backend's own construction errors (layouts that differ between ranks,
+/// weights a backend cannot use, NCCL or NIXL failures, deadline expiry).
 pub fn create_communicator<'w>(
     backend: Backend,
     group: HostGroup,
@@ -68,9 +72,14 @@ pub fn create_communicator<'w>(
         Backend::Nixl => Ok(Box::new(crate::nixl::NixlCommunicator::with_group(
             group, all_layers, deadline,
         )?)),
+        #[cfg(feature = "cuda")]
+        Backend::Nccl => Ok(Box::new(crate::nccl::NcclCommunicator::with_group(
+            group, all_layers, deadline,
+        )?)),
+        #[cfg(not(feature = "cuda"))]
         Backend::Nccl => Err(EplbCommError::BackendUnavailable {
             backend,
-            reason: "the nccl EPLB backend is not implemented yet; choose host or nixl".into(),
+            reason: crate::select::NCCL_NOT_BUILT.into(),
         }),
     }
 }

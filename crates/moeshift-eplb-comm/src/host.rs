@@ -43,10 +43,13 @@
 //!
 //! # Memory
 //!
-//! Weights must be in host memory for now. CUDA weights will be staged through pinned host
-//! memory: device-to-host copies of the sent rows into the packing buffer, and
-//! host-to-device copies at commit. That is the extension point (`pack_rows` and
-//! [`StagedLayer::commit`]); until then device weights are refused with
+//! Host weights are packed, received and staged in host memory, and committed by the CPU.
+//! CUDA weights (feature `cuda`) go through page-locked host memory: the rows bound for a
+//! peer are copied device-to-host into the outgoing message, the peer's message lands in
+//! page-locked staging and its rows are copied host-to-device into device staging (while
+//! the next round travels), local copies go device-to-device, and the commit is
+//! device-to-device on the GPU (see `cuda_stage::host_path`). Page-locked buffers are kept
+//! and reused across layers. Without feature `cuda`, CUDA weights are refused with
 //! [`EplbCommError::NotHostMemory`].
 
 use std::ops::Range;
@@ -71,6 +74,12 @@ pub const EPLB_GROUP_NAME: &str = "eplb";
 const MAGIC: u32 = 0x4550_4C42; // "EPLB"
 /// Version of the row message layout.
 const VERSION: u32 = 1;
+/// Bytes of a row message header before its rows' entries: magic, version, six fields.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const HEADER_FIXED_BYTES: usize = 8 + 6 * 8;
+/// Bytes of one `(expert, tensor, row bytes)` entry of a header.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const HEADER_ITEM_BYTES: usize = 3 * 8;
 
 /// Forms the EPLB group over `members` (global ranks, in EPLB-group order) under
 /// [`EPLB_GROUP_NAME`]. Only the members call it, with the same list.
@@ -126,6 +135,10 @@ pub struct HostCommunicator {
     failed: Option<String>,
     /// Outgoing message of the current round (reused).
     send_buf: Vec<u8>,
+    /// Page-locked buffers, streams and device staging for CUDA weights, made at the first
+    /// transfer of CUDA weights.
+    #[cfg(feature = "cuda")]
+    cuda: Option<crate::cuda_stage::host_path::HostCuda>,
 }
 
 /// One round this rank takes part in.
@@ -135,8 +148,22 @@ struct RoundIo<'p> {
     sends: Vec<&'p moeshift_placement::SendOp>,
     /// Staging bytes the peer's message lands in (header, then rows).
     recv: Range<usize>,
+    /// The staged rows (indices into the staging's rows) the message carries.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    rows: Range<usize>,
     /// The header this rank expects from the peer.
     expected: Vec<u8>,
+}
+
+/// A layer checked and laid out on this rank, with its staging allocated.
+struct Prepared<'p> {
+    mine: &'p RankPlan,
+    ios: Vec<RoundIo<'p>>,
+    /// Where messages land (and, for host weights, every staged row).
+    wire: Staging,
+    /// Device staging, for CUDA weights.
+    #[cfg(feature = "cuda")]
+    device: Option<Staging>,
 }
 
 impl HostCommunicator {
@@ -153,16 +180,16 @@ impl HostCommunicator {
     }
 
     /// Builds the communicator over `group`, which it then owns; the group must carry no
-    /// other traffic. Checks that every layer is in host memory and that every rank
-    /// describes the same tensors (names, dtypes, row bytes, rows per rank) for every
-    /// layer. Every member calls it.
+    /// other traffic. Checks that every layer is in host memory (or, with feature `cuda`,
+    /// on a GPU) and that every rank describes the same tensors (names, dtypes, row bytes,
+    /// rows per rank) for every layer. Every member calls it.
     pub fn with_group(
         group: HostGroup,
         all_layers: &[LayerWeights<'_>],
         deadline: Deadline,
     ) -> Result<Self, EplbCommError> {
         for layer in all_layers {
-            host_only(layer)?;
+            supported_memory(layer)?;
         }
         Self::from_layouts(
             group,
@@ -186,6 +213,8 @@ impl HostCommunicator {
             layouts,
             failed: None,
             send_buf: Vec::new(),
+            #[cfg(feature = "cuda")]
+            cuda: None,
         })
     }
 
@@ -209,170 +238,6 @@ impl HostCommunicator {
         self.group.as_ref()
     }
 
-    /// Everything that can be checked locally; returns this rank's plan.
-    fn check<'p>(
-        &self,
-        group: &HostGroup,
-        layer: usize,
-        plan: &'p LayerPlan,
-        weights: &LayerWeights<'_>,
-    ) -> Result<&'p RankPlan, EplbCommError> {
-        let me = group.rank();
-        let layout = self
-            .layouts
-            .get(layer)
-            .ok_or(EplbCommError::LayerOutOfRange {
-                rank: me,
-                layer,
-                layers: self.layouts.len(),
-            })?;
-        if let Some((tensor, detail)) = layout.first_difference(&weights.layout()) {
-            let which = tensor
-                .map(|t| format!("tensor {t:?}: "))
-                .unwrap_or_default();
-            return Err(EplbCommError::WeightsChanged {
-                rank: me,
-                layer,
-                detail: format!("{which}{detail} (agreed layout here, given weights there)"),
-            });
-        }
-        host_only(weights)?;
-        let mismatch = |detail: String| EplbCommError::PlanMismatch {
-            rank: me,
-            layer,
-            detail,
-        };
-        if plan.num_ranks() != group.size() {
-            return Err(mismatch(format!(
-                "the plan is for {} ranks, the EPLB group has {}",
-                plan.num_ranks(),
-                group.size()
-            )));
-        }
-        if plan.rows_per_rank() != layout.rows {
-            return Err(mismatch(format!(
-                "the plan has {} rows per rank, the weights have {}",
-                plan.rows_per_rank(),
-                layout.rows
-            )));
-        }
-        let mine = plan
-            .rank(me)
-            .map_err(|e| mismatch(format!("no part for this rank: {e}")))?;
-        let rows = layout.rows;
-        let row_ok = |expert: usize, row: usize| {
-            if row < rows {
-                Ok(())
-            } else {
-                Err(EplbCommError::RowOutOfRange {
-                    rank: me,
-                    layer,
-                    expert,
-                    row,
-                    rows,
-                })
-            }
-        };
-        for c in mine.local_copies.iter().chain(&mine.dup_fills) {
-            row_ok(c.expert, c.src_row)?;
-            row_ok(c.expert, c.dst_row)?;
-        }
-        for &r in &mine.unchanged_rows {
-            if r >= rows {
-                return Err(mismatch(format!(
-                    "unchanged row {r} is outside {rows} rows"
-                )));
-            }
-        }
-        let rounds = plan.rounds();
-        let pair_ok = |what: &str, expert: usize, peer: usize, round: usize| {
-            let met = rounds.get(round).and_then(|r| r.peer_of(me));
-            if peer == me || met != Some(peer) {
-                Err(mismatch(format!(
-                    "expert {expert} {what} rank {peer} in round {round}, but that round pairs this rank with {met:?} (of {} rounds)",
-                    rounds.len()
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        for s in &mine.sends {
-            row_ok(s.expert, s.src_row)?;
-            pair_ok("goes to", s.expert, s.dst, s.round)?;
-        }
-        for r in &mine.recvs {
-            row_ok(r.expert, r.dst_row)?;
-            pair_ok("comes from", r.expert, r.src, r.round)?;
-        }
-        Ok(mine)
-    }
-
-    /// Lays out staging (per round: the peer's header, then its rows; then local copies),
-    /// allocates it, and lists the rounds this rank takes part in.
-    fn prepare<'p>(
-        &self,
-        me: usize,
-        layer: usize,
-        digest: u64,
-        plan: &'p LayerPlan,
-        mine: &'p RankPlan,
-    ) -> Result<(Staging, Vec<RoundIo<'p>>), EplbCommError> {
-        let layout = self
-            .layouts
-            .get(layer)
-            .ok_or(EplbCommError::LayerOutOfRange {
-                rank: me,
-                layer,
-                layers: self.layouts.len(),
-            })?;
-        let mut b = StagingBuilder::new(layout);
-        let mut ios = Vec::new();
-        for (round, r) in plan.rounds().iter().enumerate() {
-            let Some(peer) = r.peer_of(me) else {
-                continue;
-            };
-            let mut recvs: Vec<_> = mine
-                .recvs
-                .iter()
-                .filter(|x| x.round == round && x.src == peer)
-                .collect();
-            recvs.sort_by_key(|x| x.expert);
-            let mut sends: Vec<_> = mine
-                .sends
-                .iter()
-                .filter(|x| x.round == round && x.dst == peer)
-                .collect();
-            sends.sort_by_key(|x| x.expert);
-            let expected = encode_header(
-                layout,
-                &Header {
-                    layer,
-                    digest,
-                    round,
-                    src: peer,
-                    dst: me,
-                },
-                recvs.iter().map(|x| x.expert),
-            );
-            let start = b.len();
-            b.reserve(expected.len());
-            for x in &recvs {
-                b.push_row(x.dst_row, x.expert, RowSource::Peer { peer, round });
-            }
-            ios.push(RoundIo {
-                round,
-                peer,
-                sends,
-                recv: start..b.len(),
-                expected,
-            });
-        }
-        for c in &mine.local_copies {
-            b.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
-        }
-        Ok((b.build(me, layer)?, ios))
-    }
-
     fn transfer_inner(
         &mut self,
         layer: usize,
@@ -385,7 +250,7 @@ impl HostCommunicator {
             (Some(g), None) => g,
             (_, reason) => {
                 return Err(EplbCommError::CommunicatorFailed {
-                    rank: self.rank(),
+                    rank: self.me,
                     reason: reason
                         .clone()
                         .unwrap_or_else(|| "the EPLB group is gone".into()),
@@ -396,35 +261,111 @@ impl HostCommunicator {
         let digest = plan_digest(layer, plan);
 
         // 1. Local checks and staging, then agreement (a refusal is sent, not kept).
-        let prepared = self
-            .check(group, layer, plan, weights)
-            .and_then(|mine| Ok((mine, self.prepare(me, layer, digest, plan, mine)?)));
+        let prepared =
+            check_plan(me, group.size(), &self.layouts, layer, plan, weights).and_then(|mine| {
+                let layout = layout_of(me, &self.layouts, layer)?;
+                let on_host = weights.device() == Device::Host;
+                let (wire, ios) = lay_out(layout, me, layer, digest, plan, mine, on_host);
+                if on_host {
+                    return Ok(Prepared {
+                        mine,
+                        wire: wire.build(me, layer)?,
+                        ios,
+                        #[cfg(feature = "cuda")]
+                        device: None,
+                    });
+                }
+                #[cfg(feature = "cuda")]
+                {
+                    let (wire, device) = prepare_device(
+                        &mut self.cuda,
+                        me,
+                        layer,
+                        layout,
+                        weights,
+                        wire,
+                        &ios,
+                        mine,
+                    )?;
+                    Ok(Prepared {
+                        mine,
+                        wire,
+                        ios,
+                        device: Some(device),
+                    })
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    supported_memory(weights)?;
+                    Err(internal(
+                        me,
+                        layer,
+                        "device weights need feature `cuda`".into(),
+                    ))
+                }
+            });
         let refusal = prepared.as_ref().err().map(ToString::to_string);
-        agree_on_plan(group, layer, digest, refusal.as_deref(), deadline)?;
-        let (mine, (mut staging, ios)) = prepared?;
-        let layout = self
-            .layouts
-            .get(layer)
-            .ok_or_else(|| internal(me, layer, "the layer has no layout".into()))?;
+        if let Err(e) = agree_on_plan(group, layer, digest, refusal.as_deref(), deadline) {
+            if let Ok(p) = prepared {
+                self.recycle(p);
+            }
+            return Err(e);
+        }
+        let mut prepared = prepared?;
+        let layout = layout_of(me, &self.layouts, layer)?;
         let expert_bytes = layout.expert_bytes() as u64;
         let tensors = layout.tensors.len();
 
         // 2. Local copies, from the old rows; 3. one exchange per round with that round's
         //    peer.
         let mut send_buf = std::mem::take(&mut self.send_buf);
-        let moved = stage_local_copies(me, layer, tensors, weights, &mut staging).and_then(|()| {
-            exchange_rounds(
-                group,
+        #[cfg(feature = "cuda")]
+        let device = prepared.device.as_mut();
+        #[cfg(not(feature = "cuda"))]
+        let device: Option<&mut Staging> = None;
+        let moved = match device {
+            None => {
+                stage_local_copies(me, layer, tensors, weights, &mut prepared.wire).and_then(|()| {
+                    exchange_rounds(
+                        group,
+                        layer,
+                        digest,
+                        layout,
+                        weights,
+                        &prepared.ios,
+                        &mut prepared.wire,
+                        &mut RoundPath::Host(&mut send_buf),
+                        deadline,
+                    )
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Some(device) => match self.cuda.as_mut() {
+                Some(cuda) => move_device_rows(
+                    cuda,
+                    group,
+                    layer,
+                    digest,
+                    layout,
+                    weights,
+                    &prepared.ios,
+                    &mut prepared.wire,
+                    device,
+                    deadline,
+                ),
+                None => Err(internal(
+                    me,
+                    layer,
+                    "no CUDA state for device weights".into(),
+                )),
+            },
+            #[cfg(not(feature = "cuda"))]
+            Some(_) => Err(internal(
+                me,
                 layer,
-                digest,
-                layout,
-                weights,
-                &ios,
-                &mut staging,
-                &mut send_buf,
-                deadline,
-            )
-        });
+                "device weights need feature `cuda`".into(),
+            )),
+        };
         send_buf.clear();
         self.send_buf = send_buf;
         if let Err(e) = moved {
@@ -437,9 +378,9 @@ impl HostCommunicator {
             );
             if !from_transport {
                 // The transport is in step but this rank cannot go on (a peer sent something
-                // else than the plan says): close the connections, so that peers waiting on
-                // this rank fail now rather than at their deadline. The transport already
-                // told the peers about its own failures.
+                // else than the plan says, or its GPU failed): close the connections, so that
+                // peers waiting on this rank fail now rather than at their deadline. The
+                // transport already told the peers about its own failures.
                 self.failed = Some(e.to_string());
                 self.group = None;
             }
@@ -448,33 +389,340 @@ impl HostCommunicator {
 
         // 4. Nobody commits before everybody has everything.
         if !plan.rounds().is_empty() {
-            group.barrier(deadline).map_err(|e| {
-                EplbCommError::from_comm(me, Some(layer), "the post-transfer barrier".into(), e)
-            })?;
+            if let Err(e) = group.barrier(deadline) {
+                self.recycle(prepared);
+                return Err(EplbCommError::from_comm(
+                    me,
+                    Some(layer),
+                    "the post-transfer barrier".into(),
+                    e,
+                ));
+            }
         }
 
-        let mut peers: Vec<usize> = ios.iter().map(|io| io.peer).collect();
+        let mut peers: Vec<usize> = prepared.ios.iter().map(|io| io.peer).collect();
         peers.sort_unstable();
         peers.dedup();
-        let stats = TransferStats {
+        let mine = prepared.mine;
+        let mut stats = TransferStats {
             bytes_sent: expert_bytes.saturating_mul(mine.sends.len() as u64),
             bytes_received: expert_bytes.saturating_mul(mine.recvs.len() as u64),
             bytes_copied_locally: expert_bytes.saturating_mul(mine.local_copies.len() as u64),
             peers: peers.len(),
-            rounds: ios.len(),
-            staging_bytes: staging.len() as u64,
-            seconds: started.elapsed().as_secs_f64(),
+            rounds: prepared.ios.len(),
+            staging_bytes: prepared.wire.len() as u64,
+            seconds: 0.0,
         };
+        let (plan_part, layout) = (mine.clone(), layout.clone());
+        let staging = self.take_staging(prepared, &mut stats);
+        stats.seconds = started.elapsed().as_secs_f64();
         Ok(StagedLayer::new(
             layer,
             me,
             Backend::Host,
-            mine.clone(),
-            layout.clone(),
+            plan_part,
+            layout,
             staging,
             stats,
         ))
     }
+
+    /// The staging a staged layer keeps: the wire staging for host weights; for CUDA
+    /// weights the device staging (the page-locked wire staging is kept for the next
+    /// layer, and both count in `stats.staging_bytes`).
+    fn take_staging(&mut self, prepared: Prepared<'_>, stats: &mut TransferStats) -> Staging {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = prepared.device {
+            stats.staging_bytes = stats.staging_bytes.saturating_add(device.len() as u64);
+            if let Some(cuda) = self.cuda.as_mut() {
+                cuda.recycle(prepared.wire);
+            }
+            return device;
+        }
+        let _ = stats;
+        prepared.wire
+    }
+
+    /// Keeps a prepared layer's page-locked staging for the next layer.
+    fn recycle(&mut self, prepared: Prepared<'_>) {
+        #[cfg(feature = "cuda")]
+        if prepared.device.is_some() {
+            if let Some(cuda) = self.cuda.as_mut() {
+                cuda.recycle(prepared.wire);
+            }
+        }
+        let _ = prepared;
+    }
+}
+
+/// The agreed layout of `layer`.
+fn layout_of(
+    me: usize,
+    layouts: &[LayerLayout],
+    layer: usize,
+) -> Result<&LayerLayout, EplbCommError> {
+    layouts.get(layer).ok_or(EplbCommError::LayerOutOfRange {
+        rank: me,
+        layer,
+        layers: layouts.len(),
+    })
+}
+
+/// Everything about a transfer that can be checked locally; returns this rank's plan.
+pub(crate) fn check_plan<'p>(
+    me: usize,
+    size: usize,
+    layouts: &[LayerLayout],
+    layer: usize,
+    plan: &'p LayerPlan,
+    weights: &LayerWeights<'_>,
+) -> Result<&'p RankPlan, EplbCommError> {
+    let layout = layout_of(me, layouts, layer)?;
+    if let Some((tensor, detail)) = layout.first_difference(&weights.layout()) {
+        let which = tensor
+            .map(|t| format!("tensor {t:?}: "))
+            .unwrap_or_default();
+        return Err(EplbCommError::WeightsChanged {
+            rank: me,
+            layer,
+            detail: format!("{which}{detail} (agreed layout here, given weights there)"),
+        });
+    }
+    supported_memory(weights)?;
+    let mismatch = |detail: String| EplbCommError::PlanMismatch {
+        rank: me,
+        layer,
+        detail,
+    };
+    if plan.num_ranks() != size {
+        return Err(mismatch(format!(
+            "the plan is for {} ranks, the EPLB group has {size}",
+            plan.num_ranks(),
+        )));
+    }
+    if plan.rows_per_rank() != layout.rows {
+        return Err(mismatch(format!(
+            "the plan has {} rows per rank, the weights have {}",
+            plan.rows_per_rank(),
+            layout.rows
+        )));
+    }
+    let mine = plan
+        .rank(me)
+        .map_err(|e| mismatch(format!("no part for this rank: {e}")))?;
+    let rows = layout.rows;
+    let row_ok = |expert: usize, row: usize| {
+        if row < rows {
+            Ok(())
+        } else {
+            Err(EplbCommError::RowOutOfRange {
+                rank: me,
+                layer,
+                expert,
+                row,
+                rows,
+            })
+        }
+    };
+    for c in mine.local_copies.iter().chain(&mine.dup_fills) {
+        row_ok(c.expert, c.src_row)?;
+        row_ok(c.expert, c.dst_row)?;
+    }
+    for &r in &mine.unchanged_rows {
+        if r >= rows {
+            return Err(mismatch(format!(
+                "unchanged row {r} is outside {rows} rows"
+            )));
+        }
+    }
+    let rounds = plan.rounds();
+    let pair_ok = |what: &str, expert: usize, peer: usize, round: usize| {
+        let met = rounds.get(round).and_then(|r| r.peer_of(me));
+        if peer == me || met != Some(peer) {
+            Err(mismatch(format!(
+                "expert {expert} {what} rank {peer} in round {round}, but that round pairs this rank with {met:?} (of {} rounds)",
+                rounds.len()
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    for s in &mine.sends {
+        row_ok(s.expert, s.src_row)?;
+        pair_ok("goes to", s.expert, s.dst, s.round)?;
+    }
+    for r in &mine.recvs {
+        row_ok(r.expert, r.dst_row)?;
+        pair_ok("comes from", r.expert, r.src, r.round)?;
+    }
+    Ok(mine)
+}
+
+/// Lays out staging (per round: the peer's header, then its rows; then, when
+/// `local_in_wire`, the local copies) and lists the rounds this rank takes part in.
+fn lay_out<'p>(
+    layout: &LayerLayout,
+    me: usize,
+    layer: usize,
+    digest: u64,
+    plan: &'p LayerPlan,
+    mine: &'p RankPlan,
+    local_in_wire: bool,
+) -> (StagingBuilder, Vec<RoundIo<'p>>) {
+    let mut b = StagingBuilder::new(layout);
+    let mut ios = Vec::new();
+    for (round, r) in plan.rounds().iter().enumerate() {
+        let Some(peer) = r.peer_of(me) else {
+            continue;
+        };
+        let mut recvs: Vec<_> = mine
+            .recvs
+            .iter()
+            .filter(|x| x.round == round && x.src == peer)
+            .collect();
+        recvs.sort_by_key(|x| x.expert);
+        let mut sends: Vec<_> = mine
+            .sends
+            .iter()
+            .filter(|x| x.round == round && x.dst == peer)
+            .collect();
+        sends.sort_by_key(|x| x.expert);
+        let expected = encode_header(
+            layout,
+            &Header {
+                layer,
+                digest,
+                round,
+                src: peer,
+                dst: me,
+            },
+            recvs.iter().map(|x| x.expert),
+        );
+        let start = b.len();
+        b.reserve(expected.len());
+        let first_row = b.num_rows();
+        for x in &recvs {
+            b.push_row(x.dst_row, x.expert, RowSource::Peer { peer, round });
+        }
+        ios.push(RoundIo {
+            round,
+            peer,
+            sends,
+            recv: start..b.len(),
+            rows: first_row..b.num_rows(),
+            expected,
+        });
+    }
+    if local_in_wire {
+        for c in &mine.local_copies {
+            b.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
+        }
+    }
+    (b, ios)
+}
+
+/// CUDA weights: the page-locked wire staging (headers and received rows), the device
+/// staging (received rows in the same order, then local copies) and the outgoing message
+/// buffer, allocated before the agreement so that a failure is a refusal.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn prepare_device(
+    cuda: &mut Option<crate::cuda_stage::host_path::HostCuda>,
+    me: usize,
+    layer: usize,
+    layout: &LayerLayout,
+    weights: &LayerWeights<'_>,
+    wire: StagingBuilder,
+    ios: &[RoundIo<'_>],
+    mine: &RankPlan,
+) -> Result<(Staging, Staging), EplbCommError> {
+    use crate::cuda_stage::host_path::HostCuda;
+    let Device::Cuda(ordinal) = weights.device() else {
+        return Err(internal(me, layer, "the weights are not on a GPU".into()));
+    };
+    if cuda.as_ref().is_none_or(|c| c.ordinal() != ordinal) {
+        *cuda = None;
+        *cuda = Some(HostCuda::new(me, layer, ordinal)?);
+    }
+    let Some(state) = cuda.as_mut() else {
+        return Err(internal(
+            me,
+            layer,
+            "no CUDA state for device weights".into(),
+        ));
+    };
+    let mut device = StagingBuilder::new(layout);
+    for io in ios {
+        let mut recvs: Vec<_> = mine
+            .recvs
+            .iter()
+            .filter(|x| x.round == io.round && x.src == io.peer)
+            .collect();
+        recvs.sort_by_key(|x| x.expert);
+        for x in recvs {
+            device.push_row(
+                x.dst_row,
+                x.expert,
+                RowSource::Peer {
+                    peer: io.peer,
+                    round: io.round,
+                },
+            );
+        }
+    }
+    for c in &mine.local_copies {
+        device.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
+    }
+    let send_bytes = ios
+        .iter()
+        .map(|io| {
+            let header = HEADER_FIXED_BYTES.saturating_add(
+                HEADER_ITEM_BYTES
+                    .saturating_mul(io.sends.len().saturating_mul(layout.tensors.len())),
+            );
+            header.saturating_add(layout.expert_bytes().saturating_mul(io.sends.len()))
+        })
+        .max()
+        .unwrap_or(0);
+    state.prepare(me, layer, wire, device, send_bytes)
+}
+
+/// CUDA weights: local copies on the GPU, then the rounds through page-locked memory.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn move_device_rows(
+    cuda: &mut crate::cuda_stage::host_path::HostCuda,
+    group: &HostGroup,
+    layer: usize,
+    digest: u64,
+    layout: &LayerLayout,
+    weights: &LayerWeights<'_>,
+    ios: &[RoundIo<'_>],
+    wire: &mut Staging,
+    device: &mut Staging,
+    deadline: Deadline,
+) -> Result<(), EplbCommError> {
+    let mut path = cuda.round_path(group.rank(), layer, device)?;
+    let moved = path
+        .stage_local_copies(weights, layout.tensors.len())
+        .and_then(|()| {
+            exchange_rounds(
+                group,
+                layer,
+                digest,
+                layout,
+                weights,
+                ios,
+                wire,
+                &mut RoundPath::Device(&mut path),
+                deadline,
+            )
+        })
+        .and_then(|()| path.finish(deadline));
+    if moved.is_err() {
+        path.settle();
+    }
+    moved
 }
 
 impl EplbCommunicator for HostCommunicator {
@@ -493,14 +741,19 @@ impl EplbCommunicator for HostCommunicator {
     }
 }
 
-/// The host backend needs host memory (see the module's "Memory" section).
-fn host_only(weights: &LayerWeights<'_>) -> Result<(), EplbCommError> {
-    match weights.tensors().iter().find(|t| t.device() != Device::Host) {
+/// The host backend moves host memory, and CUDA memory when built with feature `cuda`
+/// (see the module's "Memory" section).
+fn supported_memory(weights: &LayerWeights<'_>) -> Result<(), EplbCommError> {
+    let unsupported = |d: Device| match d {
+        Device::Host => false,
+        Device::Cuda(_) => !cfg!(feature = "cuda"),
+    };
+    match weights.tensors().iter().find(|t| unsupported(t.device())) {
         None => Ok(()),
         Some(t) => Err(EplbCommError::NotHostMemory {
             tensor: t.name().to_string(),
             device: t.device(),
-            what: "the host EPLB backend (staging device weights through host memory is not implemented yet)",
+            what: "the host EPLB backend built without feature `cuda`",
         }),
     }
 }
@@ -539,6 +792,18 @@ fn internal(rank: usize, layer: usize, detail: String) -> EplbCommError {
     }
 }
 
+/// How a round's rows get into its message and out of staging.
+enum RoundPath<'a, 'b> {
+    /// Host weights: packed into this buffer by the CPU, received where they stay.
+    Host(&'a mut Vec<u8>),
+    /// CUDA weights: packed by device-to-host copies, moved on to device staging.
+    #[cfg(feature = "cuda")]
+    Device(&'a mut crate::cuda_stage::host_path::DevicePath<'b>),
+    /// Keeps `'b` used without feature `cuda`.
+    #[allow(dead_code)]
+    Unused(std::marker::PhantomData<&'b ()>),
+}
+
 /// Runs every round: pack the rows for the peer, exchange with `send_recv` (the peer's
 /// message lands in staging), check the header.
 #[allow(clippy::too_many_arguments)]
@@ -550,7 +815,7 @@ fn exchange_rounds(
     weights: &LayerWeights<'_>,
     ios: &[RoundIo<'_>],
     staging: &mut Staging,
-    send_buf: &mut Vec<u8>,
+    path: &mut RoundPath<'_, '_>,
     deadline: Deadline,
 ) -> Result<(), EplbCommError> {
     let me = group.rank();
@@ -562,7 +827,20 @@ fn exchange_rounds(
             src: me,
             dst: io.peer,
         };
-        pack_rows(layout, weights, &header, &io.sends, send_buf)?;
+        let send_buf: &[u8] = match path {
+            RoundPath::Host(buf) => {
+                pack_rows(layout, weights, &header, &io.sends, buf)?;
+                buf.as_slice()
+            }
+            #[cfg(feature = "cuda")]
+            RoundPath::Device(device) => {
+                let head = encode_header(layout, &header, io.sends.iter().map(|s| s.expert));
+                device.pack(layout, weights, &head, &io.sends, deadline)?
+            }
+            RoundPath::Unused(_) => {
+                return Err(internal(me, layer, "no packing path".into()));
+            }
+        };
         let recv = staging.region_mut(io.recv.clone()).ok_or_else(|| {
             internal(
                 me,
@@ -586,6 +864,11 @@ fn exchange_rounds(
             .unwrap_or(&[]);
         if got != io.expected.as_slice() {
             return Err(describe_wire_mismatch(me, layer, io, layout, got));
+        }
+        #[cfg(feature = "cuda")]
+        if let RoundPath::Device(device) = path {
+            let rows = io.recv.start.saturating_add(io.expected.len())..io.recv.end;
+            device.received(staging, rows, io.rows.start)?;
         }
     }
     Ok(())
@@ -768,6 +1051,7 @@ mod tests {
         let bytes = encode_header(&layout(), &h, [5usize, 9].into_iter());
         // 8 bytes of magic and version, 6 fields, 2 experts × 2 tensors × 3 fields.
         assert_eq!(bytes.len(), 8 + 6 * 8 + 4 * 24);
+        assert_eq!(bytes.len(), HEADER_FIXED_BYTES + 4 * HEADER_ITEM_BYTES);
         let mut r = Reader::new(&bytes);
         assert_eq!((r.u32(), r.u32()), (Some(MAGIC), Some(VERSION)));
         assert_eq!(r.usize(), Some(3));
@@ -799,6 +1083,7 @@ mod tests {
             peer: 1,
             sends: vec![],
             recv: 0..0,
+            rows: 0..0,
             expected: encode_header(&l, &h, [4usize, 6].into_iter()),
         };
         let got = encode_header(&l, &h, [4usize, 8].into_iter());

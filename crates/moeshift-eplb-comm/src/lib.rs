@@ -15,9 +15,11 @@
 //!   landed and every peer finished reading; [`StagedLayer::commit`] then writes the rows
 //!   into place, locally, checking everything before the first write. Staging holds only
 //!   the rows that change, never a whole layer.
-//! * Backends: [`HostCommunicator`] (`host`: host memory over the host TCP transport, the
-//!   role of vLLM's `torch_gloo`), [`nixl`] (zero-copy one-sided READs from peers' registered
-//!   weights) and `nccl` (not implemented in this build; selecting it is a typed error).
+//! * Backends: [`HostCommunicator`] (`host`: host or CUDA weights staged through host
+//!   memory over the host TCP transport, the role of vLLM's `torch_gloo`), [`nixl`]
+//!   (zero-copy one-sided READs from peers' registered weights) and, with feature `cuda`,
+//!   `nccl` (grouped NCCL point-to-point between CUDA weights, the `nccl` module; without
+//!   the feature, selecting it is a typed error).
 //! * [`choose_backend`] / [`select_backend`]: the default selection (elastic → `nccl`,
 //!   NIXL available → `nixl`, otherwise `host`; an explicit choice wins and never falls back
 //!   silently); [`create_communicator`], the factory over a chosen backend, and
@@ -65,6 +67,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! # Features
+//!
+//! * `cuda`: CUDA weights (described with
+//!   [`LayerWeightsBuilder::raw`](crate::LayerWeightsBuilder::raw) over device memory),
+//!   staged in device memory and committed by device-to-device copies; the `nccl` backend;
+//!   CUDA weights for the `host` backend, through page-locked host memory. CUDA and NCCL
+//!   are loaded at run time (cudarc), so the feature builds on machines without either.
+//!
 //! Layering: depends on `moeshift-sync`, `moeshift-tensor`, `moeshift-placement` and
 //! `moeshift-device-comm`, never on crates above it.
 #![deny(missing_docs)]
@@ -72,9 +82,13 @@
 
 pub mod agree;
 pub mod comm;
+#[cfg(feature = "cuda")]
+mod cuda_stage;
 pub mod error;
 pub mod factory;
 pub mod host;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 #[allow(unsafe_code)]
 pub mod nixl;
 pub mod select;

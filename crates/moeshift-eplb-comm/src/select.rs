@@ -11,8 +11,9 @@
 //!    membership changes);
 //! 3. `auto` otherwise → `nixl` when NIXL is available, else `host`.
 //!
-//! **The `nccl` EPLB backend is not implemented in this build**: selecting it, explicitly or
-//! through elastic mode, returns [`EplbCommError::BackendUnavailable`].
+//! The `nccl` EPLB backend is built with feature `cuda`. Without it, selecting `nccl`,
+//! explicitly or through elastic mode, returns [`EplbCommError::BackendUnavailable`]. With
+//! it, `nccl` is still never chosen by `auto` outside elastic mode.
 //!
 //! [`select_backend`] is the pure rule (testable without NIXL); [`choose_backend`] probes
 //! NIXL when the rule needs to know, and logs the choice through the [log hook](set_log_hook).
@@ -57,9 +58,17 @@ impl fmt::Display for Selection {
     }
 }
 
-/// Whether this build can construct `backend`.
+/// Why `nccl` cannot be selected in a build without feature `cuda`.
+#[cfg_attr(feature = "cuda", allow(dead_code))]
+pub(crate) const NCCL_NOT_BUILT: &str =
+    "the nccl EPLB backend needs moeshift-eplb-comm built with feature `cuda`; choose host or nixl";
+
+/// Whether this build can construct `backend`: `nccl` needs feature `cuda`.
 pub fn is_built(backend: Backend) -> bool {
-    !matches!(backend, Backend::Nccl)
+    match backend {
+        Backend::Host | Backend::Nixl => true,
+        Backend::Nccl => cfg!(feature = "cuda"),
+    }
 }
 
 /// The `auto` rule alone: elastic → `nccl`; NIXL available → `nixl`; otherwise `host`.
@@ -94,11 +103,16 @@ pub fn default_backend(elastic: bool, nixl_available: bool) -> Selection {
 ///     select_backend(Backend::Nixl.into(), false, false),
 ///     Err(EplbCommError::NixlUnavailable { .. })
 /// ));
-/// // Elastic mode needs the nccl backend, which this build does not have.
-/// assert!(matches!(
-///     select_backend(auto, true, true),
-///     Err(EplbCommError::BackendUnavailable { backend: Backend::Nccl, .. })
-/// ));
+/// // Elastic mode needs the nccl backend, which only a build with feature `cuda` has.
+/// let elastic = select_backend(auto, true, true);
+/// if moeshift_eplb_comm::is_built(Backend::Nccl) {
+///     assert_eq!(elastic?.backend, Backend::Nccl);
+/// } else {
+///     assert!(matches!(
+///         elastic,
+///         Err(EplbCommError::BackendUnavailable { backend: Backend::Nccl, .. })
+///     ));
+/// }
 /// # Ok::<(), EplbCommError>(())
 /// ```
 pub fn select_backend(
@@ -128,9 +142,7 @@ pub fn select_backend(
         };
         return Err(EplbCommError::BackendUnavailable {
             backend: selection.backend,
-            reason: format!(
-                "{why}the nccl EPLB backend is not implemented yet; choose host or nixl explicitly"
-            ),
+            reason: format!("{why}{NCCL_NOT_BUILT}"),
         });
     }
     Ok(selection)
@@ -211,10 +223,15 @@ mod tests {
                         reason: SelectionReason::Explicit
                     }
                 );
-                assert!(matches!(
-                    select_backend(Nccl.into(), elastic, nixl),
-                    Err(EplbCommError::BackendUnavailable { backend: Nccl, .. })
-                ));
+                let nccl = select_backend(Nccl.into(), elastic, nixl);
+                if cfg!(feature = "cuda") {
+                    assert_eq!(nccl.unwrap().backend, Nccl);
+                } else {
+                    assert!(matches!(
+                        nccl,
+                        Err(EplbCommError::BackendUnavailable { backend: Nccl, .. })
+                    ));
+                }
                 let explicit_nixl = select_backend(Nixl.into(), elastic, nixl);
                 if nixl {
                     assert_eq!(explicit_nixl.unwrap().backend, Nixl);
@@ -224,10 +241,18 @@ mod tests {
                         Err(EplbCommError::NixlUnavailable { .. })
                     ));
                 }
-                // Elastic mode picks nccl whatever NIXL says, and nccl is not built.
+                // Elastic mode picks nccl whatever NIXL says; without feature `cuda` it is
+                // not built, and the error says why it was wanted.
                 if elastic {
-                    let e = select_backend(auto, elastic, nixl).unwrap_err();
-                    assert!(e.to_string().contains("elastic"), "{e}");
+                    let chosen = select_backend(auto, elastic, nixl);
+                    if cfg!(feature = "cuda") {
+                        let s = chosen.unwrap();
+                        assert_eq!((s.backend, s.reason), (Nccl, SelectionReason::Elastic));
+                    } else {
+                        let e = chosen.unwrap_err();
+                        assert!(e.to_string().contains("elastic"), "{e}");
+                        assert!(e.to_string().contains("feature `cuda`"), "{e}");
+                    }
                 }
             }
         }
@@ -263,7 +288,7 @@ mod tests {
         // Explicit host: no probe needed, and the choice is logged.
         let s = choose_backend(Backend::Host.into(), false).unwrap();
         assert_eq!(s.backend, Backend::Host);
-        let e = choose_backend(Backend::Nccl.into(), false).unwrap_err();
+        let nccl = choose_backend(Backend::Nccl.into(), false);
         set_log_hook(None);
         let lines = lines.lock().unwrap().clone();
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -271,9 +296,19 @@ mod tests {
             lines[0].contains("host (requested explicitly)"),
             "{lines:?}"
         );
-        assert!(
-            lines[1].contains("nccl") && lines[1].contains(&e.to_string()),
-            "{lines:?}"
-        );
+        if cfg!(feature = "cuda") {
+            // Built: chosen (whether it works on this machine is up to the factory).
+            assert_eq!(nccl.unwrap().backend, Backend::Nccl);
+            assert!(
+                lines[1].contains("nccl (requested explicitly)"),
+                "{lines:?}"
+            );
+        } else {
+            let e = nccl.unwrap_err();
+            assert!(
+                lines[1].contains("nccl") && lines[1].contains(&e.to_string()),
+                "{lines:?}"
+            );
+        }
     }
 }

@@ -6,13 +6,17 @@
 //! READ. Backends may also reserve bytes between rows (the host backend receives each
 //! message's header right in front of its rows).
 //!
-//! Staging lives in host memory ([`HostBuffer`]). Device weights will need a second kind
-//! of staging memory here (device or pinned host memory) and device copies at commit.
+//! Staging lives where the commit reads it from: in host memory ([`HostBuffer`]) for host
+//! weights; with feature `cuda`, in device memory on the weights' GPU for CUDA weights (the
+//! commit is then device-to-device copies), or in page-locked host memory for the rows a
+//! host transport receives before they are copied to the GPU.
 
 use std::ops::Range;
 
-use moeshift_tensor::{HostBuffer, HostBufferError, PAGE_ALIGN};
+use moeshift_tensor::{Device, HostBuffer, HostBufferError, PAGE_ALIGN};
 
+#[cfg(feature = "cuda")]
+use crate::cuda_stage::memory::{driver_error, DeviceBuffer, PinnedBuffer, StagingPool};
 use crate::error::EplbCommError;
 use crate::weights::LayerLayout;
 
@@ -114,6 +118,17 @@ impl StagingBuilder {
         self.len
     }
 
+    /// Rows laid out so far.
+    pub(crate) fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The rows laid out so far.
+    #[cfg(all(test, feature = "cuda"))]
+    pub(crate) fn rows_for_tests(&self) -> &[StagedRow] {
+        &self.rows
+    }
+
     /// Allocates the staging memory (`rank` and `layer` name the error).
     pub(crate) fn build(self, rank: usize, layer: usize) -> Result<Staging, EplbCommError> {
         let err = |source| EplbCommError::Staging {
@@ -129,20 +144,115 @@ impl StagingBuilder {
             }));
         }
         let buf = HostBuffer::zeroed(self.len).map_err(err)?;
-        Ok(Staging {
-            buf,
+        Ok(self.with_memory(StagingMemory::Host(buf)))
+    }
+
+    fn with_memory(self, mem: StagingMemory) -> Staging {
+        Staging {
+            len: self.len,
+            mem,
             rows: self.rows,
             tensor_offsets: self.tensor_offsets,
             tensor_bytes: self.tensor_bytes,
             expert_bytes: self.expert_bytes,
-        })
+        }
     }
+
+    /// Refuses layouts whose size overflowed.
+    #[cfg(feature = "cuda")]
+    fn check_overflow(&self, rank: usize, layer: usize) -> Result<(), EplbCommError> {
+        if self.overflow {
+            return Err(EplbCommError::Staging {
+                rank,
+                layer,
+                bytes: self.len,
+                source: HostBufferError::TooLarge {
+                    len: usize::MAX,
+                    align: PAGE_ALIGN,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Allocates the staging in device memory from `pool` (on the pool's GPU);
+    /// `commit_stream` is the stream the commit will copy on.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn build_device(
+        self,
+        rank: usize,
+        layer: usize,
+        pool: &std::sync::Arc<StagingPool>,
+        commit_stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<Staging, EplbCommError> {
+        self.check_overflow(rank, layer)?;
+        let buf = pool.take(self.len).map_err(|e| {
+            driver_error(
+                rank,
+                Some(layer),
+                format!("allocating {} bytes of device staging", self.len),
+                e,
+            )
+        })?;
+        Ok(self.with_memory(StagingMemory::Device {
+            buf,
+            commit_stream: std::sync::Arc::clone(commit_stream),
+        }))
+    }
+
+    /// Lays the staging out in page-locked host memory: `cached` when it is large enough
+    /// (it is taken), otherwise a new allocation registered with `ctx`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn build_pinned(
+        self,
+        rank: usize,
+        layer: usize,
+        cached: &mut Option<PinnedBuffer>,
+        ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+    ) -> Result<Staging, EplbCommError> {
+        self.check_overflow(rank, layer)?;
+        let buf = match cached.take() {
+            Some(buf) if buf.len() >= self.len => buf,
+            old => {
+                drop(old);
+                PinnedBuffer::new(ctx, self.len).map_err(|e| {
+                    driver_error(
+                        rank,
+                        Some(layer),
+                        format!("allocating {} bytes of page-locked host memory", self.len),
+                        e,
+                    )
+                })?
+            }
+        };
+        Ok(self.with_memory(StagingMemory::Pinned(buf)))
+    }
+}
+
+/// The memory behind a [`Staging`].
+#[derive(Debug)]
+pub(crate) enum StagingMemory {
+    /// Ordinary host memory.
+    Host(HostBuffer),
+    /// Page-locked host memory (possibly larger than the staging).
+    #[cfg(feature = "cuda")]
+    Pinned(PinnedBuffer),
+    /// Device memory, and the stream a commit copies on.
+    #[cfg(feature = "cuda")]
+    Device {
+        /// The staged rows.
+        buf: DeviceBuffer,
+        /// The commit's stream.
+        commit_stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    },
 }
 
 /// Allocated staging memory with its rows.
 #[derive(Debug)]
 pub(crate) struct Staging {
-    buf: HostBuffer,
+    /// Bytes laid out (the memory may be larger).
+    len: usize,
+    mem: StagingMemory,
     rows: Vec<StagedRow>,
     tensor_offsets: Vec<usize>,
     tensor_bytes: Vec<usize>,
@@ -157,13 +267,49 @@ impl Staging {
 
     /// Total bytes.
     pub(crate) fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
 
-    /// Host address of the first byte (for transports that write into staging directly).
+    /// Address of the first byte: a host address, or a device address for device staging
+    /// (for transports that write into staging directly).
     #[allow(dead_code)]
     pub(crate) fn addr(&self) -> u64 {
-        self.buf.addr()
+        match &self.mem {
+            StagingMemory::Host(buf) => buf.addr(),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Pinned(buf) => buf.addr(),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Device { buf, .. } => buf.addr(),
+        }
+    }
+
+    /// Where the staged bytes live: the host (ordinary or page-locked memory) or a GPU.
+    pub(crate) fn device(&self) -> Device {
+        match &self.mem {
+            StagingMemory::Host(_) => Device::Host,
+            #[cfg(feature = "cuda")]
+            StagingMemory::Pinned(_) => Device::Host,
+            #[cfg(feature = "cuda")]
+            StagingMemory::Device { buf, .. } => Device::Cuda(buf.ordinal()),
+        }
+    }
+
+    /// The memory.
+    #[allow(dead_code)]
+    pub(crate) fn memory(&self) -> &StagingMemory {
+        &self.mem
+    }
+
+    /// The memory, writable.
+    #[allow(dead_code)]
+    pub(crate) fn memory_mut(&mut self) -> &mut StagingMemory {
+        &mut self.mem
+    }
+
+    /// Gives the memory back (to reuse a page-locked buffer).
+    #[allow(dead_code)]
+    pub(crate) fn into_memory(self) -> StagingMemory {
+        self.mem
     }
 
     /// Bytes of one expert row across all tensors.
@@ -172,33 +318,64 @@ impl Staging {
         self.expert_bytes
     }
 
-    /// The bytes in `range`.
+    fn host_bytes(&self) -> Option<&[u8]> {
+        match &self.mem {
+            StagingMemory::Host(buf) => buf.as_slice().get(..self.len),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Pinned(buf) => buf.region(0..self.len),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Device { .. } => None,
+        }
+    }
+
+    fn host_bytes_mut(&mut self, range: Range<usize>) -> Option<&mut [u8]> {
+        if range.end > self.len {
+            return None;
+        }
+        match &mut self.mem {
+            StagingMemory::Host(buf) => buf.as_mut_slice().get_mut(range),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Pinned(buf) => buf.region_mut(range),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Device { .. } => None,
+        }
+    }
+
+    /// The bytes in `range` (host staging only).
     #[allow(dead_code)]
     pub(crate) fn region(&self, range: Range<usize>) -> Option<&[u8]> {
-        self.buf.as_slice().get(range)
+        self.host_bytes()?.get(range)
     }
 
-    /// The bytes in `range`, writable.
+    /// The bytes in `range`, writable (host staging only).
     pub(crate) fn region_mut(&mut self, range: Range<usize>) -> Option<&mut [u8]> {
-        self.buf.as_mut_slice().get_mut(range)
+        self.host_bytes_mut(range)
     }
 
-    fn tensor_range(&self, row: usize, tensor: usize) -> Option<Range<usize>> {
+    /// Byte range of tensor `tensor` of staged row `row`, if both exist.
+    pub(crate) fn tensor_range(&self, row: usize, tensor: usize) -> Option<Range<usize>> {
         let base = self.rows.get(row)?.offset;
         let start = base.checked_add(*self.tensor_offsets.get(tensor)?)?;
         Some(start..start.checked_add(*self.tensor_bytes.get(tensor)?)?)
     }
 
-    /// Tensor `tensor`'s bytes of staged row `row` (an index into [`rows`](Self::rows)).
-    pub(crate) fn row_tensor(&self, row: usize, tensor: usize) -> Option<&[u8]> {
-        let range = self.tensor_range(row, tensor)?;
-        self.buf.as_slice().get(range)
+    /// True when tensor `tensor` of staged row `row` exists and lies inside the staging.
+    pub(crate) fn has_row_tensor(&self, row: usize, tensor: usize) -> bool {
+        self.tensor_range(row, tensor)
+            .is_some_and(|r| r.end <= self.len)
     }
 
-    /// Tensor `tensor`'s bytes of staged row `row`, writable.
+    /// Tensor `tensor`'s bytes of staged row `row` (an index into [`rows`](Self::rows));
+    /// `None` for device staging.
+    pub(crate) fn row_tensor(&self, row: usize, tensor: usize) -> Option<&[u8]> {
+        let range = self.tensor_range(row, tensor)?;
+        self.host_bytes()?.get(range)
+    }
+
+    /// Tensor `tensor`'s bytes of staged row `row`, writable; `None` for device staging.
     pub(crate) fn row_tensor_mut(&mut self, row: usize, tensor: usize) -> Option<&mut [u8]> {
         let range = self.tensor_range(row, tensor)?;
-        self.buf.as_mut_slice().get_mut(range)
+        self.host_bytes_mut(range)
     }
 }
 

@@ -717,14 +717,24 @@ fn default_selection_with_and_without_nixl() {
         select_backend("nixl".parse().unwrap(), false, false),
         Err(EplbCommError::NixlUnavailable { .. })
     ));
-    // Elastic mode wants nccl, which this build does not provide: a typed error.
+    // Elastic mode wants nccl whatever NIXL says: chosen in a build with feature `cuda`,
+    // a typed error without it.
     for nixl in [false, true] {
-        assert!(matches!(
-            select_backend(auto, true, nixl),
-            Err(EplbCommError::BackendUnavailable {
-                backend: Backend::Nccl,
-                ..
-            })
-        ));
+        let elastic = select_backend(auto, true, nixl);
+        if cfg!(feature = "cuda") {
+            let s = elastic.unwrap();
+            assert_eq!(
+                (s.backend, s.reason),
+                (Backend::Nccl, SelectionReason::Elastic)
+            );
+        } else {
+            assert!(matches!(
+                elastic,
+                Err(EplbCommError::BackendUnavailable {
+                    backend: Backend::Nccl,
+                    ..
+                })
+            ));
+        }
     }
 }
