@@ -46,7 +46,11 @@ pub fn test_multigpu(rest: &[String]) -> Result<()> {
         );
         return Ok(());
     }
-    util::run(Command::new("bash").arg(dir.join("run.sh")).arg("gpu+bench"))
+    util::run(
+        Command::new("bash")
+            .arg(dir.join("run.sh"))
+            .arg("gpu+bench"),
+    )
 }
 
 fn build_bundle(dir: &Path) -> Result<()> {
@@ -109,7 +113,10 @@ fn build_bundle(dir: &Path) -> Result<()> {
     if baseline.exists() {
         copy(&baseline, &dir.join("torch_peer_baseline.py"))?;
     } else {
-        eprintln!("note: {} not found; run.sh bench will skip the PyTorch peer", baseline.display());
+        eprintln!(
+            "note: {} not found; run.sh bench will skip the PyTorch peer",
+            baseline.display()
+        );
     }
     // moeshift's own peer scripts (e.g. the all-to-all peer).
     let peers = root.join("bench");
@@ -123,7 +130,11 @@ fn build_bundle(dir: &Path) -> Result<()> {
     copy(&root.join("xtask/gpu/run.sh"), &dir.join("run.sh"))?;
 
     let size = dir_size(dir)?;
-    println!("bundle: {} ({:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
+    println!(
+        "bundle: {} ({:.1} MiB)",
+        dir.display(),
+        size as f64 / (1 << 20) as f64
+    );
     Ok(())
 }
 
@@ -137,7 +148,11 @@ fn dir_size(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for e in std::fs::read_dir(dir)?.flatten() {
         let p = e.path();
-        total += if p.is_dir() { dir_size(&p)? } else { e.metadata()?.len() };
+        total += if p.is_dir() {
+            dir_size(&p)?
+        } else {
+            e.metadata()?.len()
+        };
     }
     Ok(total)
 }

@@ -77,16 +77,9 @@ fn test() -> Result<()> {
 
     // loom needs its own cfg, hence its own target dir so the main build is not invalidated.
     let mut loom = util::cargo();
-    loom.args([
-        "test",
-        "-p",
-        "moeshift-sync",
-        "--test",
-        "loom",
-        "--release",
-    ])
-    .env("RUSTFLAGS", "--cfg loom")
-    .env("CARGO_TARGET_DIR", root.join("target").join("loom"));
+    loom.args(["test", "-p", "moeshift-sync", "--test", "loom", "--release"])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root.join("target").join("loom"));
     util::run(&mut loom)
 }
 
@@ -110,8 +103,16 @@ fn lint() -> Result<()> {
 
 fn demo(rest: &[String]) -> Result<()> {
     let mut cmd = util::cargo();
-    cmd.args(["run", "--release", "--quiet", "-p", "moeshift-cli", "--", "demo"])
-        .args(rest);
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "moeshift-cli",
+        "--",
+        "demo",
+    ])
+    .args(rest);
     setup::nixl_env(&mut cmd);
     util::run(&mut cmd)
 }
@@ -133,15 +134,23 @@ fn test_multirank(rest: &[String]) -> Result<()> {
     let mut ran = 0usize;
     let mut failed = Vec::new();
     for exe in &exes {
-        for name in util::list_tests(exe)?
-            .into_iter()
-            .filter(|n| n.rsplit("::").next().is_some_and(|last| last.starts_with("rank_")))
-        {
+        for name in util::list_tests(exe)?.into_iter().filter(|n| {
+            n.rsplit("::")
+                .next()
+                .is_some_and(|last| last.starts_with("rank_"))
+        }) {
             println!("==> {ranks} ranks: {} {name}", exe.display());
             let mut cmd = std::process::Command::new(&launcher);
-            cmd.args(["launch", "--nproc", &ranks.to_string(), "--timeout", "300", "--"])
-                .arg(exe)
-                .args(["--exact", &name, "--nocapture", "--test-threads=1"]);
+            cmd.args([
+                "launch",
+                "--nproc",
+                &ranks.to_string(),
+                "--timeout",
+                "300",
+                "--",
+            ])
+            .arg(exe)
+            .args(["--exact", &name, "--nocapture", "--test-threads=1"]);
             setup::nixl_env(&mut cmd);
             ran += 1;
             if util::run(&mut cmd).is_err() {
@@ -150,7 +159,10 @@ fn test_multirank(rest: &[String]) -> Result<()> {
         }
     }
     let passed = ran - failed.len();
-    println!("multirank ({ranks} ranks): {passed} passed, {} failed", failed.len());
+    println!(
+        "multirank ({ranks} ranks): {passed} passed, {} failed",
+        failed.len()
+    );
     if !failed.is_empty() {
         bail!("failed scenarios: {}", failed.join(", "));
     }

@@ -80,7 +80,9 @@ fn ensure_libclang() -> Result<()> {
     }
     let install = "apt-get update && apt-get install -y --no-install-recommends libclang-dev";
     if !is_root() {
-        bail!("libclang is missing (bindgen needs it to build nixl-sys); run as root:\n  {install}");
+        bail!(
+            "libclang is missing (bindgen needs it to build nixl-sys); run as root:\n  {install}"
+        );
     }
     eprintln!("setup: installing libclang-dev");
     util::run(
@@ -105,7 +107,14 @@ fn ensure_nixl() -> Result<()> {
     eprintln!("setup: downloading {NIXL_WHEEL}");
     util::run(
         Command::new("python3")
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+            ])
             .arg(NIXL_WHEEL)
             .arg("-d")
             .arg(&wheels),

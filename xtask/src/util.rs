@@ -118,8 +118,14 @@ mod tests {
     #[test]
     fn reads_string_fields() {
         let line = r#"{"reason":"compiler-artifact","executable":"/a/b\"c/d","fresh":true}"#;
-        assert_eq!(json_string_field(line, "executable").as_deref(), Some("/a/b\"c/d"));
+        assert_eq!(
+            json_string_field(line, "executable").as_deref(),
+            Some("/a/b\"c/d")
+        );
         assert_eq!(json_string_field(line, "missing"), None);
-        assert_eq!(json_string_field(r#"{"executable":null}"#, "executable"), None);
+        assert_eq!(
+            json_string_field(r#"{"executable":null}"#, "executable"),
+            None
+        );
     }
 }
