@@ -72,6 +72,9 @@ run_benches() {
     bench torch_peer python3 "$here/torch_peer_baseline.py"
   fi
   [ -x "$ex/nccl_bw" ] && bench nccl_p2p $L "$ex/nccl_bw"
+  # The same with NCCL forced to blocking communicators (NCCL_COMM_BLOCKING=1 overrides the
+  # non-blocking config), to see what the non-blocking launch path costs.
+  [ -x "$ex/nccl_bw" ] && bench nccl_p2p_blocking env NCCL_COMM_BLOCKING=1 $L "$ex/nccl_bw"
   # One DeepSeek-V3-sized layer (w13 [4096,7168] + w2 [7168,2048] bf16), 32 experts per rank,
   # 8 moved each way, as the peer's figure 2.
   local layer="--layers 3 --experts-per-rank 32 --moved-per-rank 8 --tensors 2 --tensor-bytes 58720256,29360128 --device cuda --verify"
@@ -85,8 +88,10 @@ run_benches() {
   bench ws_nccl_sparse $L moeshift bench weight-sync --engine nccl --mode sparse --sparse-fraction 0.001 $ws
   bench ws_ipc_packed $L moeshift bench weight-sync --engine ipc --mode packed $ws
   # MoE dispatch + combine, 4096 tokens x 7168 bf16, top-8 of 256 experts, and its peer.
-  [ -x "$ex/all2all_bw" ] && bench all2all $L "$ex/all2all_bw"
-  [ -f "$here/torch_all2all_peer.py" ] && bench all2all_torch python3 "$here/torch_all2all_peer.py"
+  local splits="$results/a2a_splits.json"
+  [ -x "$ex/all2all_bw" ] && bench all2all $L "$ex/all2all_bw" --reps 9 --warmup 3 --splits-out "$splits"
+  [ -f "$here/torch_all2all_peer.py" ] && [ -f "$splits" ] &&
+    bench all2all_torch python3 "$here/torch_all2all_peer.py" --splits "$splits" --reps 9 --warmup 3
   # Host transport against memcpy, on this machine's CPUs.
   [ -x "$ex/host_bw" ] && bench host_transport $L "$ex/host_bw" 64 256
 }

@@ -31,9 +31,12 @@
 //! another placement makes every rank return an error for that call instead of
 //! misrouting or waiting for its deadline.
 //!
-//! The one-sided single-node manager (CUDA IPC workspaces written directly by peers) comes
-//! with the GPU work; [`Workspace`] already implements its sizing rules (dim 0 = EP size)
-//! and the coordinated, grow-only resize.
+//! With feature `cuda`, the same trait runs on the GPU over the EP group's NCCL
+//! communicator: `CudaAgRsManager` and `CudaAllToAllVManager` (rows move through NCCL,
+//! reductions run in this crate's kernels), and `CudaOneSidedManager`, which writes rows
+//! straight into the peers' CUDA IPC workspace regions on one node, sized by [`Workspace`]
+//! (dim 0 = EP size) and grown together on every rank. `CudaAll2All` picks one at run time.
+//! Their results equal the host managers' on the same inputs (bit for bit in f32).
 //!
 //! # Example
 //!
@@ -72,9 +75,33 @@
 
 mod agrs;
 mod all_to_all_v;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_a2av;
+#[cfg(feature = "cuda")]
+mod cuda_agrs;
+#[cfg(feature = "cuda")]
+mod cuda_choice;
+#[cfg(feature = "cuda")]
+mod cuda_dispatched;
+#[cfg(feature = "cuda")]
+mod cuda_error;
+#[cfg(feature = "cuda")]
+mod cuda_one_sided;
+#[cfg(feature = "cuda")]
+mod cuda_plan;
+#[cfg(feature = "cuda")]
+mod cuda_steps;
+#[cfg(feature = "cuda")]
+mod cuda_wire;
 mod dispatched;
 mod error;
 mod exchange;
+#[cfg(feature = "cuda")]
+mod ipc;
+#[cfg(feature = "cuda")]
+mod kernels;
 mod placement;
 pub mod replica;
 mod tokens;
@@ -87,6 +114,20 @@ use moeshift_sync::Deadline;
 
 pub use agrs::AgRsManager;
 pub use all_to_all_v::AllToAllVManager;
+#[cfg(feature = "cuda")]
+pub use cuda::CudaTokens;
+#[cfg(feature = "cuda")]
+pub use cuda_a2av::CudaAllToAllVManager;
+#[cfg(feature = "cuda")]
+pub use cuda_agrs::CudaAgRsManager;
+#[cfg(feature = "cuda")]
+pub use cuda_choice::{CudaAll2All, CudaAll2AllKind};
+#[cfg(feature = "cuda")]
+pub use cuda_dispatched::CudaDispatched;
+#[cfg(feature = "cuda")]
+pub use cuda_error::CudaAll2AllError;
+#[cfg(feature = "cuda")]
+pub use cuda_one_sided::CudaOneSidedManager;
 pub use dispatched::{ExpertWork, HostDispatched};
 pub use error::All2AllError;
 pub use placement::ExpertPlacement;

@@ -190,10 +190,10 @@ fn dp_hint(slots: &usize, shape: &EpGroupShape) -> String {
 /// able to receive `max_tokens_per_rank` tokens from every EP rank.
 ///
 /// The one-sided single-node manager (the role of FlashInfer's NVLink one-sided
-/// `MoeAlltoAll`) lets every rank write its tokens straight into its peers' memory through
-/// CUDA IPC mappings of one workspace with a region per EP rank. Its data path needs the
-/// GPU work (IPC handles, device kernels) and is not part of this crate yet; this type is
-/// the part every implementation must get right:
+/// `MoeAlltoAll`; here `CudaOneSidedManager`, feature `cuda`) lets every rank write its
+/// tokens straight into its peers' memory through CUDA IPC mappings of one workspace with a
+/// region per EP rank. This type is the part every implementation must get right, and the
+/// CUDA manager sizes its regions from it and resizes through it:
 ///
 /// - dim 0 of the workspace is the **EP group size** (DP·PCP·TP), never the DP group size.
 ///   With TP = 2 and DP = 4 a workspace of 4 regions, sized to the DP group, leaves half the

@@ -1,0 +1,451 @@
+//! MoE dispatch + combine bandwidth of the three CUDA all-to-all managers on 2 GPUs.
+//!
+//! Each rank dispatches 4096 tokens of hidden size 7168 (bf16) with top-8 routing over 256
+//! experts (128 per GPU, uniform random picks with a fixed seed per rank, weights 1/8),
+//! the experts are identities (their inputs gathered once before timing), and the
+//! combined rows are checked to equal the input rows exactly. After warm-up, each timed
+//! repetition starts after an NCCL barrier and measures dispatch, then combine until its
+//! output is ready; the medians are reported. GB/s per GPU = token-row bytes this GPU sends
+//! to and receives from the other GPU in dispatch plus combine, over the total time.
+//!
+//! ```text
+//! cargo build --release --features cuda -p moeshift-device-comm --example all2all_bw
+//! moeshift launch --nproc 2 -- target/release/examples/all2all_bw [--reps 9] [--splits-out F]
+//! target/release/examples/all2all_bw                       # starts 2 ranks itself
+//! ```
+//!
+//! `--splits-out FILE` writes the rows each rank sends each rank (all-to-all-v routing) as
+//! JSON, for `bench/torch_all2all_peer.py` to exchange the same bytes. Rank 0 prints one
+//! JSON object.
+//!
+//! Like PyTorch's caching allocator, the benchmark keeps freed device memory in the pool
+//! (release threshold of the default memory pool set to the maximum), so repeated calls do
+//! not return memory to the driver between repetitions.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("all2all_bw needs the `cuda` feature: cargo run --release --features cuda --example all2all_bw");
+    std::process::exit(2);
+}
+
+#[cfg(feature = "cuda")]
+fn main() {
+    if let Err(err) = bench::main() {
+        eprintln!("all2all_bw: {err}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use std::error::Error;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream};
+    use moeshift_device_comm::all2all::{
+        token_key, CudaAgRsManager, CudaAll2AllError, CudaAllToAllVManager, CudaDispatched,
+        CudaOneSidedManager, CudaTokens, EpGroupShape, ExpertPlacement, MoeAll2All, Workspace,
+        WorkspaceCapacity, WorkspaceConfig,
+    };
+    use moeshift_device_comm::launch::OutputMode;
+    use moeshift_device_comm::nccl::{nccl_available, NcclComm};
+    use moeshift_device_comm::{HostGroup, Launcher, StoreClient, World};
+    use moeshift_sync::Deadline;
+    use moeshift_tensor::DType;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+    const RANKS: usize = 2;
+    const TOP_K: usize = 8;
+    const EXPERTS: usize = 256;
+    const OP_TIMEOUT: Duration = Duration::from_secs(60);
+    const RESULT_TAG: &str = "A2A_BW_RESULT ";
+
+    struct Args {
+        reps: usize,
+        warmup: usize,
+        tokens: usize,
+        hidden: usize,
+        splits_out: Option<String>,
+    }
+
+    fn parse_args() -> Result<Args> {
+        let mut a = Args {
+            reps: 9,
+            warmup: 3,
+            tokens: 4096,
+            hidden: 7168,
+            splits_out: None,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--reps" => a.reps = value()?.parse()?,
+                "--warmup" => a.warmup = value()?.parse()?,
+                "--tokens" => a.tokens = value()?.parse()?,
+                "--hidden" => a.hidden = value()?.parse()?,
+                "--splits-out" => a.splits_out = Some(value()?),
+                other => {
+                    return Err(format!(
+                        "unexpected argument {other:?}; usage: all2all_bw [--reps N] [--warmup N] \
+                     [--tokens N] [--hidden N] [--splits-out FILE]"
+                    )
+                    .into())
+                }
+            }
+        }
+        if a.reps < 5 {
+            return Err("--reps must be at least 5".into());
+        }
+        Ok(a)
+    }
+
+    pub fn main() -> Result<()> {
+        let args = parse_args()?;
+        if std::env::var_os("RANK").is_none() {
+            return launch();
+        }
+        run_rank(&args)
+    }
+
+    /// Starts two ranks of this program and prints rank 0's JSON.
+    fn launch() -> Result<()> {
+        nccl_available()?;
+        let gpus = CudaContext::device_count()?;
+        if gpus < RANKS as i32 {
+            return Err(format!("{gpus} GPU(s) visible; the benchmark needs {RANKS}").into());
+        }
+        let exe = std::env::current_exe()?;
+        let outcome = Launcher::new(RANKS, exe)
+            .args(std::env::args().skip(1))
+            .output(OutputMode::Capture)
+            .timeout(Duration::from_secs(600))
+            .run()?;
+        let json = outcome.ranks.first().and_then(|r| {
+            r.output
+                .iter()
+                .find_map(|line| line.text.strip_prefix(RESULT_TAG))
+        });
+        match (outcome.success(), json) {
+            (true, Some(json)) => {
+                println!("{json}");
+                Ok(())
+            }
+            _ => {
+                for rank in &outcome.ranks {
+                    for line in &rank.output {
+                        eprintln!("[rank {}] {}", rank.rank, line.text);
+                    }
+                }
+                Err(format!("the benchmark ranks failed:\n{}", outcome.summary()).into())
+            }
+        }
+    }
+
+    fn deadline() -> Deadline {
+        Deadline::after(OP_TIMEOUT)
+    }
+
+    /// Keeps freed memory in the device's default pool (what PyTorch's caching allocator
+    /// does), so that per-call buffers are recycled instead of returned to the driver.
+    fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+        ctx.bind_to_thread()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` receives the device's default pool handle; the device is valid.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: the release-threshold attribute takes a pointer to a u64 that outlives
+        // the call.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        }
+        .result()?;
+        Ok(())
+    }
+
+    /// Waits for `stream` with a deadline (polling an event).
+    fn wait(stream: &Arc<CudaStream>) -> Result<()> {
+        let event = stream.record_event(None)?;
+        let d = deadline();
+        while !event.try_is_complete()? {
+            if d.is_expired() {
+                return Err("the GPU did not finish within the deadline".into());
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+
+    /// bf16 bits of `x`, exact for the values used here: integers in -8..=8, whose eighths
+    /// and every partial sum of eighths are exact in bf16 too, so combine must return the
+    /// input rows unchanged.
+    fn bf16_bits(x: f32) -> u16 {
+        (x.to_bits() >> 16) as u16
+    }
+
+    struct Timing {
+        dispatch: f64,
+        combine: f64,
+        total: f64,
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn time_manager<M>(
+        m: &M,
+        comm: &NcclComm,
+        stream: &Arc<CudaStream>,
+        hidden: &CudaSlice<u8>,
+        ids: &CudaSlice<u32>,
+        weights: &CudaSlice<f32>,
+        placement: &ExpertPlacement,
+        args: &Args,
+        expected: &[u8],
+    ) -> Result<(Timing, usize)>
+    where
+        M: for<'a> MoeAll2All<
+            Tokens<'a> = CudaTokens<'a>,
+            LoadCounts<'a> = &'a mut CudaSlice<i64>,
+            ExpertOutputs<'a> = cudarc::driver::CudaView<'a, u8>,
+            Dispatched = CudaDispatched,
+            Combined = CudaSlice<u8>,
+            Error = CudaAll2AllError,
+        >,
+    {
+        let tokens = || {
+            CudaTokens::new(
+                hidden.as_view(),
+                DType::Bf16,
+                args.hidden,
+                ids.as_view(),
+                weights.as_view(),
+                TOP_K,
+            )
+        };
+        let mut barrier_buf = stream.alloc_zeros::<f32>(1)?;
+        let mut load = stream.alloc_zeros::<i64>(EXPERTS)?;
+        // Warm-up, and the identity experts' outputs (the gathered inputs).
+        let d = m.dispatch(tokens(), placement, Some(&mut load), deadline())?;
+        let outputs = d.expert_inputs()?;
+        let received = d.num_rows();
+        for _ in 0..args.warmup {
+            let d = m.dispatch(tokens(), placement, Some(&mut load), deadline())?;
+            let c = m.combine(&d, outputs.as_view(), deadline())?;
+            wait(stream)?;
+            drop(c);
+        }
+        let (mut ds, mut cs, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut last = None;
+        for _ in 0..args.reps {
+            comm.all_reduce_sum(&mut barrier_buf, deadline())?;
+            let t0 = Instant::now();
+            let d = m.dispatch(tokens(), placement, Some(&mut load), deadline())?;
+            let t1 = Instant::now();
+            let c = m.combine(&d, outputs.as_view(), deadline())?;
+            wait(stream)?;
+            let t2 = Instant::now();
+            ds.push((t1 - t0).as_secs_f64());
+            cs.push((t2 - t1).as_secs_f64());
+            ts.push((t2 - t0).as_secs_f64());
+            last = Some(c);
+        }
+        let combined = stream.clone_dtoh(last.as_ref().ok_or("no repetition ran")?)?;
+        if combined != expected {
+            let i = combined
+                .iter()
+                .zip(expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Err(format!(
+                "{}: combined rows differ from the input rows at byte {i}",
+                m.name()
+            )
+            .into());
+        }
+        Ok((
+            Timing {
+                dispatch: median(ds),
+                combine: median(cs),
+                total: median(ts),
+            },
+            received,
+        ))
+    }
+
+    fn run_rank(args: &Args) -> Result<()> {
+        let world = World::from_env()?;
+        if world.world_size() != RANKS {
+            return Err(format!("run with {RANKS} ranks, not {}", world.world_size()).into());
+        }
+        let rank = world.rank();
+        let setup = Deadline::after(Duration::from_secs(120));
+        let store = StoreClient::connect(&world, setup)?;
+        let group = HostGroup::world(&store, setup)?;
+        let version = nccl_available()?;
+        let comm = NcclComm::from_store(
+            &store,
+            rank,
+            RANKS,
+            "all2all_bw/unique_id",
+            world.local_rank(),
+            setup,
+        )?;
+        let stream = comm.stream().clone();
+        keep_pool_memory(stream.context())?;
+        let gpu = stream.context().name()?;
+
+        // Tokens, routing and placement (256 experts, 128 slots per GPU, no redundancy).
+        let (n, h) = (args.tokens, args.hidden);
+        let row_bytes = h * 2;
+        let values: Vec<u16> = (0..n * h)
+            .map(|i| bf16_bits(((i * 7 + rank * 3) % 17) as f32 - 8.0))
+            .collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut rng = StdRng::seed_from_u64(0x5eed_a2a0 + rank as u64);
+        let mut ids: Vec<u32> = Vec::with_capacity(n * TOP_K);
+        for _ in 0..n {
+            ids.extend(
+                rand::seq::index::sample(&mut rng, EXPERTS, TOP_K)
+                    .into_iter()
+                    .map(|e| e as u32),
+            );
+        }
+        let weights = vec![1.0f32 / TOP_K as f32; n * TOP_K];
+        let phy2log: Vec<i64> = (0..EXPERTS as i64).collect();
+        let placement = ExpertPlacement::from_phy2log(0, &phy2log, EXPERTS, RANKS)?;
+        let hidden = stream.clone_htod(&bytes)?;
+        let ids_dev = stream.clone_htod(&ids)?;
+        let weights_dev = stream.clone_htod(&weights)?;
+
+        // Rows sent to each rank by the all-to-all-v routing (the managers' own rule).
+        let spr = placement.slots_per_rank();
+        let mut send_rows = [0u64; RANKS];
+        for t in 0..n {
+            let mut seen = [false; RANKS];
+            for k in 0..TOP_K {
+                let e = ids[t * TOP_K + k] as usize;
+                let slot = placement
+                    .route(token_key(rank, t), k, e)
+                    .ok_or("routing failed")?;
+                seen[slot / spr] = true;
+            }
+            for (d, s) in seen.iter().enumerate() {
+                send_rows[d] += u64::from(*s);
+            }
+        }
+        let mine: Vec<u8> = send_rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = group.all_gather(&mine, setup)?;
+        let matrix: Vec<Vec<u64>> = all
+            .iter()
+            .map(|b| {
+                b.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect()
+            })
+            .collect();
+
+        let workspace = Workspace::new(
+            RANKS,
+            EpGroupShape {
+                dp: RANKS,
+                pcp: 1,
+                tp: 1,
+            },
+            WorkspaceConfig {
+                top_k: TOP_K,
+                num_experts: EXPERTS,
+                elem_bytes: 2,
+            },
+            WorkspaceCapacity {
+                max_tokens_per_rank: n,
+                hidden_size: h,
+                extra_bytes_per_token: 0,
+            },
+        )?;
+        let agrs = CudaAgRsManager::new(&comm)?;
+        let a2av = CudaAllToAllVManager::new(&comm)?;
+        let one_sided = CudaOneSidedManager::new(&comm, &group, workspace, setup)?;
+
+        let peer = 1 - rank;
+        let cross_a2av = (send_rows[peer] + matrix[peer][rank]) as f64 * row_bytes as f64 * 2.0;
+        let cross_agrs = (2 * n) as f64 * row_bytes as f64 * 2.0;
+        let mut fields: Vec<String> = Vec::new();
+        let mut report = |name: &str, t: &Timing, bytes: f64| {
+            fields.push(format!(
+                "\"{name}\": {{\"dispatch_ms\": {:.4}, \"combine_ms\": {:.4}, \"total_ms\": {:.4}, \
+                 \"bytes_per_gpu\": {bytes:.0}, \"GBps_per_gpu\": {:.3}}}",
+                t.dispatch * 1e3,
+                t.combine * 1e3,
+                t.total * 1e3,
+                bytes / t.total / 1e9
+            ));
+        };
+        let common = (&comm, &stream, &hidden, &ids_dev, &weights_dev, &placement);
+        let (t, received) = time_manager(
+            &agrs, common.0, common.1, common.2, common.3, common.4, common.5, args, &bytes,
+        )?;
+        if received != 2 * n {
+            return Err(format!("agrs received {received} rows, expected {}", 2 * n).into());
+        }
+        report("allgather_reducescatter", &t, cross_agrs);
+        let (t, _) = time_manager(
+            &a2av, common.0, common.1, common.2, common.3, common.4, common.5, args, &bytes,
+        )?;
+        report("all_to_all_v", &t, cross_a2av);
+        let (t, _) = time_manager(
+            &one_sided, common.0, common.1, common.2, common.3, common.4, common.5, args, &bytes,
+        )?;
+        report("one_sided_ipc", &t, cross_a2av);
+
+        if rank == 0 {
+            if let Some(path) = &args.splits_out {
+                let rows: Vec<String> = matrix
+                    .iter()
+                    .map(|r| {
+                        let v: Vec<String> = r.iter().map(u64::to_string).collect();
+                        format!("[{}]", v.join(", "))
+                    })
+                    .collect();
+                std::fs::write(
+                    path,
+                    format!(
+                        "{{\"ranks\": {RANKS}, \"tokens_per_rank\": {n}, \"hidden\": {h}, \
+                         \"dtype\": \"bf16\", \"send_rows\": [{}]}}\n",
+                        rows.join(", ")
+                    ),
+                )?;
+            }
+            println!(
+                "{RESULT_TAG}{{\"bench\": \"all2all_bw\", \"impl\": \"moeshift\", \"gpu\": \"{}\", \
+                 \"nccl\": \"{version}\", \"ranks\": {RANKS}, \"tokens_per_rank\": {n}, \
+                 \"hidden\": {h}, \"dtype\": \"bf16\", \"top_k\": {TOP_K}, \"experts\": {EXPERTS}, \
+                 \"reps\": {}, \"warmup\": {}, \"send_rows\": {:?}, \"verified\": true, \
+                 \"timing\": \"rank 0 wall clock, median; each repetition starts after an NCCL \
+                 barrier; dispatch returns when its rows arrived, combine when its output is \
+                 ready; GBps = token-row bytes sent to + received from the other GPU in dispatch \
+                 and combine / total\", \"managers\": {{{}}}}}",
+                gpu.replace('"', "'"),
+                args.reps,
+                args.warmup,
+                matrix,
+                fields.join(", ")
+            );
+        }
+        drop((agrs, a2av));
+        one_sided.close(deadline())?;
+        comm.close(deadline())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,689 @@
+//! What the CUDA managers share: their input type [`CudaTokens`], the calling context that
+//! names ranks in errors, the per-manager engine (kernels, side stream, call counter), the
+//! one-upload staging of host tables, waits with deadlines, the header exchange over NCCL,
+//! and the routing of a rank's own picks.
+//!
+//! # Data path
+//!
+//! Token rows (bf16, f16 or f32, handled as raw bytes) stay on the GPU: they move between
+//! ranks through NCCL (or, for the one-sided manager, `cuMemcpyDtoDAsync` into CUDA IPC
+//! mappings), are gathered and reduced by this crate's own kernels, and the combined rows
+//! are written by a kernel on the manager's stream. The routing tables (which row goes
+//! where) are computed on the host from the top-k ids, which costs **one small
+//! device-to-host copy per dispatch** of the router output (`tokens × top_k` ids and
+//! weights, 8 bytes per pick) and, on the receiving side, one of the pick metadata that
+//! arrived with the rows. The EPLB load hook counts picks per physical slot with an atomic
+//! add kernel on the manager's stream, with no host synchronisation of its own.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DeviceSlice, DriverError};
+use moeshift_sync::Deadline;
+use moeshift_tensor::DType;
+
+use super::cuda_error::CudaAll2AllError;
+use super::cuda_wire::{check_headers, DeviceHeader, HeaderErrors};
+use super::error::All2AllError;
+use super::kernels::{Elem, Kernels, LaunchError};
+use super::placement::ExpertPlacement;
+use super::replica::{token_key, MAX_TOP_K};
+use crate::error::RankRef;
+use crate::nccl::{NcclComm, NcclError};
+
+/// One rank's routed tokens on its GPU: hidden-state rows (`num_tokens × hidden_size`
+/// elements of `dtype`, row-major, as bytes) with the router's top-k logical expert ids
+/// (32-bit) and weights (`f32`), row-major `num_tokens × top_k` each.
+///
+/// Building one checks nothing; dispatch checks shapes, the element type (bf16, f16 or
+/// f32), the device and the ids, and reports errors that name the rank, the layer, the
+/// token and the pick.
+#[derive(Debug)]
+pub struct CudaTokens<'a> {
+    pub(crate) hidden: CudaView<'a, u8>,
+    pub(crate) dtype: DType,
+    pub(crate) hidden_size: usize,
+    pub(crate) topk_ids: CudaView<'a, u32>,
+    pub(crate) topk_weights: CudaView<'a, f32>,
+    pub(crate) top_k: usize,
+}
+
+impl<'a> CudaTokens<'a> {
+    /// Tokens from device views: `hidden` holds `num_tokens × hidden_size` elements of
+    /// `dtype`; `topk_ids` and `topk_weights` hold `num_tokens × top_k` entries;
+    /// `num_tokens` is `topk_ids.len() / top_k`.
+    pub fn new(
+        hidden: CudaView<'a, u8>,
+        dtype: DType,
+        hidden_size: usize,
+        topk_ids: CudaView<'a, u32>,
+        topk_weights: CudaView<'a, f32>,
+        top_k: usize,
+    ) -> Self {
+        Self {
+            hidden,
+            dtype,
+            hidden_size,
+            topk_ids,
+            topk_weights,
+            top_k,
+        }
+    }
+
+    /// Number of tokens (`topk_ids.len() / top_k`; 0 when `top_k` is 0).
+    pub fn num_tokens(&self) -> usize {
+        self.topk_ids.len().checked_div(self.top_k).unwrap_or(0)
+    }
+
+    /// Elements per row.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// Experts per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Element type of the rows.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// The element kernels use for `dtype`, and its code in headers.
+pub(crate) fn elem_of(dtype: DType) -> Option<(Elem, u8)> {
+    match dtype {
+        DType::Bf16 => Some((Elem::Bf16, 1)),
+        DType::F16 => Some((Elem::F16, 2)),
+        DType::F32 => Some((Elem::F32, 3)),
+        _ => None,
+    }
+}
+
+/// The rank, manager, operation and layer of one call: names ranks in errors.
+pub(crate) struct Call<'c> {
+    pub comm: &'c NcclComm,
+    pub manager: &'static str,
+    pub op: &'static str,
+    pub layer: usize,
+    /// Global rank of each group rank (empty: the same numbers).
+    pub globals: &'c [usize],
+}
+
+impl Call<'_> {
+    pub(crate) fn me(&self) -> RankRef {
+        self.peer(self.comm.rank())
+    }
+
+    pub(crate) fn peer(&self, r: usize) -> RankRef {
+        RankRef {
+            local: r,
+            global: self.globals.get(r).copied().unwrap_or(r),
+        }
+    }
+
+    pub(crate) fn device(&self) -> usize {
+        self.comm.device_ordinal()
+    }
+
+    pub(crate) fn cuda(&self, call: &'static str) -> impl FnOnce(DriverError) -> CudaAll2AllError {
+        let (rank, device, manager, op, layer) =
+            (self.me(), self.device(), self.manager, self.op, self.layer);
+        move |source| CudaAll2AllError::Cuda {
+            rank,
+            device,
+            manager,
+            op,
+            layer,
+            call,
+            source,
+        }
+    }
+
+    pub(crate) fn nccl(&self) -> impl FnOnce(NcclError) -> CudaAll2AllError {
+        let (rank, manager, op, layer) = (self.me(), self.manager, self.op, self.layer);
+        move |source| CudaAll2AllError::Nccl {
+            rank,
+            manager,
+            op,
+            layer,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn launch(
+        &self,
+        kernel: &'static str,
+    ) -> impl FnOnce(LaunchError) -> CudaAll2AllError {
+        let (rank, device, manager, op, layer) =
+            (self.me(), self.device(), self.manager, self.op, self.layer);
+        move |e| match e {
+            LaunchError::Driver(source) => CudaAll2AllError::Cuda {
+                rank,
+                device,
+                manager,
+                op,
+                layer,
+                call: kernel,
+                source,
+            },
+            LaunchError::TooLarge { what, value } => CudaAll2AllError::TooLarge {
+                rank,
+                manager,
+                op,
+                layer,
+                what,
+                value,
+            },
+        }
+    }
+
+    pub(crate) fn too_large(&self, what: &'static str, value: usize) -> CudaAll2AllError {
+        CudaAll2AllError::TooLarge {
+            rank: self.me(),
+            manager: self.manager,
+            op: self.op,
+            layer: self.layer,
+            what,
+            value,
+        }
+    }
+
+    pub(crate) fn tokens(&self, detail: String) -> CudaAll2AllError {
+        All2AllError::Tokens {
+            rank: self.me(),
+            manager: self.manager,
+            layer: self.layer,
+            detail,
+        }
+        .into()
+    }
+
+    pub(crate) fn malformed(&self, peer: usize, detail: String) -> CudaAll2AllError {
+        All2AllError::Malformed {
+            rank: self.me(),
+            peer: self.peer(peer),
+            manager: self.manager,
+            op: self.op,
+            layer: self.layer,
+            detail,
+        }
+        .into()
+    }
+
+    pub(crate) fn mismatch_error(
+        &self,
+        peer: usize,
+        field: &'static str,
+        ours: u64,
+        theirs: u64,
+    ) -> CudaAll2AllError {
+        HeaderErrors::mismatch(self, peer, field, ours, theirs).into()
+    }
+
+    /// Waits (polling, with the deadline) until the work queued on `stream` so far is done.
+    pub(crate) fn wait(
+        &self,
+        stream: &CudaStream,
+        what: &'static str,
+        deadline: Deadline,
+    ) -> Result<(), CudaAll2AllError> {
+        let event = stream
+            .record_event(None)
+            .map_err(self.cuda("cuEventRecord"))?;
+        let started = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            if event.try_is_complete().map_err(self.cuda("cuEventQuery"))? {
+                return Ok(());
+            }
+            if deadline.is_expired() {
+                return Err(CudaAll2AllError::Timeout {
+                    rank: self.me(),
+                    device: self.device(),
+                    manager: self.manager,
+                    op: self.op,
+                    layer: self.layer,
+                    what,
+                    waited: started.elapsed(),
+                });
+            }
+            polls = polls.saturating_add(1);
+            if polls < 4096 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Copies `view` to the host once `stream` is idle (waited for with the deadline).
+    pub(crate) fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        stream: &Arc<CudaStream>,
+        view: &CudaView<'_, T>,
+        deadline: Deadline,
+    ) -> Result<Vec<T>, CudaAll2AllError> {
+        if view.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.wait(stream, "the work before a device-to-host copy", deadline)?;
+        let mut out = vec![T::default(); view.len()];
+        stream
+            .memcpy_dtoh(view, &mut out)
+            .map_err(self.cuda("cuMemcpyDtoHAsync"))?;
+        Ok(out)
+    }
+}
+
+impl HeaderErrors for Call<'_> {
+    fn rejected(&self, peer: usize) -> All2AllError {
+        All2AllError::PeerRejected {
+            rank: self.me(),
+            peer: self.peer(peer),
+            manager: self.manager,
+            op: self.op,
+            layer: self.layer,
+        }
+    }
+
+    fn mismatch(&self, peer: usize, field: &'static str, ours: u64, theirs: u64) -> All2AllError {
+        All2AllError::PeerMismatch {
+            rank: self.me(),
+            peer: self.peer(peer),
+            manager: self.manager,
+            op: self.op,
+            layer: self.layer,
+            field,
+            ours,
+            theirs,
+        }
+    }
+}
+
+/// What every CUDA manager holds besides its communicator.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    pub kernels: Arc<Kernels>,
+    /// A second stream of the communicator's device, for copies that overlap NCCL.
+    pub side: Arc<CudaStream>,
+    /// Unique per manager in this process: combine refuses another manager's dispatch.
+    pub id: u64,
+    pub globals: Vec<usize>,
+    seq: Cell<u32>,
+}
+
+impl Engine {
+    /// Loads the kernels on `comm`'s device.
+    pub(crate) fn new(comm: &NcclComm, manager: &'static str) -> Result<Self, CudaAll2AllError> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let ctx = comm.stream().context().clone();
+        let device = comm.device_ordinal();
+        let kernels = Kernels::load(&ctx).map_err(|e| CudaAll2AllError::Kernels {
+            device,
+            manager,
+            source: e.source,
+            log: e.log,
+        })?;
+        let setup = Call {
+            comm,
+            manager,
+            op: "setup",
+            layer: 0,
+            globals: &[],
+        };
+        let side = ctx.new_stream().map_err(setup.cuda("cuStreamCreate"))?;
+        Ok(Self {
+            kernels: Arc::new(kernels),
+            side,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            globals: Vec::new(),
+            seq: Cell::new(0),
+        })
+    }
+
+    /// The number of this call (every rank's manager counts the same calls).
+    pub(crate) fn next_seq(&self) -> u32 {
+        let s = self.seq.get();
+        self.seq.set(s.wrapping_add(1));
+        s
+    }
+}
+
+/// Sets the global rank of every EP rank (`globals[r]` for group rank `r`), used in errors.
+pub(crate) fn set_globals(
+    engine: &mut Engine,
+    comm: &NcclComm,
+    manager: &'static str,
+    globals: Vec<usize>,
+) -> Result<(), CudaAll2AllError> {
+    if globals.len() != comm.world_size() {
+        return Err(CudaAll2AllError::Setup {
+            rank: RankRef {
+                local: comm.rank(),
+                global: comm.rank(),
+            },
+            manager,
+            detail: format!(
+                "{} global ranks given for an EP communicator of {}",
+                globals.len(),
+                comm.world_size()
+            ),
+        });
+    }
+    engine.globals = globals;
+    Ok(())
+}
+
+/// A section of an upload: byte offset and length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Section {
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Host tables gathered into one buffer so that they reach the GPU in one copy.
+#[derive(Debug, Default)]
+pub(crate) struct Staging {
+    bytes: Vec<u8>,
+}
+
+impl Staging {
+    fn align(&mut self) {
+        let pad = self.bytes.len().next_multiple_of(16) - self.bytes.len();
+        self.bytes.extend(std::iter::repeat_n(0u8, pad));
+    }
+
+    pub(crate) fn bytes(&mut self, data: &[u8]) -> Section {
+        self.align();
+        let offset = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        Section {
+            offset,
+            len: data.len(),
+        }
+    }
+
+    pub(crate) fn u32s(&mut self, data: &[u32]) -> Section {
+        self.align();
+        let offset = self.bytes.len();
+        for v in data {
+            self.bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        Section {
+            offset,
+            len: data.len() * 4,
+        }
+    }
+
+    pub(crate) fn f32s(&mut self, data: &[f32]) -> Section {
+        self.align();
+        let offset = self.bytes.len();
+        for v in data {
+            self.bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        Section {
+            offset,
+            len: data.len() * 4,
+        }
+    }
+
+    /// Copies everything to a new device buffer on `stream` (which must be idle or only
+    /// hold this manager's bounded work: the copy from pageable memory synchronises it).
+    pub(crate) fn upload(
+        &self,
+        call: &Call<'_>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<CudaSlice<u8>, CudaAll2AllError> {
+        if self.bytes.is_empty() {
+            return empty_slice(stream).map_err(call.cuda("cuMemAllocAsync"));
+        }
+        stream
+            .clone_htod(&self.bytes)
+            .map_err(call.cuda("cuMemcpyHtoDAsync"))
+    }
+}
+
+/// Device address of `buf` (its pending writes ordered before `stream`).
+pub(crate) fn addr<T, B: DevicePtr<T>>(buf: &B, stream: &CudaStream) -> u64 {
+    let (ptr, record) = buf.device_ptr(stream);
+    drop(record);
+    ptr
+}
+
+/// A slice of length 0 on `stream`, backed by a 1-byte allocation: the driver refuses
+/// 0-byte allocations (`cuMemAlloc`), so empty buffers never ask it for one.
+pub(crate) fn empty_slice(stream: &Arc<CudaStream>) -> Result<CudaSlice<u8>, DriverError> {
+    // SAFETY: one byte that nothing reads.
+    let one = unsafe { stream.alloc::<u8>(1) }?;
+    let ptr = one.leak();
+    // SAFETY: `ptr` is a live 1-byte allocation made on `stream`, owned by nothing else
+    // after `leak`; the new slice frees it on drop and covers none of its bytes.
+    Ok(unsafe { stream.upgrade_device_ptr::<u8>(ptr, 0) })
+}
+
+/// `len` uninitialised bytes on `stream` (every byte is written before it is read).
+pub(crate) fn alloc_bytes(
+    call: &Call<'_>,
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<u8>, CudaAll2AllError> {
+    if len == 0 {
+        return empty_slice(stream).map_err(call.cuda("cuMemAllocAsync"));
+    }
+    // SAFETY: `u8` accepts any bit pattern; callers overwrite the bytes they read.
+    unsafe { stream.alloc::<u8>(len) }.map_err(call.cuda("cuMemAllocAsync"))
+}
+
+/// Exchanges one header with every rank over NCCL: `send` holds `size` headers (for ranks
+/// `0..size`, in a device buffer); returns the `size` headers received.
+pub(crate) fn exchange_headers(
+    call: &Call<'_>,
+    send: &CudaView<'_, u8>,
+    deadline: Deadline,
+) -> Result<Vec<DeviceHeader>, CudaAll2AllError> {
+    let comm = call.comm;
+    let size = comm.world_size();
+    let stream = comm.stream();
+    let mut recv = stream
+        .alloc_zeros::<u8>(size * DeviceHeader::LEN)
+        .map_err(call.cuda("cuMemAllocAsync"))?;
+    let counts = vec![DeviceHeader::LEN; size];
+    comm.all_to_all_v(send, &counts, &mut recv, &counts, deadline)
+        .map_err(call.nccl())?;
+    let bytes = call.download(stream, &recv.as_view(), deadline)?;
+    bytes
+        .chunks_exact(DeviceHeader::LEN)
+        .enumerate()
+        .map(|(r, b)| DeviceHeader::read(b).map_err(|d| call.malformed(r, d)))
+        .collect()
+}
+
+/// Checks every rank's header against `ours` (see [`check_headers`]).
+pub(crate) fn check_all(
+    call: &Call<'_>,
+    headers: &[DeviceHeader],
+    ours: &DeviceHeader,
+) -> Result<(), CudaAll2AllError> {
+    check_headers(headers, ours, call).map_err(CudaAll2AllError::from)
+}
+
+/// This rank's checked and routed batch.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub n: usize,
+    /// Physical slot of every pick, `n × top_k`.
+    pub slots: Vec<u32>,
+    /// Router weight of every pick, `n × top_k`.
+    pub weights: Vec<f32>,
+    pub elem: Elem,
+    pub dtype_code: u8,
+    pub row_bytes: usize,
+}
+
+/// The element type and row size of `tokens`, checked.
+pub(crate) fn row_format(
+    call: &Call<'_>,
+    tokens: &CudaTokens<'_>,
+) -> Result<(Elem, u8, usize), CudaAll2AllError> {
+    let (elem, code) = elem_of(tokens.dtype).ok_or_else(|| {
+        call.tokens(format!(
+            "rows of {} are not supported: bfloat16, float16 and float32 are",
+            tokens.dtype.name()
+        ))
+    })?;
+    if tokens.hidden_size == 0 || u32::try_from(tokens.hidden_size).is_err() {
+        return Err(call.tokens(format!(
+            "hidden size {} is not in 1..=u32::MAX",
+            tokens.hidden_size
+        )));
+    }
+    let row_bytes = tokens
+        .hidden_size
+        .checked_mul(elem.bytes())
+        .ok_or_else(|| call.tokens(format!("hidden size {} overflows", tokens.hidden_size)))?;
+    Ok((elem, code, row_bytes))
+}
+
+/// Checks `tokens` against `placement` and the communicator, copies the router output to
+/// the host (the one device-to-host copy of a dispatch) and routes every pick to its
+/// physical slot with [`replica_index`](super::replica_index).
+pub(crate) fn prepare(
+    call: &Call<'_>,
+    tokens: &CudaTokens<'_>,
+    placement: &ExpertPlacement,
+    load_len: Option<usize>,
+    deadline: Deadline,
+) -> Result<Prepared, CudaAll2AllError> {
+    let comm = call.comm;
+    if placement.ep_size() != comm.world_size() {
+        return Err(All2AllError::PlacementGroup {
+            rank: call.me(),
+            group: format!("NCCL EP communicator on device {}", call.device()),
+            layer: call.layer,
+            placement_ep_size: placement.ep_size(),
+            group_size: comm.world_size(),
+        }
+        .into());
+    }
+    let (elem, dtype_code, row_bytes) = row_format(call, tokens)?;
+    let top_k = tokens.top_k;
+    if top_k == 0 || top_k > MAX_TOP_K {
+        return Err(call.tokens(format!("top-k {top_k} is not in 1..={MAX_TOP_K}")));
+    }
+    let ids_len = tokens.topk_ids.len();
+    if ids_len % top_k != 0 {
+        return Err(call.tokens(format!(
+            "{ids_len} top-k ids are not a whole number of tokens of top-k {top_k}"
+        )));
+    }
+    let n = ids_len / top_k;
+    if u32::try_from(ids_len).is_err() {
+        return Err(call.tokens(format!(
+            "{n} tokens × top-k {top_k} is more than one batch can hold"
+        )));
+    }
+    if tokens.topk_weights.len() != ids_len {
+        return Err(call.tokens(format!(
+            "{} top-k weights for {ids_len} top-k ids ({n} tokens × top-k {top_k})",
+            tokens.topk_weights.len()
+        )));
+    }
+    if Some(tokens.hidden.len()) != n.checked_mul(row_bytes) {
+        return Err(call.tokens(format!(
+            "{} bytes of rows for {n} tokens × hidden size {} × {} bytes",
+            tokens.hidden.len(),
+            tokens.hidden_size,
+            elem.bytes()
+        )));
+    }
+    let device = call.device();
+    for (what, ordinal) in [
+        ("rows", tokens.hidden.stream().context().ordinal()),
+        ("top-k ids", tokens.topk_ids.stream().context().ordinal()),
+        (
+            "top-k weights",
+            tokens.topk_weights.stream().context().ordinal(),
+        ),
+    ] {
+        if ordinal != device {
+            return Err(call.tokens(format!(
+                "the {what} are on device {ordinal}, the EP communicator on device {device}"
+            )));
+        }
+    }
+    if let Some(len) = load_len {
+        if len != placement.num_physical() {
+            return Err(All2AllError::LoadCounter {
+                rank: call.me(),
+                manager: call.manager,
+                layer: call.layer,
+                len,
+                expected: placement.num_physical(),
+            }
+            .into());
+        }
+    }
+
+    // The router output reaches the host: one small copy, after the caller's work on it.
+    let stream = comm.stream();
+    for s in [
+        tokens.hidden.stream(),
+        tokens.topk_ids.stream(),
+        tokens.topk_weights.stream(),
+    ] {
+        if s.cu_stream() != stream.cu_stream() {
+            stream.join(s).map_err(call.cuda("cuStreamWaitEvent"))?;
+        }
+    }
+    let ids = call.download(stream, &tokens.topk_ids, deadline)?;
+    let weights = call.download(stream, &tokens.topk_weights, deadline)?;
+
+    let me = comm.rank();
+    let mut slots = Vec::with_capacity(ids_len);
+    for (i, &e) in ids.iter().enumerate() {
+        let (t, k) = (i / top_k, i % top_k);
+        let slot = placement.route(token_key(me, t), k, e as usize).ok_or(
+            All2AllError::UnknownExpert {
+                rank: call.me(),
+                manager: call.manager,
+                layer: call.layer,
+                token: t,
+                k,
+                expert: e,
+                num_logical: placement.num_logical(),
+            },
+        )?;
+        slots.push(slot as u32);
+    }
+    Ok(Prepared {
+        n,
+        slots,
+        weights,
+        elem,
+        dtype_code,
+        row_bytes,
+    })
+}
+
+/// Queues the load hook: `load[slot] += 1` for every pick in `slots` (a device section of
+/// `count` `u32`), on the communicator's stream.
+pub(crate) fn count_load(
+    call: &Call<'_>,
+    kernels: &Kernels,
+    load: &mut CudaSlice<i64>,
+    slots_ptr: u64,
+    count: usize,
+) -> Result<(), CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let (ptr, record) = cudarc::driver::DevicePtrMut::device_ptr_mut(load, stream);
+    // SAFETY: `load` has one counter per physical slot (checked) and every slot in the
+    // section is a physical slot of the placement; both live until the kernel is done
+    // (the section's buffer is freed in stream order after it).
+    let launched = unsafe { kernels.count_slots(stream.cu_stream(), ptr, slots_ptr, count) };
+    drop(record);
+    launched.map_err(call.launch("count_slots"))
+}

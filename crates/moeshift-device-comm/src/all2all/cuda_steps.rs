@@ -1,0 +1,349 @@
+//! Steps the CUDA managers share: moving blocks between ranks (NCCL for peers, a copy on
+//! the side stream for the rank itself), building a [`CudaDispatched`] from the received
+//! pick metadata, the combine checks, and the two reductions of combine.
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaSlice, CudaStream, CudaView, DevicePtrMut, DeviceSlice};
+use moeshift_sync::Deadline;
+use moeshift_tensor::DType;
+
+use super::cuda::{addr, alloc_bytes, count_load, Call, Engine, Section, Staging};
+use super::cuda_dispatched::{CudaDispatched, CudaRoute, Tables};
+use super::cuda_error::CudaAll2AllError;
+use super::cuda_plan::{parse_received, Foreign, Received};
+use super::cuda_wire::{DeviceHeader, COMBINE};
+use super::error::All2AllError;
+use super::kernels::Elem;
+use super::placement::ExpertPlacement;
+use super::wire::STATUS_OK;
+use crate::nccl::P2pOp;
+
+/// One transfer between this rank and a peer: `send` bytes at a device address go to the
+/// peer, `recv` bytes from the peer land at a device address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Block {
+    pub send: (u64, usize),
+    pub recv: (u64, usize),
+}
+
+/// Moves `blocks[p]` for every group rank `p`: NCCL grouped sends and receives with the
+/// peers, and copies on the side stream for this rank's own blocks (overlapping the NCCL
+/// transfers). Every address is device memory of this rank's GPU, ordered on the
+/// communicator's stream, alive until this returns.
+pub(crate) fn exchange_blocks(
+    call: &Call<'_>,
+    engine: &Engine,
+    blocks: &[Vec<Block>],
+    deadline: Deadline,
+) -> Result<(), CudaAll2AllError> {
+    let comm = call.comm;
+    let me = comm.rank();
+    let stream = comm.stream();
+    let own = blocks.get(me).map(Vec::as_slice).unwrap_or_default();
+    let local = own.iter().any(|b| b.send.1 > 0);
+    if local {
+        engine
+            .side
+            .join(stream)
+            .map_err(call.cuda("cuStreamWaitEvent"))?;
+        for b in own {
+            if b.send.1 != b.recv.1 {
+                return Err(call.malformed(
+                    me,
+                    format!(
+                        "this rank sends itself {} bytes but expects {}",
+                        b.send.1, b.recv.1
+                    ),
+                ));
+            }
+            if b.send.1 == 0 {
+                continue;
+            }
+            // SAFETY: both ranges are device memory of this context that the caller keeps
+            // alive and unused by other work until the side stream is joined below.
+            unsafe {
+                result::memcpy_dtod_async(b.recv.0, b.send.0, b.send.1, engine.side.cu_stream())
+            }
+            .map_err(call.cuda("cuMemcpyDtoDAsync"))?;
+        }
+    }
+    let mut ops: Vec<P2pOp<'static>> = Vec::new();
+    for (peer, list) in blocks.iter().enumerate() {
+        if peer == me {
+            continue;
+        }
+        for b in list {
+            // SAFETY: the caller guarantees the memory (see above); earlier writes are on
+            // the communicator's stream.
+            ops.push(unsafe { P2pOp::send_raw(peer, b.send.0, b.send.1) });
+        }
+        for b in list {
+            // SAFETY: as above, and nothing else reads or writes the receive ranges.
+            ops.push(unsafe { P2pOp::recv_raw(peer, b.recv.0, b.recv.1) });
+        }
+    }
+    let sent = comm.grouped(&ops, deadline).map_err(call.nccl());
+    if local {
+        // Later work on the stream (and the frees of these buffers) waits for the copies.
+        stream
+            .join(&engine.side)
+            .map_err(call.cuda("cuStreamWaitEvent"))?;
+    }
+    sent
+}
+
+/// What a dispatch received, to be turned into a [`CudaDispatched`].
+pub(crate) struct Arrived<'a> {
+    pub placement: &'a ExpertPlacement,
+    pub dtype: DType,
+    pub elem: Elem,
+    pub hidden_size: usize,
+    pub row_bytes: usize,
+    pub top_k: usize,
+    /// The received rows, `rows_from` rows per source in rank order.
+    pub rows: CudaSlice<u8>,
+    pub rows_from: Vec<usize>,
+    /// Their pick metadata, on the host.
+    pub meta: Vec<u8>,
+    pub foreign: Foreign,
+    /// This rank's tokens.
+    pub n: usize,
+    /// Segment lists of the final sum (offsets, rows of the returned block).
+    pub token_segments: (Vec<u32>, Vec<u32>),
+    pub route: CudaRoute,
+}
+
+/// Parses the metadata into work items, uploads the tables combine needs, queues the load
+/// hook (`slots`: this rank's picks), and builds the result.
+pub(crate) fn finish_dispatch(
+    call: &Call<'_>,
+    engine: &Engine,
+    arrived: Arrived<'_>,
+    load: Option<(&mut CudaSlice<i64>, &[u32])>,
+) -> Result<CudaDispatched, CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let num_rows: usize = arrived.rows_from.iter().sum();
+    let items = parse_received(
+        &arrived.meta,
+        &arrived.rows_from,
+        arrived.top_k,
+        arrived.placement,
+        call.comm.rank(),
+        arrived.foreign,
+    )
+    .map_err(|(src, detail)| call.malformed(src, detail))?;
+    if u32::try_from(items.len()).is_err() {
+        return Err(call.too_large("work items", items.len()));
+    }
+    let received = Received::organize(items, num_rows, arrived.placement.slots_per_rank());
+    let mut st = Staging::default();
+    let (token_offsets, token_rows) = &arrived.token_segments;
+    let sections = Tables {
+        row_offsets: st.u32s(&received.row_offsets),
+        row_items: st.u32s(&received.row_items),
+        row_weights: st.f32s(&received.row_weights),
+        item_rows: st.u32s(&received.item_rows),
+        token_offsets: st.u32s(token_offsets),
+        token_rows: st.u32s(token_rows),
+    };
+    let load_slots = load.as_ref().map(|(_, slots)| st.u32s(slots));
+    let tables = st.upload(call, stream)?;
+    if let (Some((counter, slots)), Some(section)) = (load, load_slots) {
+        let base = addr(&tables, stream);
+        count_load(
+            call,
+            &engine.kernels,
+            counter,
+            base + section.offset as u64,
+            slots.len(),
+        )?;
+    }
+    Ok(CudaDispatched {
+        manager: call.manager,
+        manager_id: engine.id,
+        rank: call.me(),
+        device: call.device(),
+        layer: call.layer,
+        hidden_size: arrived.hidden_size,
+        dtype: arrived.dtype,
+        elem: arrived.elem,
+        row_bytes: arrived.row_bytes,
+        rows: arrived.rows,
+        num_rows,
+        items: received.items,
+        slot_offsets: received.slot_offsets,
+        tables,
+        sections,
+        num_local_tokens: arrived.n,
+        route: arrived.route,
+        kernels: engine.kernels.clone(),
+    })
+}
+
+/// Checks that combine may use `dispatched` (this manager's) with `outputs`.
+pub(crate) fn check_combine(
+    call: &Call<'_>,
+    engine: &Engine,
+    dispatched: &CudaDispatched,
+    outputs: &CudaView<'_, u8>,
+) -> Result<(), CudaAll2AllError> {
+    if dispatched.manager_id != engine.id || dispatched.manager != call.manager {
+        return Err(All2AllError::ForeignDispatch {
+            rank: call.me(),
+            manager: call.manager,
+            detail: format!(
+                "the dispatch came from another manager ({} #{}), not this one (#{})",
+                dispatched.manager, dispatched.manager_id, engine.id
+            ),
+        }
+        .into());
+    }
+    if outputs.len() != dispatched.expert_outputs_len() {
+        return Err(All2AllError::ExpertOutputs {
+            rank: call.me(),
+            manager: call.manager,
+            layer: dispatched.layer,
+            len: outputs.len() / dispatched.elem.bytes(),
+            items: dispatched.items.len(),
+            hidden_size: dispatched.hidden_size,
+        }
+        .into());
+    }
+    let ordinal = outputs.stream().context().ordinal();
+    if ordinal != call.device() {
+        return Err(call.tokens(format!(
+            "the expert outputs are on device {ordinal}, the EP communicator on device {}",
+            call.device()
+        )));
+    }
+    let stream = call.comm.stream();
+    if outputs.stream().cu_stream() != stream.cu_stream() {
+        stream
+            .join(outputs.stream())
+            .map_err(call.cuda("cuStreamWaitEvent"))?;
+    }
+    Ok(())
+}
+
+/// The combine header this rank sends to `dest`, announcing `rows` rows.
+pub(crate) fn combine_header(
+    dispatched: &CudaDispatched,
+    manager: u8,
+    dtype_code: u8,
+    seq: u32,
+    rows: usize,
+) -> DeviceHeader {
+    DeviceHeader {
+        magic: COMBINE,
+        status: STATUS_OK,
+        tokens: 0,
+        rows: rows as u64,
+        combine_offset: 0,
+        hidden_size: dispatched.hidden_size as u32,
+        top_k: 0,
+        layer: dispatched.layer as u64,
+        fingerprint: 0,
+        dtype: dtype_code,
+        manager,
+        flags: 0,
+        seq,
+    }
+}
+
+/// Checks that every peer announces the rows this rank expects from it.
+pub(crate) fn check_rows(
+    call: &Call<'_>,
+    headers: &[DeviceHeader],
+    expected: &[usize],
+) -> Result<(), CudaAll2AllError> {
+    for (peer, (h, &want)) in headers.iter().zip(expected).enumerate() {
+        if h.rows != want as u64 {
+            return Err(call.mismatch_error(peer, "row count for this rank", want as u64, h.rows));
+        }
+    }
+    Ok(())
+}
+
+/// `partial[r] = Σ weight · output` over the items of every received row (f32 accumulation
+/// in item order, rounded once to the row type).
+pub(crate) fn partial_sums(
+    call: &Call<'_>,
+    dispatched: &CudaDispatched,
+    outputs: &CudaView<'_, u8>,
+) -> Result<CudaSlice<u8>, CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let mut partial = alloc_bytes(call, stream, dispatched.num_rows * dispatched.row_bytes)?;
+    let tables = addr(&dispatched.tables, stream);
+    let inp = addr(outputs, stream);
+    let s = &dispatched.sections;
+    let (out, record) = partial.device_ptr_mut(stream);
+    // SAFETY: `partial` holds one row per received row; the row lists index items below
+    // `items.len()`, whose rows `outputs` holds (its length was checked); the tables and
+    // the outputs stay alive and unchanged until the kernel is done (stream order).
+    let launched = unsafe {
+        dispatched.kernels.segment_sum(
+            stream.cu_stream(),
+            dispatched.elem,
+            out,
+            inp,
+            tables + s.row_offsets.offset as u64,
+            tables + s.row_items.offset as u64,
+            Some(tables + s.row_weights.offset as u64),
+            dispatched.num_rows,
+            dispatched.hidden_size,
+        )
+    };
+    drop(record);
+    launched.map_err(call.launch("segment_sum"))?;
+    Ok(partial)
+}
+
+/// `out[t] = Σ back[row]` over token `t`'s returned rows (in rank order): the combined
+/// rows, on the communicator's stream.
+pub(crate) fn token_sums(
+    call: &Call<'_>,
+    dispatched: &CudaDispatched,
+    back: u64,
+) -> Result<CudaSlice<u8>, CudaAll2AllError> {
+    let stream: &Arc<CudaStream> = call.comm.stream();
+    let n = dispatched.num_local_tokens;
+    let mut out = alloc_bytes(call, stream, n * dispatched.row_bytes)?;
+    let tables = addr(&dispatched.tables, stream);
+    let s = &dispatched.sections;
+    let (dst, record) = out.device_ptr_mut(stream);
+    // SAFETY: `out` holds one row per local token; the token lists index rows of the block
+    // at `back`, which the caller keeps alive until the kernel is done (stream order).
+    let launched = unsafe {
+        dispatched.kernels.segment_sum(
+            stream.cu_stream(),
+            dispatched.elem,
+            dst,
+            back,
+            tables + s.token_offsets.offset as u64,
+            tables + s.token_rows.offset as u64,
+            None,
+            n,
+            dispatched.hidden_size,
+        )
+    };
+    drop(record);
+    launched.map_err(call.launch("segment_sum"))?;
+    Ok(out)
+}
+
+/// Byte offsets of consecutive blocks of `rows[i] · row_bytes` bytes.
+pub(crate) fn block_offsets(rows: &[usize], row_bytes: usize) -> Vec<usize> {
+    let mut offsets = Vec::with_capacity(rows.len());
+    let mut at = 0usize;
+    for &r in rows {
+        offsets.push(at);
+        at += r * row_bytes;
+    }
+    offsets
+}
+
+/// A section's device address in `buf`.
+pub(crate) fn at(base: u64, section: Section) -> u64 {
+    base + section.offset as u64
+}
