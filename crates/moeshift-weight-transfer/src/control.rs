@@ -6,16 +6,24 @@
 //! ([`Control::Update`]), every rank votes in an all-gathered status round, the payload
 //! moves, and a second status round ends the update; then the trainer broadcasts
 //! [`Control::End`].
+//!
+//! The session shape is written once here: [`send_session`] drives a trainer engine
+//! ([`TrainerPayload`]) and [`receive_update`] a worker engine ([`WorkerPayload`]); each
+//! engine supplies only its payload path.
+
+use std::time::Instant;
 
 use moeshift_device_comm::{CommError, HostGroup};
 use moeshift_sync::Deadline;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::engine::Announcement;
+use crate::engine::{Announcement, PreparedUpdate, SendReport, UpdateReport, WorkerEngine};
 use crate::error::TransferError;
 use crate::info::UpdateInfo;
 use crate::meta::{metadata_digest, ParamMeta};
+use crate::packing::{ChunkHeader, PackError};
+use crate::registry::ParamRegistry;
 
 /// The trainer's rank in the transfer group.
 pub const TRAINER_RANK: usize = 0;
@@ -213,6 +221,200 @@ impl TrainerControl {
     }
 }
 
+/// The parameters of one update a trainer sends, as the session counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParamCount {
+    /// A dense update of this many parameters (remembered for "reuse the metadata").
+    Dense(usize),
+    /// A sparse update of this many parameters.
+    Sparse(usize),
+}
+
+/// What the session loop needs of one checked update, whatever form the engine keeps it in.
+pub(crate) trait SessionUpdate {
+    /// The parameters' metadata, in order.
+    fn metas(&self) -> Vec<ParamMeta>;
+
+    /// Dense or sparse, and how many parameters.
+    fn param_count(&self) -> ParamCount;
+}
+
+/// A trainer engine's own part of a session: how an update's payload travels.
+pub(crate) trait TrainerPayload {
+    /// One checked update, as the engine keeps it.
+    type Update<'u>: SessionUpdate;
+
+    /// The engine's control channel.
+    fn control(&mut self) -> &mut TrainerControl;
+
+    /// Sends the payload of update `index` (announced as `info`, parameters `metas`) after
+    /// a successful vote; returns the payload bytes each worker got.
+    fn send_payload(
+        &mut self,
+        index: u32,
+        update: &Self::Update<'_>,
+        info: &UpdateInfo,
+        metas: &[ParamMeta],
+        deadline: Deadline,
+    ) -> Result<usize, TransferError>;
+}
+
+/// Sends one session of checked `updates` (each with the info that announces it) through
+/// `engine`: per update the announcement and vote, the engine's payload and the commit
+/// round, then the end marker. After a failure the "reuse" metadata is forgotten (workers
+/// may disagree about it). `started` is when the send began, for the report.
+pub(crate) fn send_session<E: TrainerPayload>(
+    engine: &mut E,
+    updates: &[(E::Update<'_>, UpdateInfo)],
+    started: Instant,
+    deadline: Deadline,
+) -> Result<SendReport, TransferError> {
+    engine.control().begin_session();
+    let mut report = SendReport::default();
+    let r = send_updates(engine, updates, &mut report, deadline);
+    if r.is_err() {
+        // Workers may disagree about the last metadata now: send full lists next time.
+        engine.control().forget_metadata();
+    }
+    r?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn send_updates<E: TrainerPayload>(
+    engine: &mut E,
+    updates: &[(E::Update<'_>, UpdateInfo)],
+    report: &mut SendReport,
+    deadline: Deadline,
+) -> Result<(), TransferError> {
+    for (index, (update, info)) in updates.iter().enumerate() {
+        let index = index as u32;
+        let metas = update.metas();
+        engine.control().announce(index, info, &metas, deadline)?;
+        report.payload_bytes += engine.send_payload(index, update, info, &metas, deadline)?;
+        engine.control().status_round(index, "commit", deadline)?;
+        report.updates += 1;
+        match update.param_count() {
+            ParamCount::Dense(n) => {
+                report.dense_params += n;
+                engine.control().dense_applied(metas);
+            }
+            ParamCount::Sparse(n) => report.sparse_params += n,
+        }
+    }
+    engine.control().end(updates.len() as u32, deadline)
+}
+
+/// A problem a worker found while receiving a payload.
+pub(crate) enum Failure {
+    /// This worker cannot apply the update, but the stream is still in step: the others
+    /// hear it in the commit round.
+    Refused(TransferError),
+    /// No further round of this update can be trusted (the transport broke, or the
+    /// failure was already reported in a round of its own): returned as it is.
+    Fatal(TransferError),
+}
+
+/// A worker engine's own part of an update: the checks before the vote, the payload path
+/// and what happens once every rank committed.
+pub(crate) trait WorkerPayload: WorkerEngine {
+    /// What the checks before the vote hand the payload step.
+    type Plan;
+    /// What the payload step hands the commit step.
+    type Received;
+
+    /// The engine's control channel.
+    fn control(&mut self) -> &mut WorkerControl;
+
+    /// Checks that must pass before this worker votes for `update`; an error is this
+    /// worker's refusal, and no payload moves.
+    fn check(
+        &mut self,
+        update: &PreparedUpdate,
+        registry: &mut ParamRegistry<Self::Storage>,
+    ) -> Result<Self::Plan, TransferError>;
+
+    /// Receives the payload of `update` after a successful vote.
+    fn receive_payload(
+        &mut self,
+        update: &PreparedUpdate,
+        plan: Self::Plan,
+        registry: &mut ParamRegistry<Self::Storage>,
+        deadline: Deadline,
+    ) -> Result<Self::Received, Failure>;
+
+    /// Applies what is still staged once every rank committed; returns the number of
+    /// chunks received, for the report.
+    fn commit(
+        &mut self,
+        update: &PreparedUpdate,
+        received: Self::Received,
+        registry: &mut ParamRegistry<Self::Storage>,
+    ) -> Result<usize, TransferError>;
+}
+
+/// Receives one update through `engine` (see [`WorkerEngine::receive`]): the checks and the
+/// vote, the payload, the commit round, then the engine's commit.
+pub(crate) fn receive_update<E: WorkerPayload>(
+    engine: &mut E,
+    update: &PreparedUpdate,
+    registry: &mut ParamRegistry<E::Storage>,
+    deadline: Deadline,
+) -> Result<UpdateReport, TransferError> {
+    let started = Instant::now();
+    let plan = match engine.check(update, registry) {
+        Ok(plan) => plan,
+        Err(e) => return Err(engine.control().fail_round(e, "vote", deadline)),
+    };
+    engine
+        .control()
+        .status_round(status_ok(), "vote", deadline)?;
+    let received = match engine.receive_payload(update, plan, registry, deadline) {
+        Ok(r) => r,
+        // Commit round: tell everyone, then report our own reason.
+        Err(Failure::Refused(e)) => return Err(engine.control().fail_round(e, "commit", deadline)),
+        Err(Failure::Fatal(e)) => return Err(e),
+    };
+    engine
+        .control()
+        .status_round(status_ok(), "commit", deadline)?;
+    engine.control().updates += 1;
+    let chunks = engine.commit(update, received, registry)?;
+    Ok(UpdateReport {
+        params: update.slots.len(),
+        payload_bytes: update.update.payload_bytes(),
+        chunks,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The [`WorkerEngine`] methods every in-band engine answers from its control channel (a
+/// field `control: WorkerControl`): its rank, the trainer's next announcement and a
+/// refusal.
+macro_rules! worker_control_methods {
+    () => {
+        fn rank(&self) -> usize {
+            self.control.rank()
+        }
+
+        fn announcement(
+            &mut self,
+            deadline: ::moeshift_sync::Deadline,
+        ) -> Result<$crate::engine::Announcement, $crate::error::TransferError> {
+            self.control.announcement(deadline)
+        }
+
+        fn reject(
+            &mut self,
+            reason: &$crate::error::TransferError,
+            deadline: ::moeshift_sync::Deadline,
+        ) -> Result<(), $crate::error::TransferError> {
+            self.control.reject(reason, deadline)
+        }
+    };
+}
+pub(crate) use worker_control_methods;
+
 /// A worker's side of the control channel.
 #[derive(Debug)]
 pub(crate) struct WorkerControl {
@@ -338,6 +540,40 @@ impl WorkerControl {
         }
         self.session = Some(session);
         Ok(control)
+    }
+
+    /// Receives the header of packed chunk `seq` (`during` names the step in errors) and
+    /// checks it against `plan`, this worker's own chunk plan: the first mismatch is kept in
+    /// `problem` and the stream stays in step (the header says how long its payload is). A
+    /// header that cannot be read does not, so it ends the update.
+    pub(crate) fn recv_chunk_header(
+        &self,
+        seq: u32,
+        plan: &[ChunkHeader],
+        problem: &mut Option<TransferError>,
+        during: String,
+        deadline: Deadline,
+    ) -> Result<ChunkHeader, Failure> {
+        let raw = self
+            .group
+            .recv(TRAINER_RANK, deadline)
+            .map_err(|e| Failure::Fatal(self.comm(during)(e)))?;
+        let header = ChunkHeader::decode(&raw).map_err(|e| Failure::Fatal(e.into()))?;
+        if problem.is_none() {
+            let check = match plan.get(seq as usize) {
+                Some(expected) => header.check_matches(expected),
+                None => Err(PackError::Sequence {
+                    expected_seq: seq,
+                    expected_total: plan.len() as u32,
+                    got_seq: header.seq,
+                    got_total: header.total,
+                }),
+            };
+            if let Err(e) = check {
+                *problem = Some(e.into());
+            }
+        }
+        Ok(header)
     }
 
     /// Forgets the current session.

@@ -23,6 +23,7 @@ use std::time::Duration;
 use moeshift_sync::Deadline;
 
 use crate::auto::{AutoPolicy, Choice};
+use crate::control::{ParamCount, SessionUpdate};
 use crate::digest::Digest;
 use crate::error::TransferError;
 use crate::info::{ResolvedUpdate, UpdateInfo};
@@ -41,6 +42,16 @@ pub struct Capabilities {
     pub sparse: bool,
     /// The trainer sends the update info in band, before the payload.
     pub info_in_band: bool,
+}
+
+impl Capabilities {
+    /// Everything: dense, packed and sparse updates, with the info in band.
+    pub(crate) const ALL: Self = Self {
+        dense: true,
+        packed: true,
+        sparse: true,
+        info_in_band: true,
+    };
 }
 
 /// What an in-band engine received from the trainer next.
@@ -328,11 +339,19 @@ fn plan_auto(params: &[AutoParam<'_>], policy: &AutoPolicy) -> Result<AutoPlan, 
     Ok(plan)
 }
 
-/// The metadata of an outgoing update's parameters, in order.
-pub(crate) fn outgoing_metas(update: &Outgoing<'_>) -> Vec<ParamMeta> {
-    match update {
-        Outgoing::Dense { params, .. } => params.iter().map(|p| p.meta.clone()).collect(),
-        Outgoing::Sparse { params } => params.iter().map(|p| p.meta.clone()).collect(),
+impl SessionUpdate for Outgoing<'_> {
+    fn metas(&self) -> Vec<ParamMeta> {
+        match self {
+            Outgoing::Dense { params, .. } => params.iter().map(|p| p.meta.clone()).collect(),
+            Outgoing::Sparse { params } => params.iter().map(|p| p.meta.clone()).collect(),
+        }
+    }
+
+    fn param_count(&self) -> ParamCount {
+        match self {
+            Outgoing::Dense { params, .. } => ParamCount::Dense(params.len()),
+            Outgoing::Sparse { params } => ParamCount::Sparse(params.len()),
+        }
     }
 }
 

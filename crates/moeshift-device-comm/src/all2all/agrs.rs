@@ -6,13 +6,13 @@ use std::borrow::Borrow;
 
 use moeshift_sync::Deadline;
 
-use super::dispatched::{ExpertWork, HostDispatched, Origin, Route};
+use super::dispatched::{ExpertWork, HostDispatched, Route};
 use super::error::All2AllError;
-use super::exchange::Ctx;
+use super::exchange::{count_load, host_manager, Ctx};
 use super::placement::ExpertPlacement;
+use super::route_tokens;
 use super::tokens::HostTokens;
-use super::wire::{CombineHeader, DispatchHeader, Reader, Writer, STATUS_OK, STATUS_REJECTED};
-use super::{route_tokens, MoeAll2All};
+use super::wire::{DispatchHeader, Reader, Writer, STATUS_OK};
 use crate::host::HostGroup;
 
 const NAME: &str = "allgather_reducescatter";
@@ -41,45 +41,10 @@ pub struct AgRsManager<G = HostGroup> {
     group: G,
 }
 
+host_manager!(AgRsManager);
+
 impl<G: Borrow<HostGroup>> AgRsManager<G> {
-    /// A manager over `group`, which must be the EP group (`&HostGroup`, `Arc<HostGroup>` or
-    /// an owned `HostGroup`).
-    pub fn new(group: G) -> Self {
-        Self { group }
-    }
-
-    /// The group dispatch and combine run on.
-    pub fn group(&self) -> &HostGroup {
-        self.group.borrow()
-    }
-
-    /// Gives the group back.
-    pub fn into_group(self) -> G {
-        self.group
-    }
-}
-
-impl<G: Borrow<HostGroup>> MoeAll2All for AgRsManager<G> {
-    type Tokens<'a> = HostTokens<'a>;
-    type LoadCounts<'a> = &'a mut [i64];
-    type ExpertOutputs<'a> = &'a [f32];
-    type Dispatched = HostDispatched;
-    type Combined = Vec<f32>;
-    type Error = All2AllError;
-
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn ep_rank(&self) -> usize {
-        self.group().rank()
-    }
-
-    fn ep_size(&self) -> usize {
-        self.group().size()
-    }
-
-    fn dispatch(
+    fn run_dispatch(
         &self,
         tokens: HostTokens<'_>,
         placement: &ExpertPlacement,
@@ -186,30 +151,11 @@ impl<G: Borrow<HostGroup>> MoeAll2All for AgRsManager<G> {
             base += count;
         }
 
-        if let Some(load) = load {
-            for &s in &slots {
-                if let Some(c) = load.get_mut(s as usize) {
-                    *c = c.saturating_add(1);
-                }
-            }
-        }
-        let origin = Origin {
-            manager: NAME,
-            group_id: group.id(),
-            rank: me,
-        };
-        Ok(HostDispatched::new(
-            origin,
-            placement.layer(),
-            hidden,
-            rows,
-            items,
-            spr,
-            Route::AgRs { counts },
-        ))
+        count_load(load, &slots);
+        Ok(ctx.dispatched(placement, hidden, rows, items, Route::AgRs { counts }))
     }
 
-    fn combine(
+    fn run_combine(
         &self,
         dispatched: &HostDispatched,
         outputs: &[f32],
@@ -222,65 +168,24 @@ impl<G: Borrow<HostGroup>> MoeAll2All for AgRsManager<G> {
             .check_combine(&ctx, outputs.len())
             .and_then(|()| match &dispatched.route {
                 Route::AgRs { counts } if counts.len() == size => Ok(counts),
-                _ => Err(All2AllError::ForeignDispatch {
-                    rank: ctx.me(),
-                    manager: NAME,
-                    detail: "the dispatch has no gather route for this group".into(),
-                }),
+                _ => Err(ctx.foreign("the dispatch has no gather route for this group")),
             });
-        let layer = dispatched.layer() as u64;
-        let messages: Vec<Vec<u8>> = match &local {
-            Ok(counts) => {
-                let partial = dispatched.weighted_partials(outputs);
-                let mut start = 0usize;
-                counts
-                    .iter()
-                    .map(|&c| {
-                        let rows = partial.get(start * h..(start + c) * h).unwrap_or_default();
-                        start += c;
-                        let mut w = Writer::with_capacity(CombineHeader::LEN + 4 * rows.len());
-                        CombineHeader {
-                            status: STATUS_OK,
-                            rows: c as u64,
-                            hidden_size: h as u32,
-                            layer,
-                        }
-                        .write(&mut w);
-                        w.f32s(rows);
-                        w.finish()
-                    })
-                    .collect()
-            }
-            Err(_) => (0..size).map(|_| rejected_combine(layer)).collect(),
-        };
-        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        let got = group
-            .all_to_all_v(&refs, deadline)
-            .map_err(ctx.comm("combine"))?;
+        // This rank holds every rank's tokens (`counts[r]` of rank `r`, in rank order) and
+        // sends each rank the sums of its own tokens.
+        let got = ctx.exchange_partials(
+            dispatched,
+            outputs,
+            local.as_ref().ok().map(|c| c.as_slice()),
+            deadline,
+        )?;
         let counts = local?;
         let mine = counts.get(me).copied().unwrap_or(0);
         let mut out = vec![0.0f32; mine * h];
         for (src, bytes) in got.iter().enumerate() {
-            let bad = |d: String| ctx.malformed("combine", src, d);
-            let mut r = Reader::new(bytes);
-            let header = CombineHeader::read(&mut r).map_err(bad)?;
-            ctx.check_combine(src, &header, h, mine)?;
-            r.f32s_add(&mut out, "partial sums").map_err(bad)?;
-            r.finish().map_err(bad)?;
+            ctx.read_partials(src, bytes, h, mine, |r| {
+                r.f32s_add(&mut out, "partial sums")
+            })?;
         }
         Ok(out)
     }
-}
-
-/// The combine message of a rank that rejected its own input.
-pub(crate) fn rejected_combine(layer: u64) -> Vec<u8> {
-    let mut w = Writer::with_capacity(CombineHeader::LEN);
-    CombineHeader {
-        status: STATUS_REJECTED,
-        rows: 0,
-        hidden_size: 0,
-        layer,
-    }
-    .write(&mut w);
-    w.finish()
 }

@@ -5,14 +5,13 @@ use std::borrow::Borrow;
 
 use moeshift_sync::Deadline;
 
-use super::agrs::rejected_combine;
-use super::dispatched::{ExpertWork, HostDispatched, Origin, Route};
+use super::dispatched::{ExpertWork, HostDispatched, Route};
 use super::error::All2AllError;
-use super::exchange::Ctx;
+use super::exchange::{count_load, host_manager, Ctx};
 use super::placement::ExpertPlacement;
+use super::route_tokens;
 use super::tokens::HostTokens;
-use super::wire::{CombineHeader, DispatchHeader, Reader, Writer, STATUS_OK};
-use super::{route_tokens, MoeAll2All};
+use super::wire::{DispatchHeader, Reader, Writer, STATUS_OK};
 use crate::host::HostGroup;
 
 const NAME: &str = "all_to_all_v";
@@ -39,23 +38,7 @@ pub struct AllToAllVManager<G = HostGroup> {
     group: G,
 }
 
-impl<G: Borrow<HostGroup>> AllToAllVManager<G> {
-    /// A manager over `group`, which must be the EP group (`&HostGroup`, `Arc<HostGroup>` or
-    /// an owned `HostGroup`).
-    pub fn new(group: G) -> Self {
-        Self { group }
-    }
-
-    /// The group dispatch and combine run on.
-    pub fn group(&self) -> &HostGroup {
-        self.group.borrow()
-    }
-
-    /// Gives the group back.
-    pub fn into_group(self) -> G {
-        self.group
-    }
-}
+host_manager!(AllToAllVManager);
 
 /// One destination's share of this rank's tokens.
 #[derive(Default)]
@@ -66,27 +49,8 @@ struct Outgoing {
     picks: Vec<(u32, u32, f32)>,
 }
 
-impl<G: Borrow<HostGroup>> MoeAll2All for AllToAllVManager<G> {
-    type Tokens<'a> = HostTokens<'a>;
-    type LoadCounts<'a> = &'a mut [i64];
-    type ExpertOutputs<'a> = &'a [f32];
-    type Dispatched = HostDispatched;
-    type Combined = Vec<f32>;
-    type Error = All2AllError;
-
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn ep_rank(&self) -> usize {
-        self.group().rank()
-    }
-
-    fn ep_size(&self) -> usize {
-        self.group().size()
-    }
-
-    fn dispatch(
+impl<G: Borrow<HostGroup>> AllToAllVManager<G> {
+    fn run_dispatch(
         &self,
         tokens: HostTokens<'_>,
         placement: &ExpertPlacement,
@@ -179,34 +143,16 @@ impl<G: Borrow<HostGroup>> MoeAll2All for AllToAllVManager<G> {
             base += count;
         }
 
-        if let Some(load) = load {
-            for &s in &slots {
-                if let Some(c) = load.get_mut(s as usize) {
-                    *c = c.saturating_add(1);
-                }
-            }
-        }
-        let origin = Origin {
-            manager: NAME,
-            group_id: group.id(),
-            rank: me,
+        count_load(load, &slots);
+        let route = Route::AllToAllV {
+            recv_rows,
+            sent,
+            num_local_tokens: n,
         };
-        Ok(HostDispatched::new(
-            origin,
-            placement.layer(),
-            hidden,
-            rows,
-            items,
-            spr,
-            Route::AllToAllV {
-                recv_rows,
-                sent,
-                num_local_tokens: n,
-            },
-        ))
+        Ok(ctx.dispatched(placement, hidden, rows, items, route))
     }
 
-    fn combine(
+    fn run_combine(
         &self,
         dispatched: &HostDispatched,
         outputs: &[f32],
@@ -225,54 +171,28 @@ impl<G: Borrow<HostGroup>> MoeAll2All for AllToAllVManager<G> {
                 } if recv_rows.len() == size && sent.len() == size => {
                     Ok((recv_rows, sent, *num_local_tokens))
                 }
-                _ => Err(All2AllError::ForeignDispatch {
-                    rank: ctx.me(),
-                    manager: NAME,
-                    detail: "the dispatch has no all-to-all-v route for this group".into(),
-                }),
+                _ => Err(ctx.foreign("the dispatch has no all-to-all-v route for this group")),
             });
-        let layer = dispatched.layer() as u64;
-        let messages: Vec<Vec<u8>> = match &local {
-            Ok((recv_rows, _, _)) => {
-                let partial = dispatched.weighted_partials(outputs);
-                let mut start = 0usize;
-                recv_rows
-                    .iter()
-                    .map(|&c| {
-                        let rows = partial.get(start * h..(start + c) * h).unwrap_or_default();
-                        start += c;
-                        let mut w = Writer::with_capacity(CombineHeader::LEN + 4 * rows.len());
-                        CombineHeader {
-                            status: STATUS_OK,
-                            rows: c as u64,
-                            hidden_size: h as u32,
-                            layer,
-                        }
-                        .write(&mut w);
-                        w.f32s(rows);
-                        w.finish()
-                    })
-                    .collect()
-            }
-            Err(_) => (0..size).map(|_| rejected_combine(layer)).collect(),
-        };
-        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        let got = group
-            .all_to_all_v(&refs, deadline)
-            .map_err(ctx.comm("combine"))?;
+        let got = ctx.exchange_partials(
+            dispatched,
+            outputs,
+            local
+                .as_ref()
+                .ok()
+                .map(|(recv_rows, _, _)| recv_rows.as_slice()),
+            deadline,
+        )?;
         let (_, sent, n) = local?;
         let mut out = vec![0.0f32; n * h];
         for (dest, (bytes, tokens)) in got.iter().zip(sent).enumerate() {
-            let bad = |d: String| ctx.malformed("combine", dest, d);
-            let mut r = Reader::new(bytes);
-            let header = CombineHeader::read(&mut r).map_err(bad)?;
-            ctx.check_combine(dest, &header, h, tokens.len())?;
-            for &t in tokens {
-                let t = t as usize;
-                let row = out.get_mut(t * h..(t + 1) * h).unwrap_or_default();
-                r.f32s_add(row, "partial sums").map_err(bad)?;
-            }
-            r.finish().map_err(bad)?;
+            ctx.read_partials(dest, bytes, h, tokens.len(), |r| {
+                for &t in tokens {
+                    let t = t as usize;
+                    let row = out.get_mut(t * h..(t + 1) * h).unwrap_or_default();
+                    r.f32s_add(row, "partial sums")?;
+                }
+                Ok(())
+            })?;
         }
         Ok(out)
     }

@@ -307,6 +307,8 @@ impl HeaderErrors for Call<'_> {
 /// What every CUDA manager holds besides its communicator.
 #[derive(Debug)]
 pub(crate) struct Engine {
+    /// The manager's name, in errors.
+    pub manager: &'static str,
     pub kernels: Arc<Kernels>,
     /// A second stream of the communicator's device, for copies that overlap NCCL.
     pub side: Arc<CudaStream>,
@@ -337,6 +339,7 @@ impl Engine {
         };
         let side = ctx.new_stream().map_err(setup.cuda("cuStreamCreate"))?;
         Ok(Self {
+            manager,
             kernels: Arc::new(kernels),
             side,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -351,32 +354,151 @@ impl Engine {
         self.seq.set(s.wrapping_add(1));
         s
     }
+
+    /// The context of operation `op` on `layer` over `comm`, naming ranks by their global
+    /// numbers.
+    pub(crate) fn call<'a>(
+        &'a self,
+        comm: &'a NcclComm,
+        op: &'static str,
+        layer: usize,
+    ) -> Call<'a> {
+        Call {
+            comm,
+            manager: self.manager,
+            op,
+            layer,
+            globals: &self.globals,
+        }
+    }
+
+    /// Starts a dispatch or combine: numbers the call ([`next_seq`](Self::next_seq)) and
+    /// returns its context.
+    pub(crate) fn begin<'a>(
+        &'a self,
+        comm: &'a NcclComm,
+        op: &'static str,
+        layer: usize,
+    ) -> (u32, Call<'a>) {
+        let seq = self.next_seq();
+        (seq, self.call(comm, op, layer))
+    }
+
+    /// Sets the global rank of every EP rank (`globals[r]` for group rank `r`), used in
+    /// errors.
+    pub(crate) fn set_globals(
+        &mut self,
+        comm: &NcclComm,
+        globals: Vec<usize>,
+    ) -> Result<(), CudaAll2AllError> {
+        if globals.len() != comm.world_size() {
+            return Err(CudaAll2AllError::Setup {
+                rank: RankRef {
+                    local: comm.rank(),
+                    global: comm.rank(),
+                },
+                manager: self.manager,
+                detail: format!(
+                    "{} global ranks given for an EP communicator of {}",
+                    globals.len(),
+                    comm.world_size()
+                ),
+            });
+        }
+        self.globals = globals;
+        Ok(())
+    }
 }
 
-/// Sets the global rank of every EP rank (`globals[r]` for group rank `r`), used in errors.
-pub(crate) fn set_globals(
-    engine: &mut Engine,
-    comm: &NcclComm,
-    manager: &'static str,
-    globals: Vec<usize>,
-) -> Result<(), CudaAll2AllError> {
-    if globals.len() != comm.world_size() {
-        return Err(CudaAll2AllError::Setup {
-            rank: RankRef {
-                local: comm.rank(),
-                global: comm.rank(),
-            },
-            manager,
-            detail: format!(
-                "{} global ranks given for an EP communicator of {}",
-                globals.len(),
-                comm.world_size()
-            ),
-        });
-    }
-    engine.globals = globals;
-    Ok(())
+/// The public surface every NCCL manager (a struct with fields `comm: C` and `engine:
+/// Engine`, and a `NAME`) shares: construction, global rank names, the communicator and its
+/// stream.
+macro_rules! nccl_manager_api {
+    ($manager:ident) => {
+        impl<C: ::std::borrow::Borrow<$crate::nccl::NcclComm>> $manager<C> {
+            /// A manager over `comm`, the EP group's communicator (`NcclComm`, `&NcclComm`,
+            /// …). Loads the kernels on its device.
+            pub fn new(comm: C) -> Result<Self, $crate::all2all::CudaAll2AllError> {
+                let engine = $crate::all2all::cuda::Engine::new(comm.borrow(), NAME)?;
+                Ok(Self { comm, engine })
+            }
+
+            /// Names the global rank of every EP rank in errors (`globals[r]` for EP rank
+            /// `r`).
+            pub fn with_global_ranks(
+                mut self,
+                globals: Vec<usize>,
+            ) -> Result<Self, $crate::all2all::CudaAll2AllError> {
+                self.engine.set_globals(self.comm.borrow(), globals)?;
+                Ok(self)
+            }
+
+            /// The communicator.
+            pub fn comm(&self) -> &$crate::nccl::NcclComm {
+                self.comm.borrow()
+            }
+
+            /// The stream results are ordered on (the communicator's).
+            pub fn stream(&self) -> &::std::sync::Arc<::cudarc::driver::CudaStream> {
+                self.comm.borrow().stream()
+            }
+
+            /// Gives the communicator back.
+            pub fn into_comm(self) -> C {
+                self.comm
+            }
+        }
+    };
 }
+pub(crate) use nccl_manager_api;
+
+/// Implements [`MoeAll2All`](super::MoeAll2All) over device buffers for a CUDA manager
+/// named `$name` that has `comm(&self) -> &NcclComm` and inherent `run_dispatch` /
+/// `run_combine` with the trait's signatures.
+macro_rules! impl_cuda_all2all {
+    (impl[$($generics:tt)*] $manager:ty, $name:expr) => {
+        impl<$($generics)*> $crate::all2all::MoeAll2All for $manager {
+            type Tokens<'a> = $crate::all2all::CudaTokens<'a>;
+            type LoadCounts<'a> = &'a mut ::cudarc::driver::CudaSlice<i64>;
+            type ExpertOutputs<'a> = ::cudarc::driver::CudaView<'a, u8>;
+            type Dispatched = $crate::all2all::CudaDispatched;
+            type Combined = ::cudarc::driver::CudaSlice<u8>;
+            type Error = $crate::all2all::CudaAll2AllError;
+
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn ep_rank(&self) -> usize {
+                self.comm().rank()
+            }
+
+            fn ep_size(&self) -> usize {
+                self.comm().world_size()
+            }
+
+            fn dispatch(
+                &self,
+                tokens: $crate::all2all::CudaTokens<'_>,
+                placement: &$crate::all2all::ExpertPlacement,
+                load: Option<&mut ::cudarc::driver::CudaSlice<i64>>,
+                deadline: ::moeshift_sync::Deadline,
+            ) -> Result<$crate::all2all::CudaDispatched, $crate::all2all::CudaAll2AllError> {
+                self.run_dispatch(tokens, placement, load, deadline)
+            }
+
+            fn combine(
+                &self,
+                dispatched: &$crate::all2all::CudaDispatched,
+                expert_outputs: ::cudarc::driver::CudaView<'_, u8>,
+                deadline: ::moeshift_sync::Deadline,
+            ) -> Result<::cudarc::driver::CudaSlice<u8>, $crate::all2all::CudaAll2AllError> {
+                self.run_combine(dispatched, expert_outputs, deadline)
+            }
+        }
+    };
+}
+pub(crate) use impl_cuda_all2all;
 
 /// A section of an upload: byte offset and length.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -408,26 +530,23 @@ impl Staging {
     }
 
     pub(crate) fn u32s(&mut self, data: &[u32]) -> Section {
-        self.align();
-        let offset = self.bytes.len();
-        for v in data {
-            self.bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        Section {
-            offset,
-            len: data.len() * 4,
-        }
+        self.words(data.iter().map(|v| v.to_le_bytes()))
     }
 
     pub(crate) fn f32s(&mut self, data: &[f32]) -> Section {
+        self.words(data.iter().map(|v| v.to_le_bytes()))
+    }
+
+    /// Appends 4-byte words (little-endian values) at the next aligned offset.
+    fn words(&mut self, words: impl Iterator<Item = [u8; 4]>) -> Section {
         self.align();
         let offset = self.bytes.len();
-        for v in data {
-            self.bytes.extend_from_slice(&v.to_le_bytes());
+        for w in words {
+            self.bytes.extend_from_slice(&w);
         }
         Section {
             offset,
-            len: data.len() * 4,
+            len: self.bytes.len() - offset,
         }
     }
 

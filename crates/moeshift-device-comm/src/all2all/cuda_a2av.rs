@@ -2,29 +2,28 @@
 //! experts, and only the weighted sums come back, over NCCL grouped point-to-point.
 
 use std::borrow::Borrow;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use cudarc::driver::{CudaSlice, CudaView};
 use moeshift_sync::Deadline;
 
 use super::cuda::{
-    addr, alloc_bytes, check_all, exchange_headers, prepare, set_globals, Call, CudaTokens, Engine,
+    addr, alloc_bytes, check_all, impl_cuda_all2all, nccl_manager_api, prepare, CudaTokens, Engine,
     Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_plan::{split_by_destination, token_segments, Foreign};
 use super::cuda_steps::{
-    at, block_offsets, check_combine, check_rows, combine_header, exchange_blocks, finish_dispatch,
-    partial_sums, token_sums, Arrived, Block,
+    at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
+    finish_dispatch, gather_rows, outgoing_tables, upload_and_exchange, Arrived, Block,
 };
-use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH, MANAGER_A2AV, PICK_BYTES};
+use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_A2AV, PICK_BYTES};
 use super::placement::ExpertPlacement;
-use super::wire::STATUS_OK;
-use super::MoeAll2All;
 use crate::nccl::NcclComm;
 
 const NAME: &str = "all_to_all_v";
+/// Why combine refuses a dispatch without this manager's route.
+const NO_ROUTE: &str = "the dispatch has no all-to-all-v route for this group";
 
 /// All-to-all-v on the GPU, over an [`NcclComm`] of the EP group.
 ///
@@ -47,57 +46,11 @@ pub struct CudaAllToAllVManager<C = NcclComm> {
     engine: Engine,
 }
 
+nccl_manager_api!(CudaAllToAllVManager);
+impl_cuda_all2all!(impl[C: Borrow<NcclComm>] CudaAllToAllVManager<C>, NAME);
+
 impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
-    /// A manager over `comm`, the EP group's communicator (`NcclComm`, `&NcclComm`, …).
-    /// Loads the kernels on its device.
-    pub fn new(comm: C) -> Result<Self, CudaAll2AllError> {
-        let engine = Engine::new(comm.borrow(), NAME)?;
-        Ok(Self { comm, engine })
-    }
-
-    /// Names the global rank of every EP rank in errors (`globals[r]` for EP rank `r`).
-    pub fn with_global_ranks(mut self, globals: Vec<usize>) -> Result<Self, CudaAll2AllError> {
-        set_globals(&mut self.engine, self.comm.borrow(), NAME, globals)?;
-        Ok(self)
-    }
-
-    /// The communicator.
-    pub fn comm(&self) -> &NcclComm {
-        self.comm.borrow()
-    }
-
-    /// The stream results are ordered on (the communicator's).
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        self.comm.borrow().stream()
-    }
-
-    /// Gives the communicator back.
-    pub fn into_comm(self) -> C {
-        self.comm
-    }
-}
-
-impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
-    type Tokens<'a> = CudaTokens<'a>;
-    type LoadCounts<'a> = &'a mut CudaSlice<i64>;
-    type ExpertOutputs<'a> = CudaView<'a, u8>;
-    type Dispatched = CudaDispatched;
-    type Combined = CudaSlice<u8>;
-    type Error = CudaAll2AllError;
-
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn ep_rank(&self) -> usize {
-        self.comm.borrow().rank()
-    }
-
-    fn ep_size(&self) -> usize {
-        self.comm.borrow().world_size()
-    }
-
-    fn dispatch(
+    fn run_dispatch(
         &self,
         tokens: CudaTokens<'_>,
         placement: &ExpertPlacement,
@@ -106,14 +59,7 @@ impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
     ) -> Result<CudaDispatched, CudaAll2AllError> {
         let comm = self.comm.borrow();
         let engine = &self.engine;
-        let seq = engine.next_seq();
-        let call = Call {
-            comm,
-            manager: NAME,
-            op: "dispatch",
-            layer: placement.layer(),
-            globals: &engine.globals,
-        };
+        let (seq, call) = engine.begin(comm, "dispatch", placement.layer());
         let size = comm.world_size();
         let stream = comm.stream();
         let top_k = tokens.top_k;
@@ -131,21 +77,7 @@ impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
         let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
         let outgoing = match &local {
             Ok(p) => {
-                ours = DeviceHeader {
-                    magic: DISPATCH,
-                    status: STATUS_OK,
-                    tokens: p.n as u64,
-                    rows: 0,
-                    combine_offset: 0,
-                    hidden_size: tokens.hidden_size as u32,
-                    top_k: top_k as u32,
-                    layer: placement.layer() as u64,
-                    fingerprint: placement.fingerprint(),
-                    dtype: p.dtype_code,
-                    manager: MANAGER_A2AV,
-                    flags: 0,
-                    seq,
-                };
+                ours = dispatch_header(p, &tokens, placement, MANAGER_A2AV, seq);
                 let out = split_by_destination(
                     &p.slots,
                     &p.weights,
@@ -170,23 +102,10 @@ impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
             }
         };
         let header_sec = st.bytes(&header_bytes);
-        let send_tokens: Vec<u32> = outgoing
-            .iter()
-            .flat_map(|o| o.tokens.iter().copied())
-            .collect();
-        let send_meta: Vec<u8> = outgoing
-            .iter()
-            .map(|o| o.meta.as_slice())
-            .collect::<Vec<_>>()
-            .concat();
+        let (send_tokens, send_meta) = outgoing_tables(&outgoing);
         let idx_sec = st.u32s(&send_tokens);
         let meta_sec = st.bytes(&send_meta);
-        let staged = st.upload(&call, stream)?;
-        let headers = exchange_headers(
-            &call,
-            &staged.slice(header_sec.offset..header_sec.offset + header_sec.len),
-            deadline,
-        )?;
+        let (staged, headers) = upload_and_exchange(&call, &st, header_sec, deadline)?;
         let p = local?;
         check_all(&call, &headers, &ours)?;
         let mut recv_rows = Vec::with_capacity(size);
@@ -210,23 +129,18 @@ impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
 
         // Pack the rows by destination, then move rows and metadata.
         let staged_base = addr(&staged, stream);
-        let send = alloc_bytes(&call, stream, send_tokens.len() * row_bytes)?;
-        let send_base = addr(&send, stream);
-        let hidden = addr(&tokens.hidden, stream);
-        // SAFETY: `send` holds one row per entry of the index section, every index is a
-        // token of this batch (whose rows `hidden` holds); all alive until the kernel is
-        // done (stream order).
-        unsafe {
-            engine.kernels.gather_rows(
-                stream.cu_stream(),
-                send_base,
-                hidden,
+        // SAFETY: the index section holds `send_tokens`, tokens of this batch; `staged`
+        // lives until the end of the call.
+        let (send, send_base) = unsafe {
+            gather_rows(
+                &call,
+                engine,
+                Some(&tokens),
                 at(staged_base, idx_sec),
                 send_tokens.len(),
                 row_bytes,
             )
-        }
-        .map_err(call.launch("gather_rows"))?;
+        }?;
         let total: usize = recv_rows.iter().sum();
         let recv = alloc_bytes(&call, stream, total * row_bytes)?;
         let recv_meta = alloc_bytes(&call, stream, total * pick_row)?;
@@ -266,32 +180,20 @@ impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
         let meta = call.download(stream, &recv_meta.as_view(), deadline)?;
         let sent: Vec<Vec<u32>> = outgoing.into_iter().map(|o| o.tokens).collect();
         let arrived = Arrived {
-            placement,
-            dtype: tokens.dtype,
-            elem: p.elem,
-            hidden_size: tokens.hidden_size,
-            row_bytes,
-            top_k,
             rows: recv,
             rows_from: recv_rows.clone(),
             meta,
             foreign: Foreign::Reject,
-            n: p.n,
             token_segments: token_segments(&sent, p.n),
             route: CudaRoute::AllToAllV {
                 recv_rows,
                 sent_rows,
             },
         };
-        finish_dispatch(
-            &call,
-            engine,
-            arrived,
-            load.map(|l| (l, p.slots.as_slice())),
-        )
+        finish_dispatch(&call, engine, placement, &tokens, &p, arrived, load)
     }
 
-    fn combine(
+    fn run_combine(
         &self,
         dispatched: &CudaDispatched,
         outputs: CudaView<'_, u8>,
@@ -299,77 +201,29 @@ impl<C: Borrow<NcclComm>> MoeAll2All for CudaAllToAllVManager<C> {
     ) -> Result<CudaSlice<u8>, CudaAll2AllError> {
         let comm = self.comm.borrow();
         let engine = &self.engine;
-        let seq = engine.next_seq();
-        let call = Call {
-            comm,
-            manager: NAME,
-            op: "combine",
-            layer: dispatched.layer,
-            globals: &engine.globals,
-        };
+        let (seq, call) = engine.begin(comm, "combine", dispatched.layer);
         let size = comm.world_size();
-        let stream = comm.stream();
-        let dtype_code = super::cuda::elem_of(dispatched.dtype).map_or(0, |(_, c)| c);
-        let local = check_combine(&call, engine, dispatched, &outputs).and_then(|()| {
+        // Rank `p` sent this rank `recv_rows[p]` rows, and got `sent_rows[p]` of its tokens.
+        let route = check_combine(&call, engine, dispatched, &outputs).and_then(|()| {
             match &dispatched.route {
                 CudaRoute::AllToAllV {
                     recv_rows,
                     sent_rows,
                 } if recv_rows.len() == size && sent_rows.len() == size => {
-                    Ok((recv_rows, sent_rows))
+                    Ok((recv_rows.as_slice(), sent_rows.clone()))
                 }
-                _ => {
-                    Err(call.tokens("the dispatch has no all-to-all-v route for this group".into()))
-                }
+                _ => Err(call.tokens(NO_ROUTE.into())),
             }
         });
-        let ours = combine_header(dispatched, MANAGER_A2AV, dtype_code, seq, 0);
-        let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
-        for dest in 0..size {
-            let h = match &local {
-                Ok((recv_rows, _)) => DeviceHeader {
-                    rows: recv_rows[dest] as u64,
-                    ..ours
-                },
-                Err(_) => DeviceHeader::rejected(COMBINE, MANAGER_A2AV, seq),
-            };
-            h.write(&mut header_bytes);
-        }
-        let mut st = Staging::default();
-        let header_sec = st.bytes(&header_bytes);
-        let staged = st.upload(&call, stream)?;
-        let headers = exchange_headers(
+        combine_over_nccl(
             &call,
-            &staged.slice(header_sec.offset..header_sec.offset + header_sec.len),
+            engine,
+            MANAGER_A2AV,
+            seq,
+            dispatched,
+            &outputs,
+            route,
             deadline,
-        )?;
-        let (recv_rows, sent_rows) = local?;
-        check_all(&call, &headers, &ours)?;
-        check_rows(&call, &headers, sent_rows)?;
-
-        let row_bytes = dispatched.row_bytes;
-        let partial = partial_sums(&call, dispatched, &outputs)?;
-        let back_rows: usize = sent_rows.iter().sum();
-        let back = alloc_bytes(&call, stream, back_rows * row_bytes)?;
-        let (partial_base, back_base) = (addr(&partial, stream), addr(&back, stream));
-        let partial_off = block_offsets(recv_rows, row_bytes);
-        let back_off = block_offsets(sent_rows, row_bytes);
-        let blocks: Vec<Vec<Block>> = (0..size)
-            .map(|peer| {
-                vec![Block {
-                    send: (
-                        partial_base + partial_off[peer] as u64,
-                        recv_rows[peer] * row_bytes,
-                    ),
-                    recv: (
-                        back_base + back_off[peer] as u64,
-                        sent_rows[peer] * row_bytes,
-                    ),
-                }]
-            })
-            .collect();
-        exchange_blocks(&call, engine, &blocks, deadline)?;
-        drop(partial);
-        token_sums(&call, dispatched, back_base)
+        )
     }
 }

@@ -8,7 +8,7 @@ use moeshift_tensor::DType;
 
 use super::cuda::{addr, empty_slice, Section};
 use super::cuda_error::CudaAll2AllError;
-use super::dispatched::ExpertWork;
+use super::dispatched::{slot_items, ExpertWork};
 use super::kernels::{Elem, Kernels, LaunchError};
 use crate::error::RankRef;
 
@@ -121,13 +121,7 @@ impl CudaDispatched {
 
     /// The work items of local slot `local_slot` (empty for an unknown slot).
     pub fn items_for_local_slot(&self, local_slot: usize) -> &[ExpertWork] {
-        match (
-            self.slot_offsets.get(local_slot),
-            self.slot_offsets.get(local_slot + 1),
-        ) {
-            (Some(&lo), Some(&hi)) => self.items.get(lo..hi).unwrap_or_default(),
-            _ => &[],
-        }
+        slot_items(&self.items, &self.slot_offsets, local_slot)
     }
 
     /// Number of physical slots on this rank.

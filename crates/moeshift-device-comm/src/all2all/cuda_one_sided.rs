@@ -9,23 +9,20 @@ use cudarc::driver::{result, CudaSlice, CudaStream, CudaView, DevicePtrMut};
 use moeshift_sync::Deadline;
 
 use super::cuda::{
-    addr, alloc_bytes, check_all, elem_of, prepare, Call, CudaTokens, Engine, Prepared, Staging,
+    addr, alloc_bytes, check_all, impl_cuda_all2all, prepare, Call, CudaTokens, Engine, Prepared,
+    Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_plan::{split_by_destination, token_segments, Foreign};
 use super::cuda_steps::{
-    at, block_offsets, check_combine, check_rows, combine_header, finish_dispatch, partial_sums,
-    token_sums, Arrived,
+    at, block_offsets, check_combine, check_rows, combine_headers, dispatch_header,
+    finish_dispatch, gather_rows, outgoing_tables, partial_sums, token_sums, Arrived,
 };
-use super::cuda_wire::{
-    DeviceHeader, COMBINE, DISPATCH, FLAG_NEEDS_RESIZE, MANAGER_ONE_SIDED, PICK_BYTES,
-};
+use super::cuda_wire::{DeviceHeader, DISPATCH, FLAG_NEEDS_RESIZE, MANAGER_ONE_SIDED, PICK_BYTES};
 use super::ipc::{IpcRegion, PeerRegion};
 use super::placement::ExpertPlacement;
-use super::wire::STATUS_OK;
 use super::workspace::{Workspace, WorkspaceCapacity, WorkspaceError};
-use super::MoeAll2All;
 use crate::error::RankRef;
 use crate::host::HostGroup;
 use crate::nccl::NcclComm;
@@ -210,13 +207,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             .next_round(&format!("moeshift/a2a-one-sided/{:x}", g.id()));
         let key_prefix = format!("moeshift/a2a-one-sided/{:x}/{instance}", g.id());
         let state = {
-            let call = Call {
-                comm: c,
-                manager: NAME,
-                op: "setup",
-                layer: 0,
-                globals: &engine.globals,
-            };
+            let call = engine.call(c, "setup", 0);
             let barrier = c
                 .stream()
                 .alloc_zeros::<f32>(1)
@@ -293,13 +284,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
     }
 
     fn call<'a>(&'a self, op: &'static str, layer: usize) -> Call<'a> {
-        Call {
-            comm: self.comm.borrow(),
-            manager: NAME,
-            op,
-            layer,
-            globals: &self.engine.globals,
-        }
+        self.engine.call(self.comm.borrow(), op, layer)
     }
 
     /// Grows the workspace to cover `wanted` on every rank together.
@@ -543,27 +528,10 @@ fn read(
     Ok(out)
 }
 
-impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManager<C, G> {
-    type Tokens<'a> = CudaTokens<'a>;
-    type LoadCounts<'a> = &'a mut CudaSlice<i64>;
-    type ExpertOutputs<'a> = CudaView<'a, u8>;
-    type Dispatched = CudaDispatched;
-    type Combined = CudaSlice<u8>;
-    type Error = CudaAll2AllError;
+impl_cuda_all2all!(impl[C: Borrow<NcclComm>, G: Borrow<HostGroup>] CudaOneSidedManager<C, G>, NAME);
 
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn ep_rank(&self) -> usize {
-        self.comm.borrow().rank()
-    }
-
-    fn ep_size(&self) -> usize {
-        self.comm.borrow().world_size()
-    }
-
-    fn dispatch(
+impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
+    fn run_dispatch(
         &self,
         tokens: CudaTokens<'_>,
         placement: &ExpertPlacement,
@@ -571,8 +539,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
         deadline: Deadline,
     ) -> Result<CudaDispatched, CudaAll2AllError> {
         let engine = &self.engine;
-        let seq = engine.next_seq();
-        let call = self.call("dispatch", placement.layer());
+        let (seq, call) = engine.begin(self.comm.borrow(), "dispatch", placement.layer());
         let comm = call.comm;
         let (me, size) = (comm.rank(), comm.world_size());
         let stream = comm.stream();
@@ -595,21 +562,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
         let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_ONE_SIDED, seq);
         let (outgoing, fits) = match &local {
             Ok(p) => {
-                ours = DeviceHeader {
-                    magic: DISPATCH,
-                    status: STATUS_OK,
-                    tokens: p.n as u64,
-                    rows: 0,
-                    combine_offset: 0,
-                    hidden_size: tokens.hidden_size as u32,
-                    top_k: top_k as u32,
-                    layer: placement.layer() as u64,
-                    fingerprint: placement.fingerprint(),
-                    dtype: p.dtype_code,
-                    manager: MANAGER_ONE_SIDED,
-                    flags: 0,
-                    seq,
-                };
+                ours = dispatch_header(p, &tokens, placement, MANAGER_ONE_SIDED, seq);
                 let out = split_by_destination(
                     &p.slots,
                     &p.weights,
@@ -638,15 +591,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
             combine_at += h.rows;
             h.write(&mut header_bytes);
         }
-        let send_tokens: Vec<u32> = outgoing
-            .iter()
-            .flat_map(|o| o.tokens.iter().copied())
-            .collect();
-        let send_meta: Vec<u8> = outgoing
-            .iter()
-            .map(|o| o.meta.as_slice())
-            .collect::<Vec<_>>()
-            .concat();
+        let (send_tokens, send_meta) = outgoing_tables(&outgoing);
         let mut staging = Staging::default();
         let header_sec = staging.bytes(&header_bytes);
         let idx_sec = staging.u32s(&send_tokens);
@@ -657,24 +602,18 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
         // Pack the rows by destination; write them now if they fit.
         let row_bytes = local.as_ref().map_or(0, |p| p.row_bytes);
         let pick_row = top_k * PICK_BYTES;
-        let send = alloc_bytes(&call, stream, send_tokens.len() * row_bytes)?;
-        let send_base = addr(&send, stream);
-        if local.is_ok() {
-            let hidden = addr(&tokens.hidden, stream);
-            // SAFETY: `send` holds one row per index, every index is a token of this batch
-            // (whose rows `hidden` holds); all alive until the kernel is done.
-            unsafe {
-                engine.kernels.gather_rows(
-                    stream.cu_stream(),
-                    send_base,
-                    hidden,
-                    at(staged_base, idx_sec),
-                    send_tokens.len(),
-                    row_bytes,
-                )
-            }
-            .map_err(call.launch("gather_rows"))?;
-        }
+        // SAFETY: the index section holds `send_tokens`, tokens of this batch; `staged`
+        // lives until the end of the call.
+        let (send, send_base) = unsafe {
+            gather_rows(
+                &call,
+                engine,
+                local.is_ok().then_some(&tokens),
+                at(staged_base, idx_sec),
+                send_tokens.len(),
+                row_bytes,
+            )
+        }?;
         let meta_base = at(staged_base, meta_sec);
         if fits {
             self.write_rows(
@@ -751,17 +690,10 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
         }
         let sent: Vec<Vec<u32>> = outgoing.into_iter().map(|o| o.tokens).collect();
         let arrived = Arrived {
-            placement,
-            dtype: tokens.dtype,
-            elem: p.elem,
-            hidden_size: tokens.hidden_size,
-            row_bytes,
-            top_k,
             rows,
             rows_from: recv_rows.clone(),
             meta,
             foreign: Foreign::Reject,
-            n: p.n,
             token_segments: token_segments(&sent, p.n),
             route: CudaRoute::OneSided {
                 recv_rows,
@@ -769,29 +701,22 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
                 combine_offsets,
             },
         };
-        finish_dispatch(
-            &call,
-            engine,
-            arrived,
-            load.map(|l| (l, p.slots.as_slice())),
-        )
+        finish_dispatch(&call, engine, placement, &tokens, &p, arrived, load)
     }
 
-    fn combine(
+    fn run_combine(
         &self,
         dispatched: &CudaDispatched,
         outputs: CudaView<'_, u8>,
         deadline: Deadline,
     ) -> Result<CudaSlice<u8>, CudaAll2AllError> {
         let engine = &self.engine;
-        let seq = engine.next_seq();
-        let call = self.call("combine", dispatched.layer);
+        let (seq, call) = engine.begin(self.comm.borrow(), "combine", dispatched.layer);
         let comm = call.comm;
         let (me, size) = (comm.rank(), comm.world_size());
         let stream = comm.stream();
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
-        let dtype_code = elem_of(dispatched.dtype).map_or(0, |(_, c)| c);
         let local = check_combine(&call, engine, dispatched, &outputs).and_then(|()| {
             match &dispatched.route {
                 CudaRoute::OneSided {
@@ -810,18 +735,16 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> MoeAll2All for CudaOneSidedManag
         if st.pending == Some(Area::Combine) {
             barrier(&call, st, deadline)?;
         }
-        let ours = combine_header(dispatched, MANAGER_ONE_SIDED, dtype_code, seq, 0);
-        let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
-        for d in 0..size {
-            let h = match &local {
-                Ok((recv_rows, _, _)) => DeviceHeader {
-                    rows: recv_rows[d] as u64,
-                    ..ours
-                },
-                Err(_) => DeviceHeader::rejected(COMBINE, MANAGER_ONE_SIDED, seq),
-            };
-            h.write(&mut header_bytes);
-        }
+        let (ours, header_bytes) = combine_headers(
+            dispatched,
+            MANAGER_ONE_SIDED,
+            seq,
+            size,
+            local
+                .as_ref()
+                .ok()
+                .map(|(recv_rows, _, _)| recv_rows.as_slice()),
+        );
         let mut staging = Staging::default();
         let header_sec = staging.bytes(&header_bytes);
         let staged = staging.upload(&call, stream)?;

@@ -1,20 +1,22 @@
-//! Steps the CUDA managers share: moving blocks between ranks (NCCL for peers, a copy on
-//! the side stream for the rank itself), building a [`CudaDispatched`] from the received
-//! pick metadata, the combine checks, and the two reductions of combine.
+//! Steps the CUDA managers share: the headers of a call and their exchange over NCCL,
+//! moving blocks between ranks (NCCL for peers, a copy on the side stream for the rank
+//! itself), building a [`CudaDispatched`] from the received pick metadata, the combine
+//! checks, the two reductions of combine, and the whole combine of the NCCL managers.
 
 use std::sync::Arc;
 
 use cudarc::driver::{result, CudaSlice, CudaStream, CudaView, DevicePtrMut, DeviceSlice};
 use moeshift_sync::Deadline;
-use moeshift_tensor::DType;
 
-use super::cuda::{addr, alloc_bytes, count_load, Call, Engine, Section, Staging};
+use super::cuda::{
+    addr, alloc_bytes, check_all, count_load, elem_of, exchange_headers, Call, CudaTokens, Engine,
+    Prepared, Section, Staging,
+};
 use super::cuda_dispatched::{CudaDispatched, CudaRoute, Tables};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{parse_received, Foreign, Received};
-use super::cuda_wire::{DeviceHeader, COMBINE};
+use super::cuda_plan::{parse_received, Foreign, Outgoing, Received};
+use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH};
 use super::error::All2AllError;
-use super::kernels::Elem;
 use super::placement::ExpertPlacement;
 use super::wire::STATUS_OK;
 use crate::nccl::P2pOp;
@@ -94,41 +96,37 @@ pub(crate) fn exchange_blocks(
 }
 
 /// What a dispatch received, to be turned into a [`CudaDispatched`].
-pub(crate) struct Arrived<'a> {
-    pub placement: &'a ExpertPlacement,
-    pub dtype: DType,
-    pub elem: Elem,
-    pub hidden_size: usize,
-    pub row_bytes: usize,
-    pub top_k: usize,
+pub(crate) struct Arrived {
     /// The received rows, `rows_from` rows per source in rank order.
     pub rows: CudaSlice<u8>,
     pub rows_from: Vec<usize>,
     /// Their pick metadata, on the host.
     pub meta: Vec<u8>,
     pub foreign: Foreign,
-    /// This rank's tokens.
-    pub n: usize,
     /// Segment lists of the final sum (offsets, rows of the returned block).
     pub token_segments: (Vec<u32>, Vec<u32>),
     pub route: CudaRoute,
 }
 
 /// Parses the metadata into work items, uploads the tables combine needs, queues the load
-/// hook (`slots`: this rank's picks), and builds the result.
+/// hook (counting `p`'s picks), and builds the result of dispatching `tokens` (checked and
+/// routed as `p`) with `placement`.
 pub(crate) fn finish_dispatch(
     call: &Call<'_>,
     engine: &Engine,
-    arrived: Arrived<'_>,
-    load: Option<(&mut CudaSlice<i64>, &[u32])>,
+    placement: &ExpertPlacement,
+    tokens: &CudaTokens<'_>,
+    p: &Prepared,
+    arrived: Arrived,
+    load: Option<&mut CudaSlice<i64>>,
 ) -> Result<CudaDispatched, CudaAll2AllError> {
     let stream = call.comm.stream();
     let num_rows: usize = arrived.rows_from.iter().sum();
     let items = parse_received(
         &arrived.meta,
         &arrived.rows_from,
-        arrived.top_k,
-        arrived.placement,
+        tokens.top_k,
+        placement,
         call.comm.rank(),
         arrived.foreign,
     )
@@ -136,7 +134,7 @@ pub(crate) fn finish_dispatch(
     if u32::try_from(items.len()).is_err() {
         return Err(call.too_large("work items", items.len()));
     }
-    let received = Received::organize(items, num_rows, arrived.placement.slots_per_rank());
+    let received = Received::organize(items, num_rows, placement.slots_per_rank());
     let mut st = Staging::default();
     let (token_offsets, token_rows) = &arrived.token_segments;
     let sections = Tables {
@@ -147,16 +145,16 @@ pub(crate) fn finish_dispatch(
         token_offsets: st.u32s(token_offsets),
         token_rows: st.u32s(token_rows),
     };
-    let load_slots = load.as_ref().map(|(_, slots)| st.u32s(slots));
+    let load_slots = load.as_ref().map(|_| st.u32s(&p.slots));
     let tables = st.upload(call, stream)?;
-    if let (Some((counter, slots)), Some(section)) = (load, load_slots) {
+    if let (Some(counter), Some(section)) = (load, load_slots) {
         let base = addr(&tables, stream);
         count_load(
             call,
             &engine.kernels,
             counter,
             base + section.offset as u64,
-            slots.len(),
+            p.slots.len(),
         )?;
     }
     Ok(CudaDispatched {
@@ -165,20 +163,116 @@ pub(crate) fn finish_dispatch(
         rank: call.me(),
         device: call.device(),
         layer: call.layer,
-        hidden_size: arrived.hidden_size,
-        dtype: arrived.dtype,
-        elem: arrived.elem,
-        row_bytes: arrived.row_bytes,
+        hidden_size: tokens.hidden_size,
+        dtype: tokens.dtype,
+        elem: p.elem,
+        row_bytes: p.row_bytes,
         rows: arrived.rows,
         num_rows,
         items: received.items,
         slot_offsets: received.slot_offsets,
         tables,
         sections,
-        num_local_tokens: arrived.n,
+        num_local_tokens: p.n,
         route: arrived.route,
         kernels: engine.kernels.clone(),
     })
+}
+
+/// The dispatch header of this rank's checked batch `p` of `tokens` routed with
+/// `placement`, announcing no rows (each manager fills in its own counts).
+pub(crate) fn dispatch_header(
+    p: &Prepared,
+    tokens: &CudaTokens<'_>,
+    placement: &ExpertPlacement,
+    manager: u8,
+    seq: u32,
+) -> DeviceHeader {
+    DeviceHeader {
+        magic: DISPATCH,
+        status: STATUS_OK,
+        tokens: p.n as u64,
+        rows: 0,
+        combine_offset: 0,
+        hidden_size: tokens.hidden_size as u32,
+        top_k: tokens.top_k as u32,
+        layer: placement.layer() as u64,
+        fingerprint: placement.fingerprint(),
+        dtype: p.dtype_code,
+        manager,
+        flags: 0,
+        seq,
+    }
+}
+
+/// The token indices and pick metadata of every destination's share, concatenated in rank
+/// order (the gather kernel's index table and the metadata that travels with the rows).
+pub(crate) fn outgoing_tables(outgoing: &[Outgoing]) -> (Vec<u32>, Vec<u8>) {
+    let tokens = outgoing
+        .iter()
+        .flat_map(|o| o.tokens.iter().copied())
+        .collect();
+    let meta = outgoing
+        .iter()
+        .map(|o| o.meta.as_slice())
+        .collect::<Vec<_>>()
+        .concat();
+    (tokens, meta)
+}
+
+/// Packs this rank's rows by destination: row `index[i]` of `tokens` becomes row `i` of a
+/// new buffer, for the `count` indices at device address `index`. Returns the buffer and
+/// its address. Without `tokens` (this rank rejected its batch) only the buffer is made.
+///
+/// # Safety
+/// `index` holds `count` `u32` row indices of `tokens`' batch, device memory ordered on the
+/// communicator's stream and alive until the kernel is done (stream order).
+pub(crate) unsafe fn gather_rows(
+    call: &Call<'_>,
+    engine: &Engine,
+    tokens: Option<&CudaTokens<'_>>,
+    index: u64,
+    count: usize,
+    row_bytes: usize,
+) -> Result<(CudaSlice<u8>, u64), CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let send = alloc_bytes(call, stream, count * row_bytes)?;
+    let send_base = addr(&send, stream);
+    if let Some(tokens) = tokens {
+        let hidden = addr(&tokens.hidden, stream);
+        // SAFETY: `send` holds one row per index and every index is a row of `hidden`
+        // (the caller's contract); all alive until the kernel is done (stream order).
+        unsafe {
+            engine.kernels.gather_rows(
+                stream.cu_stream(),
+                send_base,
+                hidden,
+                index,
+                count,
+                row_bytes,
+            )
+        }
+        .map_err(call.launch("gather_rows"))?;
+    }
+    Ok((send, send_base))
+}
+
+/// Uploads `st`, whose section `headers` holds this rank's header for every rank, and
+/// exchanges the headers over NCCL. Returns the upload (its other sections are the
+/// caller's tables) and the header received from every rank.
+pub(crate) fn upload_and_exchange(
+    call: &Call<'_>,
+    st: &Staging,
+    headers: Section,
+    deadline: Deadline,
+) -> Result<(CudaSlice<u8>, Vec<DeviceHeader>), CudaAll2AllError> {
+    let staged = st.upload(call, call.comm.stream())?;
+    let received = exchange_headers(
+        call,
+        &staged.slice(headers.offset..headers.offset + headers.len),
+        deadline,
+    )?;
+    Ok((staged, received))
 }
 
 /// Checks that combine may use `dispatched` (this manager's) with `outputs`.
@@ -226,19 +320,22 @@ pub(crate) fn check_combine(
     Ok(())
 }
 
-/// The combine header this rank sends to `dest`, announcing `rows` rows.
-pub(crate) fn combine_header(
+/// The combine header every rank must agree with (no rows), and the headers this rank
+/// sends: to each rank `d`, `rows[d]` rows, or a rejection for every rank when `rows` is
+/// `None` (this rank cannot combine).
+pub(crate) fn combine_headers(
     dispatched: &CudaDispatched,
     manager: u8,
-    dtype_code: u8,
     seq: u32,
-    rows: usize,
-) -> DeviceHeader {
-    DeviceHeader {
+    size: usize,
+    rows: Option<&[usize]>,
+) -> (DeviceHeader, Vec<u8>) {
+    let dtype_code = elem_of(dispatched.dtype).map_or(0, |(_, c)| c);
+    let ours = DeviceHeader {
         magic: COMBINE,
         status: STATUS_OK,
         tokens: 0,
-        rows: rows as u64,
+        rows: 0,
         combine_offset: 0,
         hidden_size: dispatched.hidden_size as u32,
         top_k: 0,
@@ -248,7 +345,76 @@ pub(crate) fn combine_header(
         manager,
         flags: 0,
         seq,
+    };
+    let mut bytes = Vec::with_capacity(size * DeviceHeader::LEN);
+    for dest in 0..size {
+        let h = match rows {
+            Some(rows) => DeviceHeader {
+                rows: rows.get(dest).copied().unwrap_or(0) as u64,
+                ..ours
+            },
+            None => DeviceHeader::rejected(COMBINE, manager, seq),
+        };
+        h.write(&mut bytes);
     }
+    (ours, bytes)
+}
+
+/// Combine over NCCL for a dispatch that received `recv_rows[p]` rows from rank `p` and
+/// sent it `sent_rows[p]` of this rank's token rows (`route`, or why this rank cannot
+/// combine): the header exchange, the weighted sums of the received rows, one grouped
+/// exchange that sends them back, and the sum per token.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn combine_over_nccl(
+    call: &Call<'_>,
+    engine: &Engine,
+    manager: u8,
+    seq: u32,
+    dispatched: &CudaDispatched,
+    outputs: &CudaView<'_, u8>,
+    route: Result<(&[usize], Vec<usize>), CudaAll2AllError>,
+    deadline: Deadline,
+) -> Result<CudaSlice<u8>, CudaAll2AllError> {
+    let size = call.comm.world_size();
+    let stream = call.comm.stream();
+    let (ours, header_bytes) = combine_headers(
+        dispatched,
+        manager,
+        seq,
+        size,
+        route.as_ref().ok().map(|(recv_rows, _)| *recv_rows),
+    );
+    let mut st = Staging::default();
+    let header_sec = st.bytes(&header_bytes);
+    let (_staged, headers) = upload_and_exchange(call, &st, header_sec, deadline)?;
+    let (recv_rows, sent_rows) = route?;
+    check_all(call, &headers, &ours)?;
+    check_rows(call, &headers, &sent_rows)?;
+
+    let row_bytes = dispatched.row_bytes;
+    let partial = partial_sums(call, dispatched, outputs)?;
+    let back_rows: usize = sent_rows.iter().sum();
+    let back = alloc_bytes(call, stream, back_rows * row_bytes)?;
+    let (partial_base, back_base) = (addr(&partial, stream), addr(&back, stream));
+    let partial_off = block_offsets(recv_rows, row_bytes);
+    let back_off = block_offsets(&sent_rows, row_bytes);
+    let blocks: Vec<Vec<Block>> = (0..size)
+        .map(|peer| {
+            vec![Block {
+                send: (
+                    partial_base + partial_off[peer] as u64,
+                    recv_rows[peer] * row_bytes,
+                ),
+                recv: (
+                    back_base + back_off[peer] as u64,
+                    sent_rows[peer] * row_bytes,
+                ),
+            }]
+        })
+        .collect();
+    exchange_blocks(call, engine, &blocks, deadline)?;
+    drop(partial);
+    token_sums(call, dispatched, back_base)
 }
 
 /// Checks that every peer announces the rows this rank expects from it.

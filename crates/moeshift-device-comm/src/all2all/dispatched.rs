@@ -130,13 +130,7 @@ impl HostDispatched {
 
     /// The work items of local slot `local_slot` (empty for an unknown slot).
     pub fn items_for_local_slot(&self, local_slot: usize) -> &[ExpertWork] {
-        match (
-            self.slot_offsets.get(local_slot),
-            self.slot_offsets.get(local_slot + 1),
-        ) {
-            (Some(&lo), Some(&hi)) => self.items.get(lo..hi).unwrap_or_default(),
-            _ => &[],
-        }
+        slot_items(&self.items, &self.slot_offsets, local_slot)
     }
 
     /// Number of physical slots on this rank.
@@ -243,6 +237,22 @@ impl HostDispatched {
             }
         }
         partial
+    }
+}
+
+/// The items of local slot `local_slot`: `items[slot_offsets[s]..slot_offsets[s + 1]]`
+/// (empty for an unknown slot).
+pub(crate) fn slot_items<'a>(
+    items: &'a [ExpertWork],
+    slot_offsets: &[usize],
+    local_slot: usize,
+) -> &'a [ExpertWork] {
+    match (
+        slot_offsets.get(local_slot),
+        slot_offsets.get(local_slot + 1),
+    ) {
+        (Some(&lo), Some(&hi)) => items.get(lo..hi).unwrap_or_default(),
+        _ => &[],
     }
 }
 

@@ -39,16 +39,18 @@ impl Writer {
     }
 
     pub(crate) fn f32s(&mut self, vs: &[f32]) {
-        self.buf.reserve(vs.len() * 4);
-        for v in vs {
-            self.buf.extend_from_slice(&v.to_le_bytes());
-        }
+        self.words(vs.len(), vs.iter().map(|v| v.to_le_bytes()));
     }
 
     pub(crate) fn u32s(&mut self, vs: &[u32]) {
-        self.buf.reserve(vs.len() * 4);
-        for v in vs {
-            self.buf.extend_from_slice(&v.to_le_bytes());
+        self.words(vs.len(), vs.iter().map(|v| v.to_le_bytes()));
+    }
+
+    /// Appends `n` 4-byte words.
+    fn words(&mut self, n: usize, words: impl Iterator<Item = [u8; 4]>) {
+        self.buf.reserve(n * 4);
+        for w in words {
+            self.buf.extend_from_slice(&w);
         }
     }
 
@@ -109,13 +111,7 @@ impl<'a> Reader<'a> {
         out: &mut Vec<f32>,
         what: &str,
     ) -> Result<(), String> {
-        let bytes = self.take(n.checked_mul(4).ok_or("size overflow")?, what)?;
-        out.extend(bytes.chunks_exact(4).map(|c| {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(c);
-            f32::from_le_bytes(a)
-        }));
-        Ok(())
+        self.words_into(n, out, what, f32::from_le_bytes)
     }
 
     /// Adds `n` f32 values element-wise into `out` (`out.len()` must be `n`).
@@ -136,11 +132,22 @@ impl<'a> Reader<'a> {
         out: &mut Vec<u32>,
         what: &str,
     ) -> Result<(), String> {
+        self.words_into(n, out, what, u32::from_le_bytes)
+    }
+
+    /// Appends `n` 4-byte values, each decoded by `decode`, to `out`.
+    fn words_into<T>(
+        &mut self,
+        n: usize,
+        out: &mut Vec<T>,
+        what: &str,
+        decode: fn([u8; 4]) -> T,
+    ) -> Result<(), String> {
         let bytes = self.take(n.checked_mul(4).ok_or("size overflow")?, what)?;
         out.extend(bytes.chunks_exact(4).map(|c| {
             let mut a = [0u8; 4];
             a.copy_from_slice(c);
-            u32::from_le_bytes(a)
+            decode(a)
         }));
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::kernels::{Kernels, BLOCK};
+use super::kernels::{DiffInput, Kernels, BLOCK};
 use super::memory::{self, DeviceAlloc, MemError, Span};
 use super::{check_storage, context, mem_error, DevicePatch, DeviceStorage};
 use crate::error::TransferError;
@@ -119,20 +119,20 @@ impl DeviceDiff {
         memory::fill(&self.stream, &mut counts.span_mut(), 0, tiles * 4, 0).map_err(err)?;
         let prev = Span::of_storage(previous);
         let cur = Span::of_storage(current);
+        let input = DiffInput {
+            prev: prev.addr(),
+            cur: cur.addr(),
+            n: n as u64,
+            elem: elem as u32,
+            tile: TILE,
+            tiles: tiles32,
+        };
         // SAFETY: both inputs were checked to hold n · elem bytes aligned to elem on this
         // device, and are borrowed until this call returns (it synchronises below); counts
         // holds `tiles` zeroed u32s.
         unsafe {
-            self.kernels.diff_count(
-                &self.stream,
-                prev.addr(),
-                cur.addr(),
-                n as u64,
-                elem as u32,
-                TILE,
-                tiles32,
-                counts.span().addr(),
-            )
+            self.kernels
+                .diff_count(&self.stream, &input, counts.span().addr())
         }
         .map_err(|e| err(e.into()))?;
         let mut host_counts = vec![0u8; tiles * 4];
@@ -154,12 +154,7 @@ impl DeviceDiff {
             unsafe {
                 self.kernels.diff_write(
                     &self.stream,
-                    prev.addr(),
-                    cur.addr(),
-                    n as u64,
-                    elem as u32,
-                    TILE,
-                    tiles32,
+                    &input,
                     offsets.span().addr(),
                     indices.span_mut().addr(),
                     values.span_mut().addr(),

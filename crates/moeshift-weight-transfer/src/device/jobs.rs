@@ -6,6 +6,7 @@ use cudarc::driver::CudaStream;
 
 use super::memory::{self, MemError, Span, SpanMut};
 use super::{check_storage, DeviceOutgoing, DevicePatch};
+use crate::control::{ParamCount, SessionUpdate};
 use crate::engine::{DenseParam, Outgoing, SparseParam};
 use crate::error::TransferError;
 use crate::info::UpdateInfo;
@@ -48,15 +49,23 @@ pub(crate) enum Job<'a> {
     },
 }
 
-impl<'a> Job<'a> {
-    /// The parameters' metadata, in order.
-    pub(crate) fn metas(&self) -> Vec<ParamMeta> {
+impl SessionUpdate for Job<'_> {
+    fn metas(&self) -> Vec<ParamMeta> {
         match self {
             Job::Dense { params, .. } => params.iter().map(|(m, _)| (*m).clone()).collect(),
             Job::Sparse { params } => params.iter().map(|(m, _)| (*m).clone()).collect(),
         }
     }
 
+    fn param_count(&self) -> ParamCount {
+        match self {
+            Job::Dense { params, .. } => ParamCount::Dense(params.len()),
+            Job::Sparse { params } => ParamCount::Sparse(params.len()),
+        }
+    }
+}
+
+impl<'a> Job<'a> {
     /// The update info announcing this job (validated).
     pub(crate) fn info(&self) -> Result<UpdateInfo, TransferError> {
         let metas = self.metas();

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaStream, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -140,83 +140,84 @@ impl Kernels {
         unsafe { b.launch(per_param_grid(max_count, nparams)) }.map(|_| ())
     }
 
-    /// `msh_diff_count` over `tiles` tiles of `tile` elements.
+    /// `msh_diff_count` over `d.tiles` tiles of `d.tile` elements.
     ///
     /// # Safety
-    /// `prev` and `cur` hold `n · elem` readable bytes aligned to `elem`; `counts` holds
-    /// `tiles = ceil(n / tile)` zeroed u32s; all usable from `stream` until the kernel ends.
-    #[allow(clippy::too_many_arguments)]
+    /// `d.prev` and `d.cur` hold `d.n · d.elem` readable bytes aligned to `d.elem`; `counts`
+    /// holds `d.tiles = ceil(n / tile)` zeroed u32s; all usable from `stream` until the
+    /// kernel ends.
     pub(crate) unsafe fn diff_count(
         &self,
         stream: &CudaStream,
-        prev: u64,
-        cur: u64,
-        n: u64,
-        elem: u32,
-        tile: u64,
-        tiles: u32,
+        d: &DiffInput,
         counts: u64,
     ) -> Result<(), DriverError> {
-        if tiles == 0 {
+        if d.tiles == 0 {
             return Ok(());
         }
-        let mut b = stream.launch_builder(&self.diff_count);
-        b.arg(&prev)
-            .arg(&cur)
-            .arg(&n)
-            .arg(&elem)
-            .arg(&tile)
-            .arg(&counts);
-        let cfg = LaunchConfig {
-            grid_dim: (tiles, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let mut b = d.args(stream, &self.diff_count);
+        b.arg(&counts);
         // SAFETY: argument types match the kernel's signature; the memory contract is the
         // caller's.
-        unsafe { b.launch(cfg) }.map(|_| ())
+        unsafe { b.launch(d.grid()) }.map(|_| ())
     }
 
     /// `msh_diff_write`.
     ///
     /// # Safety
-    /// As for [`Self::diff_count`]; `offsets` holds `tiles` u64s, the exclusive prefix sums
-    /// of the counts `diff_count` produced for the same inputs, and `out_idx` / `out_vals`
-    /// hold room for their total (4 and `elem` bytes per entry).
-    #[allow(clippy::too_many_arguments)]
+    /// As for [`Self::diff_count`]; `offsets` holds `d.tiles` u64s, the exclusive prefix
+    /// sums of the counts `diff_count` produced for the same inputs, and `out_idx` /
+    /// `out_vals` hold room for their total (4 and `d.elem` bytes per entry).
     pub(crate) unsafe fn diff_write(
         &self,
         stream: &CudaStream,
-        prev: u64,
-        cur: u64,
-        n: u64,
-        elem: u32,
-        tile: u64,
-        tiles: u32,
+        d: &DiffInput,
         offsets: u64,
         out_idx: u64,
         out_vals: u64,
     ) -> Result<(), DriverError> {
-        if tiles == 0 {
+        if d.tiles == 0 {
             return Ok(());
         }
-        let mut b = stream.launch_builder(&self.diff_write);
-        b.arg(&prev)
-            .arg(&cur)
-            .arg(&n)
-            .arg(&elem)
-            .arg(&tile)
-            .arg(&offsets)
-            .arg(&out_idx)
-            .arg(&out_vals);
-        let cfg = LaunchConfig {
-            grid_dim: (tiles, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let mut b = d.args(stream, &self.diff_write);
+        b.arg(&offsets).arg(&out_idx).arg(&out_vals);
         // SAFETY: argument types match the kernel's signature; the memory contract is the
         // caller's.
-        unsafe { b.launch(cfg) }.map(|_| ())
+        unsafe { b.launch(d.grid()) }.map(|_| ())
+    }
+}
+
+/// What both diff kernels read: `n` elements of `elem` bytes at device addresses `prev`
+/// and `cur`, in `tiles` tiles of `tile` elements (one block per tile).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DiffInput {
+    pub prev: u64,
+    pub cur: u64,
+    pub n: u64,
+    pub elem: u32,
+    pub tile: u64,
+    pub tiles: u32,
+}
+
+impl DiffInput {
+    /// A launch of `func` on `stream` with the arguments both kernels start with.
+    fn args<'a>(&'a self, stream: &'a CudaStream, func: &'a CudaFunction) -> LaunchArgs<'a> {
+        let mut b = stream.launch_builder(func);
+        b.arg(&self.prev)
+            .arg(&self.cur)
+            .arg(&self.n)
+            .arg(&self.elem)
+            .arg(&self.tile);
+        b
+    }
+
+    /// One block of [`BLOCK`] threads per tile.
+    fn grid(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.tiles, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use moeshift_tensor::{cuda_available, CudaBuffer, CudaError, DType};
 
 use crate::digest::{Digest, Hasher};
+use crate::engine::PreparedUpdate;
 use crate::error::TransferError;
 use crate::meta::ParamMeta;
 use crate::patch::{PatchError, SparsePatch};
@@ -165,6 +166,35 @@ pub(crate) fn check_storage<S: DeviceStorage + ?Sized>(
             name: meta.name().to_string(),
             detail,
         }),
+        None => Ok(()),
+    }
+}
+
+/// Checks, before a worker votes, that every parameter of `update` is in `registry` with
+/// memory an engine on `device` can write (see [`check_storage`]); the first problem.
+pub(crate) fn check_storages<S: DeviceStorage>(
+    rank: usize,
+    device: usize,
+    update: &PreparedUpdate,
+    registry: &mut ParamRegistry<S>,
+) -> Result<(), TransferError> {
+    let unusable = update
+        .update
+        .params
+        .iter()
+        .zip(&update.slots)
+        .find_map(|(meta, &slot)| {
+            registry
+                .storages_mut(&[slot])
+                .map_err(TransferError::from)
+                .and_then(|s| match s.first() {
+                    Some(s) => check_storage(rank, device, meta, &**s),
+                    None => Ok(()),
+                })
+                .err()
+        });
+    match unusable {
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }

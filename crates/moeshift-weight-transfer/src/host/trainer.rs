@@ -6,10 +6,8 @@ use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
 use super::HostConfig;
-use crate::control::TrainerControl;
-use crate::engine::{
-    outgoing_info, outgoing_metas, Capabilities, Outgoing, SendReport, TrainerEngine,
-};
+use crate::control::{send_session, TrainerControl, TrainerPayload};
+use crate::engine::{outgoing_info, Capabilities, Outgoing, SendReport, TrainerEngine};
 use crate::error::TransferError;
 use crate::info::UpdateInfo;
 use crate::meta::ParamMeta;
@@ -79,14 +77,24 @@ impl HostTrainer {
     pub fn into_group(self) -> HostGroup {
         self.control.group
     }
+}
+
+impl TrainerPayload for HostTrainer {
+    type Update<'u> = Outgoing<'u>;
+
+    fn control(&mut self) -> &mut TrainerControl {
+        &mut self.control
+    }
 
     fn send_payload(
         &mut self,
         index: u32,
         update: &Outgoing<'_>,
-        total_bytes: usize,
+        info: &UpdateInfo,
+        metas: &[ParamMeta],
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
+        let total_bytes = info.resolve(None)?.payload_bytes();
         let mut progress = Progress {
             session: self.control.session,
             update: index,
@@ -116,8 +124,7 @@ impl HostTrainer {
                 params,
                 packed: true,
             } => {
-                let metas: Vec<ParamMeta> = params.iter().map(|p| p.meta.clone()).collect();
-                let plan = plan_chunks(&metas, self.config.packed_buffer_size_bytes)?;
+                let plan = plan_chunks(metas, self.config.packed_buffer_size_bytes)?;
                 let mut next = 0usize;
                 for header in &plan {
                     let n = header.entries.len();
@@ -145,31 +152,6 @@ impl HostTrainer {
         }
         Ok(progress.bytes)
     }
-
-    fn run_session(
-        &mut self,
-        updates: &[(Outgoing<'_>, UpdateInfo)],
-        report: &mut SendReport,
-        deadline: Deadline,
-    ) -> Result<(), TransferError> {
-        for (index, (update, full_info)) in updates.iter().enumerate() {
-            let index = index as u32;
-            let metas = outgoing_metas(update);
-            self.control.announce(index, full_info, &metas, deadline)?;
-            let total = full_info.resolve(None)?.payload_bytes();
-            report.payload_bytes += self.send_payload(index, update, total, deadline)?;
-            self.control.status_round(index, "commit", deadline)?;
-            report.updates += 1;
-            match update {
-                Outgoing::Dense { params, .. } => {
-                    report.dense_params += params.len();
-                    self.control.dense_applied(metas);
-                }
-                Outgoing::Sparse { params } => report.sparse_params += params.len(),
-            }
-        }
-        self.control.end(updates.len() as u32, deadline)
-    }
 }
 
 impl TrainerEngine for HostTrainer {
@@ -178,12 +160,7 @@ impl TrainerEngine for HostTrainer {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            dense: true,
-            packed: true,
-            sparse: true,
-            info_in_band: true,
-        }
+        Capabilities::ALL
     }
 
     fn packs_dense(&self) -> bool {
@@ -203,15 +180,6 @@ impl TrainerEngine for HostTrainer {
                 checked.push((*u, info));
             }
         }
-        self.control.begin_session();
-        let mut report = SendReport::default();
-        let r = self.run_session(&checked, &mut report, deadline);
-        if r.is_err() {
-            // Workers may disagree about the last metadata now: send full lists next time.
-            self.control.forget_metadata();
-        }
-        r?;
-        report.elapsed = started.elapsed();
-        Ok(report)
+        send_session(self, &checked, started, deadline)
     }
 }

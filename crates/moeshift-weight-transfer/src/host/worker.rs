@@ -1,14 +1,15 @@
 //! [`HostWorker`]: the receiving side of the host engine.
 
 use std::marker::PhantomData;
-use std::time::Instant;
 
 use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
 use super::HostConfig;
-use crate::control::{status_ok, WorkerControl, TRAINER_RANK};
-use crate::engine::{Announcement, Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
+use crate::control::{
+    receive_update, worker_control_methods, Failure, WorkerControl, WorkerPayload, TRAINER_RANK,
+};
+use crate::engine::{Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
 use crate::error::TransferError;
 use crate::info::UpdateKind;
 use crate::packing::{plan_chunks, split_chunk, ChunkHeader, PackError};
@@ -59,7 +60,7 @@ impl<S: HostStorage> HostWorker<S> {
 
     /// Receives the payload of `update` into staging. Returns the staged data, or the first
     /// problem found (after draining the rest of the update's messages).
-    fn stage(&self, update: &PreparedUpdate, deadline: Deadline) -> Result<Staged, StageError> {
+    fn stage(&self, update: &PreparedUpdate, deadline: Deadline) -> Result<Staged, Failure> {
         let r = &update.update;
         match (r.kind, r.packed) {
             (UpdateKind::Dense, false) => {
@@ -71,7 +72,7 @@ impl<S: HostStorage> HostWorker<S> {
                         .recv_into(TRAINER_RANK, &mut buf, deadline)
                         .map_err(|e| {
                             let during = format!("receiving the dense values of '{}'", p.name());
-                            StageError::Fatal(self.control.comm(during)(e))
+                            Failure::Fatal(self.control.comm(during)(e))
                         })?;
                     out.push((slot, buf));
                 }
@@ -89,7 +90,7 @@ impl<S: HostStorage> HostWorker<S> {
                         .recv_into(TRAINER_RANK, &mut buf, deadline)
                         .map_err(|e| {
                             let during = format!("receiving the sparse patch of '{}'", p.name());
-                            StageError::Fatal(self.control.comm(during)(e))
+                            Failure::Fatal(self.control.comm(during)(e))
                         })?;
                     if problem.is_some() {
                         continue;
@@ -112,20 +113,16 @@ impl<S: HostStorage> HostWorker<S> {
                     }
                 }
                 match problem {
-                    Some(e) => Err(StageError::Refused(e)),
+                    Some(e) => Err(Failure::Refused(e)),
                     None => Ok(Staged::Sparse(out)),
                 }
             }
         }
     }
 
-    fn stage_packed(
-        &self,
-        update: &PreparedUpdate,
-        deadline: Deadline,
-    ) -> Result<Staged, StageError> {
+    fn stage_packed(&self, update: &PreparedUpdate, deadline: Deadline) -> Result<Staged, Failure> {
         let plan = plan_chunks(&update.update.params, self.config.packed_buffer_size_bytes)
-            .map_err(|e| StageError::Refused(e.into()))?;
+            .map_err(|e| Failure::Refused(e.into()))?;
         let mut staged = Vec::with_capacity(plan.len());
         let mut problem: Option<TransferError> = None;
         // The trainer's headers say how many chunks it sends; until the first one arrives,
@@ -133,34 +130,12 @@ impl<S: HostStorage> HostWorker<S> {
         let mut total = plan.len() as u32;
         let mut seq = 0u32;
         while seq < total {
-            let fatal = |e| {
-                StageError::Fatal(self.control.comm(format!("receiving packed chunk {seq}"))(
-                    e,
-                ))
-            };
-            let raw = self
-                .control
-                .group
-                .recv(TRAINER_RANK, deadline)
-                .map_err(fatal)?;
-            // A header that cannot be read does not say how long its payload is: the
-            // stream cannot be followed any further.
-            let header = ChunkHeader::decode(&raw).map_err(|e| StageError::Fatal(e.into()))?;
+            let during = || format!("receiving packed chunk {seq}");
+            let fatal = |e| Failure::Fatal(self.control.comm(during())(e));
+            let header =
+                self.control
+                    .recv_chunk_header(seq, &plan, &mut problem, during(), deadline)?;
             total = header.total;
-            if problem.is_none() {
-                let check = match plan.get(seq as usize) {
-                    Some(expected) => header.check_matches(expected),
-                    None => Err(PackError::Sequence {
-                        expected_seq: seq,
-                        expected_total: plan.len() as u32,
-                        got_seq: header.seq,
-                        got_total: header.total,
-                    }),
-                };
-                if let Err(e) = check {
-                    problem = Some(e.into());
-                }
-            }
             if problem.is_some() {
                 // Keep the stream in step; the payload is discarded.
                 self.control
@@ -179,24 +154,17 @@ impl<S: HostStorage> HostWorker<S> {
             seq += 1;
         }
         match problem {
-            Some(e) => Err(StageError::Refused(e)),
+            Some(e) => Err(Failure::Refused(e)),
             None => Ok(Staged::Packed(staged)),
         }
     }
 }
 
 /// What a worker staged for one update.
-enum Staged {
+pub(crate) enum Staged {
     Dense(Vec<(usize, Vec<u8>)>),
     Packed(Vec<(ChunkHeader, Vec<u8>)>),
     Sparse(Vec<SparsePatch>),
-}
-
-enum StageError {
-    /// The transport broke: no further message can be trusted.
-    Fatal(TransferError),
-    /// The stream is still in step but this worker cannot apply the update.
-    Refused(TransferError),
 }
 
 impl Staged {
@@ -229,6 +197,49 @@ impl Staged {
     }
 }
 
+impl<S: HostStorage> WorkerPayload for HostWorker<S> {
+    /// Nothing is checked before the vote beyond what the lifecycle checked.
+    type Plan = ();
+    /// The whole update, staged: nothing is applied before every rank committed.
+    type Received = Staged;
+
+    fn control(&mut self) -> &mut WorkerControl {
+        &mut self.control
+    }
+
+    fn check(
+        &mut self,
+        _update: &PreparedUpdate,
+        _registry: &mut ParamRegistry<S>,
+    ) -> Result<(), TransferError> {
+        Ok(())
+    }
+
+    fn receive_payload(
+        &mut self,
+        update: &PreparedUpdate,
+        _plan: (),
+        _registry: &mut ParamRegistry<S>,
+        deadline: Deadline,
+    ) -> Result<Staged, Failure> {
+        self.stage(update, deadline)
+    }
+
+    fn commit(
+        &mut self,
+        update: &PreparedUpdate,
+        staged: Staged,
+        registry: &mut ParamRegistry<S>,
+    ) -> Result<usize, TransferError> {
+        let chunks = match &staged {
+            Staged::Packed(c) => c.len(),
+            _ => 0,
+        };
+        staged.apply(&update.slots, registry)?;
+        Ok(chunks)
+    }
+}
+
 impl<S: HostStorage> WorkerEngine for HostWorker<S> {
     type Storage = S;
 
@@ -237,25 +248,10 @@ impl<S: HostStorage> WorkerEngine for HostWorker<S> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            dense: true,
-            packed: true,
-            sparse: true,
-            info_in_band: true,
-        }
+        Capabilities::ALL
     }
 
-    fn rank(&self) -> usize {
-        self.control.rank()
-    }
-
-    fn announcement(&mut self, deadline: Deadline) -> Result<Announcement, TransferError> {
-        self.control.announcement(deadline)
-    }
-
-    fn reject(&mut self, reason: &TransferError, deadline: Deadline) -> Result<(), TransferError> {
-        self.control.reject(reason, deadline)
-    }
+    worker_control_methods!();
 
     fn receive(
         &mut self,
@@ -263,31 +259,7 @@ impl<S: HostStorage> WorkerEngine for HostWorker<S> {
         registry: &mut ParamRegistry<S>,
         deadline: Deadline,
     ) -> Result<UpdateReport, TransferError> {
-        let started = Instant::now();
-        self.control.status_round(status_ok(), "vote", deadline)?;
-        let staged = match self.stage(update, deadline) {
-            Ok(s) => Some(s),
-            Err(StageError::Refused(e)) => {
-                // Commit round: tell everyone, then report our own reason.
-                return Err(self.control.fail_round(e, "commit", deadline));
-            }
-            Err(StageError::Fatal(e)) => return Err(e),
-        };
-        self.control.status_round(status_ok(), "commit", deadline)?;
-        self.control.updates += 1;
-        let chunks = match &staged {
-            Some(Staged::Packed(c)) => c.len(),
-            _ => 0,
-        };
-        if let Some(s) = staged {
-            s.apply(&update.slots, registry)?;
-        }
-        Ok(UpdateReport {
-            params: update.slots.len(),
-            payload_bytes: update.update.payload_bytes(),
-            chunks,
-            elapsed: started.elapsed(),
-        })
+        receive_update(self, update, registry, deadline)
     }
 
     fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {

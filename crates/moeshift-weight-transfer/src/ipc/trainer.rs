@@ -8,7 +8,9 @@ use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
 use super::{ChunkNotice, IpcConfig};
-use crate::control::{TrainerControl, TRAINER_RANK};
+use crate::control::{
+    send_session, ParamCount, SessionUpdate, TrainerControl, TrainerPayload, TRAINER_RANK,
+};
 use crate::device::jobs::{fill, DenseSrc, Job};
 use crate::device::memory::{DeviceAlloc, MemError};
 use crate::device::{context, mem_error, DeviceDenseParam, DeviceOutgoing};
@@ -147,43 +149,16 @@ impl IpcTrainer {
                 }
             };
             let info = job.info()?;
-            checked.push((job, info, plan));
+            // Only packed dense jobs are left (the others were refused above).
+            if let Job::Dense { params, .. } = job {
+                checked.push((Planned { params, plan }, info));
+            }
         }
         self.stream
             .context()
             .synchronize()
             .map_err(|e| self.mem("waiting for pending work on the device")(e.into()))?;
-        self.control.begin_session();
-        let mut report = SendReport::default();
-        let r = self.run_session(&checked, &mut report, deadline);
-        if r.is_err() {
-            self.control.forget_metadata();
-        }
-        r?;
-        report.elapsed = started.elapsed();
-        Ok(report)
-    }
-
-    fn run_session(
-        &mut self,
-        jobs: &[(Job<'_>, UpdateInfo, Vec<ChunkHeader>)],
-        report: &mut SendReport,
-        deadline: Deadline,
-    ) -> Result<(), TransferError> {
-        for (index, (job, info, plan)) in jobs.iter().enumerate() {
-            let index = index as u32;
-            let metas = job.metas();
-            let Job::Dense { params, .. } = job else {
-                continue;
-            };
-            self.control.announce(index, info, &metas, deadline)?;
-            report.payload_bytes += self.send_chunks(index, params, plan, deadline)?;
-            self.control.status_round(index, "commit", deadline)?;
-            report.updates += 1;
-            report.dense_params += params.len();
-            self.control.dense_applied(metas);
-        }
-        self.control.end(jobs.len() as u32, deadline)
+        send_session(self, &checked, started, deadline)
     }
 
     fn send_chunks(
@@ -220,6 +195,41 @@ impl IpcTrainer {
             bytes += header.payload_len as usize;
         }
         Ok(bytes)
+    }
+}
+
+/// A packed dense update and its chunk plan, checked against the exported buffer.
+pub(crate) struct Planned<'a> {
+    params: Vec<(&'a ParamMeta, DenseSrc<'a>)>,
+    plan: Vec<ChunkHeader>,
+}
+
+impl SessionUpdate for Planned<'_> {
+    fn metas(&self) -> Vec<ParamMeta> {
+        self.params.iter().map(|(m, _)| (*m).clone()).collect()
+    }
+
+    fn param_count(&self) -> ParamCount {
+        ParamCount::Dense(self.params.len())
+    }
+}
+
+impl TrainerPayload for IpcTrainer {
+    type Update<'u> = Planned<'u>;
+
+    fn control(&mut self) -> &mut TrainerControl {
+        &mut self.control
+    }
+
+    fn send_payload(
+        &mut self,
+        index: u32,
+        update: &Planned<'_>,
+        _info: &UpdateInfo,
+        _metas: &[ParamMeta],
+        deadline: Deadline,
+    ) -> Result<usize, TransferError> {
+        self.send_chunks(index, &update.params, &update.plan, deadline)
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::CudaStream;
 use moeshift_device_comm::HostGroup;
@@ -10,12 +9,15 @@ use moeshift_sync::Deadline;
 use moeshift_tensor::CudaBuffer;
 
 use super::{ChunkNotice, IpcConfig};
-use crate::control::{status_ok, WorkerControl, TRAINER_RANK};
+use crate::control::{
+    receive_update, status_ok, worker_control_methods, Failure, WorkerControl, WorkerPayload,
+    TRAINER_RANK,
+};
 use crate::device::memory::{self, IpcMapping, MemError, SpanMut};
-use crate::device::{check_storage, context, mem_error, DeviceStorage};
-use crate::engine::{Announcement, Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
+use crate::device::{check_storages, context, mem_error, DeviceStorage};
+use crate::engine::{Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
 use crate::error::TransferError;
-use crate::packing::{plan_chunks, PackError};
+use crate::packing::{plan_chunks, ChunkHeader, PackError};
 use crate::registry::ParamRegistry;
 
 /// Exported buffers a worker keeps mapped (a trainer normally has one).
@@ -105,28 +107,29 @@ impl<S: DeviceStorage> IpcWorker<S> {
     }
 
     /// Reads one chunk notice and copies the chunk out. `next_param` is the update's next
-    /// parameter position.
+    /// parameter position. A refusal is this worker's, to report in the chunk's status
+    /// round; a fatal error means the control group broke.
     fn copy_chunk(
         &mut self,
         update: &PreparedUpdate,
         registry: &mut ParamRegistry<S>,
         seq: u32,
-        expected: Option<&crate::packing::ChunkHeader>,
+        expected: Option<&ChunkHeader>,
         next_param: &mut usize,
         deadline: Deadline,
-    ) -> Result<u32, Step> {
+    ) -> Result<u32, Failure> {
         let raw = self
             .control
             .group
             .recv(TRAINER_RANK, deadline)
             .map_err(|e| {
-                Step::Fatal(self
+                Failure::Fatal(self
                     .control
                     .comm(format!("receiving the notice of chunk {seq}"))(
                     e
                 ))
             })?;
-        let notice = ChunkNotice::decode(&raw).map_err(|e| Step::Refused(e.into()))?;
+        let notice = ChunkNotice::decode(&raw).map_err(|e| Failure::Refused(e.into()))?;
         let total = notice.header.total;
         let check = match expected {
             Some(expected) => notice.header.check_matches(expected),
@@ -137,26 +140,26 @@ impl<S: DeviceStorage> IpcWorker<S> {
                 got_total: notice.header.total,
             }),
         };
-        check.map_err(|e| Step::Refused(e.into()))?;
-        let m = self.mapping(&notice).map_err(Step::Refused)?;
+        check.map_err(|e| Failure::Refused(e.into()))?;
+        let m = self.mapping(&notice).map_err(Failure::Refused)?;
         let (rank, device) = (self.control.rank(), self.device);
         let what = format!("copying chunk {seq} of {total} out of the trainer's buffer");
-        let err = |e: MemError| Step::Refused(mem_error(rank, device, what.clone())(e));
+        let err = |e: MemError| Failure::Refused(mem_error(rank, device, what.clone())(e));
         let slots = update
             .slots
             .get(*next_param..*next_param + notice.header.entries.len())
             .ok_or_else(|| {
-                Step::Refused(TransferError::Config {
+                Failure::Refused(TransferError::Config {
                     detail: format!("rank {rank}: chunk {seq} lists more tensors than the update"),
                 })
             })?;
         let mut dsts = registry
             .storages_mut(slots)
-            .map_err(|e| Step::Refused(e.into()))?;
+            .map_err(|e| Failure::Refused(e.into()))?;
         let src = match self.mappings.get(m) {
             Some((_, mapping)) => mapping.span(),
             None => {
-                return Err(Step::Refused(TransferError::Config {
+                return Err(Failure::Refused(TransferError::Config {
                     detail: format!("rank {rank}: IPC mapping missing"),
                 }))
             }
@@ -179,12 +182,72 @@ impl<S: DeviceStorage> IpcWorker<S> {
     }
 }
 
-/// The outcome of one chunk that failed.
-enum Step {
-    /// This worker cannot apply the chunk; the others hear it in the chunk's status round.
-    Refused(TransferError),
-    /// The control group broke.
-    Fatal(TransferError),
+impl<S: DeviceStorage> WorkerPayload for IpcWorker<S> {
+    /// This worker's chunk plan.
+    type Plan = Vec<ChunkHeader>;
+    /// The number of chunks copied (each already applied).
+    type Received = usize;
+
+    fn control(&mut self) -> &mut WorkerControl {
+        &mut self.control
+    }
+
+    fn check(
+        &mut self,
+        update: &PreparedUpdate,
+        registry: &mut ParamRegistry<S>,
+    ) -> Result<Vec<ChunkHeader>, TransferError> {
+        let unusable = check_storages(self.control.rank(), self.device, update, registry);
+        let plan = plan_chunks(&update.update.params, self.config.packed_buffer_size_bytes);
+        unusable?;
+        Ok(plan?)
+    }
+
+    fn receive_payload(
+        &mut self,
+        update: &PreparedUpdate,
+        plan: Vec<ChunkHeader>,
+        registry: &mut ParamRegistry<S>,
+        deadline: Deadline,
+    ) -> Result<usize, Failure> {
+        let mut total = plan.len() as u32;
+        let mut seq = 0u32;
+        let mut next_param = 0usize;
+        while seq < total {
+            let what = format!("chunk {seq}");
+            match self.copy_chunk(
+                update,
+                registry,
+                seq,
+                plan.get(seq as usize),
+                &mut next_param,
+                deadline,
+            ) {
+                Ok(t) => {
+                    total = t;
+                    self.control
+                        .status_round(status_ok(), &what, deadline)
+                        .map_err(Failure::Fatal)?;
+                }
+                Err(Failure::Fatal(e)) => return Err(Failure::Fatal(e)),
+                // Reported in this chunk's round: no commit round follows.
+                Err(Failure::Refused(e)) => {
+                    return Err(Failure::Fatal(self.control.fail_round(e, &what, deadline)))
+                }
+            }
+            seq += 1;
+        }
+        Ok(plan.len())
+    }
+
+    fn commit(
+        &mut self,
+        _update: &PreparedUpdate,
+        chunks: usize,
+        _registry: &mut ParamRegistry<S>,
+    ) -> Result<usize, TransferError> {
+        Ok(chunks)
+    }
 }
 
 impl<S: DeviceStorage> WorkerEngine for IpcWorker<S> {
@@ -203,9 +266,7 @@ impl<S: DeviceStorage> WorkerEngine for IpcWorker<S> {
         }
     }
 
-    fn rank(&self) -> usize {
-        self.control.rank()
-    }
+    worker_control_methods!();
 
     fn start(&mut self, _deadline: Deadline) -> Result<(), TransferError> {
         // Let pending work on the parameters finish before they change.
@@ -214,74 +275,13 @@ impl<S: DeviceStorage> WorkerEngine for IpcWorker<S> {
         })
     }
 
-    fn announcement(&mut self, deadline: Deadline) -> Result<Announcement, TransferError> {
-        self.control.announcement(deadline)
-    }
-
-    fn reject(&mut self, reason: &TransferError, deadline: Deadline) -> Result<(), TransferError> {
-        self.control.reject(reason, deadline)
-    }
-
     fn receive(
         &mut self,
         update: &PreparedUpdate,
         registry: &mut ParamRegistry<S>,
         deadline: Deadline,
     ) -> Result<UpdateReport, TransferError> {
-        let started = Instant::now();
-        let rank = self.control.rank();
-        let unusable = update
-            .update
-            .params
-            .iter()
-            .zip(&update.slots)
-            .find_map(|(meta, &slot)| {
-                registry
-                    .storages_mut(&[slot])
-                    .map_err(TransferError::from)
-                    .and_then(|s| match s.first() {
-                        Some(s) => check_storage(rank, self.device, meta, &**s),
-                        None => Ok(()),
-                    })
-                    .err()
-            });
-        let plan = plan_chunks(&update.update.params, self.config.packed_buffer_size_bytes);
-        let problem = unusable.or_else(|| plan.as_ref().err().map(|e| e.clone().into()));
-        if let Some(e) = problem {
-            return Err(self.control.fail_round(e, "vote", deadline));
-        }
-        let plan = plan.unwrap_or_default();
-        self.control.status_round(status_ok(), "vote", deadline)?;
-        let mut total = plan.len() as u32;
-        let mut seq = 0u32;
-        let mut next_param = 0usize;
-        while seq < total {
-            let what = format!("chunk {seq}");
-            match self.copy_chunk(
-                update,
-                registry,
-                seq,
-                plan.get(seq as usize),
-                &mut next_param,
-                deadline,
-            ) {
-                Ok(t) => {
-                    total = t;
-                    self.control.status_round(status_ok(), &what, deadline)?;
-                }
-                Err(Step::Fatal(e)) => return Err(e),
-                Err(Step::Refused(e)) => return Err(self.control.fail_round(e, &what, deadline)),
-            }
-            seq += 1;
-        }
-        self.control.status_round(status_ok(), "commit", deadline)?;
-        self.control.updates += 1;
-        Ok(UpdateReport {
-            params: update.slots.len(),
-            payload_bytes: update.update.payload_bytes(),
-            chunks: plan.len(),
-            elapsed: started.elapsed(),
-        })
+        receive_update(self, update, registry, deadline)
     }
 
     fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {

@@ -54,11 +54,18 @@
 //! communicator (nothing can hang); the engine then refuses further sessions and must be
 //! rebuilt (see [`NcclTrainer::is_broken`]).
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use moeshift_device_comm::nccl::NcclComm;
 use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
 use crate::control::TRAINER_RANK;
+use crate::device::kernels::Kernels;
+use crate::device::memory::DeviceAlloc;
+use crate::device::sparse::SparseStage;
+use crate::device::{context, mem_error};
 use crate::error::TransferError;
 use crate::packing::{PackError, DEFAULT_PACKED_BUFFER_SIZE_BYTES};
 
@@ -135,6 +142,77 @@ impl NcclConfig {
         }
         Ok(rank)
     }
+}
+
+/// What both ends of the engine set up on their GPU besides the control channel.
+struct DeviceSide {
+    comm: NcclComm,
+    /// A second stream: packing (trainer) or unpacking (worker) runs there, overlapping the
+    /// broadcasts on the communicator's stream.
+    stream: Arc<CudaStream>,
+    /// One event per chunk buffer, ordering its packing or unpacking with the broadcasts.
+    /// Fresh events count as complete, so the first use of a buffer waits for nothing.
+    events: [CudaEvent; 2],
+    /// The sparse staging area, on `stream`.
+    stage: SparseStage,
+}
+
+impl DeviceSide {
+    /// Joins the communicator as NCCL rank `nccl_rank` on CUDA device `device` (see
+    /// [`connect`]), then creates the second stream (`stream_what` names it in errors), the
+    /// kernels, the events and the staging area.
+    fn open(
+        group: &HostGroup,
+        nccl_rank: usize,
+        device: usize,
+        stream_what: &'static str,
+        deadline: Deadline,
+    ) -> Result<Self, TransferError> {
+        let ctx = context(device, nccl_rank)?;
+        let comm = connect(group, nccl_rank, device, deadline)?;
+        let cuda = |during: &'static str| {
+            move |source| TransferError::Cuda {
+                rank: nccl_rank,
+                device,
+                during: during.into(),
+                source,
+            }
+        };
+        let stream = ctx.new_stream().map_err(cuda(stream_what))?;
+        let kernels = Kernels::load(&ctx).map_err(cuda("loading the kernels"))?;
+        let event = || ctx.new_event(None).map_err(cuda("creating an event"));
+        let events = [event()?, event()?];
+        let stage = SparseStage::new(Arc::clone(&stream), kernels);
+        Ok(Self {
+            comm,
+            stream,
+            events,
+            stage,
+        })
+    }
+}
+
+/// Grows a chunk buffer to at least `len` bytes on `ctx` (a smaller one is freed first).
+/// `rank` and `device` name this end in errors.
+fn grow_chunk_buffer(
+    buffer: &mut Option<DeviceAlloc>,
+    ctx: &Arc<CudaContext>,
+    len: usize,
+    rank: usize,
+    device: usize,
+) -> Result<(), TransferError> {
+    if buffer.as_ref().is_none_or(|s| s.len() < len) {
+        *buffer = None;
+        let alloc = DeviceAlloc::new(ctx, len).map_err(|e| {
+            mem_error(
+                rank,
+                device,
+                format!("allocating a {len}-byte chunk buffer"),
+            )(e.into())
+        })?;
+        *buffer = Some(alloc);
+    }
+    Ok(())
 }
 
 /// Creates the transfer group's communicator: the trainer draws a fresh store key and tells

@@ -8,15 +8,14 @@ use moeshift_device_comm::nccl::NcclComm;
 use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
-use super::{connect, NcclConfig};
+use super::{grow_chunk_buffer, DeviceSide, NcclConfig};
 use crate::auto::{AutoPolicy, Choice};
-use crate::control::{TrainerControl, TRAINER_RANK};
+use crate::control::{send_session, TrainerControl, TrainerPayload, TRAINER_RANK};
 use crate::device::jobs::{fill, DenseSrc, Job, SparseSrc};
-use crate::device::kernels::Kernels;
 use crate::device::memory::{self, DeviceAlloc, MemError, Span};
 use crate::device::sparse::SparseStage;
 use crate::device::{
-    context, mem_error, DeviceAutoParam, DeviceDenseParam, DeviceDiff, DeviceOutgoing, DevicePatch,
+    mem_error, DeviceAutoParam, DeviceDenseParam, DeviceDiff, DeviceOutgoing, DevicePatch,
     DeviceSparseParam,
 };
 use crate::engine::{Capabilities, Outgoing, SendReport, TrainerEngine};
@@ -66,23 +65,18 @@ impl NcclTrainer {
     ) -> Result<Self, TransferError> {
         config.check(group.size())?;
         let control = TrainerControl::new(group, config.reuse_metadata)?;
-        let ctx = context(device, TRAINER_RANK)?;
-        let comm = connect(&control.group, TRAINER_RANK, device, deadline)?;
-        let cuda = |during: &'static str| {
-            move |source| TransferError::Cuda {
-                rank: TRAINER_RANK,
-                device,
-                during: during.into(),
-                source,
-            }
-        };
-        let pack_stream = ctx
-            .new_stream()
-            .map_err(cuda("creating the packing stream"))?;
-        let kernels = Kernels::load(&ctx).map_err(cuda("loading the kernels"))?;
-        let event = || ctx.new_event(None).map_err(cuda("creating an event"));
-        let packed_events = [event()?, event()?];
-        let stage = SparseStage::new(Arc::clone(&pack_stream), kernels);
+        let DeviceSide {
+            comm,
+            stream: pack_stream,
+            events: packed_events,
+            stage,
+        } = DeviceSide::open(
+            &control.group,
+            TRAINER_RANK,
+            device,
+            "creating the packing stream",
+            deadline,
+        )?;
         Ok(Self {
             control,
             config,
@@ -218,15 +212,7 @@ impl NcclTrainer {
             });
         }
         self.stage_sync()?;
-        self.control.begin_session();
-        let mut report = SendReport::default();
-        let r = self.run_session(&checked, &mut report, deadline);
-        if r.is_err() {
-            self.control.forget_metadata();
-        }
-        r?;
-        report.elapsed = started.elapsed();
-        Ok(report)
+        send_session(self, &checked, started, deadline)
     }
 
     /// Waits for pending work on the device (the sources may still be being written).
@@ -237,50 +223,10 @@ impl NcclTrainer {
             .map_err(|e| self.mem("waiting for pending work on the device")(e.into()))
     }
 
-    fn run_session(
-        &mut self,
-        jobs: &[(Job<'_>, UpdateInfo)],
-        report: &mut SendReport,
-        deadline: Deadline,
-    ) -> Result<(), TransferError> {
-        for (index, (job, info)) in jobs.iter().enumerate() {
-            let index = index as u32;
-            let metas = job.metas();
-            self.control.announce(index, info, &metas, deadline)?;
-            report.payload_bytes += match job {
-                Job::Dense {
-                    params,
-                    packed: false,
-                } => self.send_dense(params, deadline)?,
-                Job::Dense {
-                    params,
-                    packed: true,
-                } => self.send_packed(params, &metas, deadline)?,
-                Job::Sparse { params } => self.send_sparse(params, &metas, deadline)?,
-            };
-            self.control.status_round(index, "commit", deadline)?;
-            report.updates += 1;
-            match job {
-                Job::Dense { params, .. } => {
-                    report.dense_params += params.len();
-                    self.control.dense_applied(metas);
-                }
-                Job::Sparse { params } => report.sparse_params += params.len(),
-            }
-        }
-        self.control.end(jobs.len() as u32, deadline)
-    }
-
     /// Grows chunk buffer `i` to at least `len` bytes.
     fn slot(&mut self, i: usize, len: usize) -> Result<(), TransferError> {
         let ctx = Arc::clone(self.pack_stream.context());
-        if self.slots[i].as_ref().is_none_or(|s| s.len() < len) {
-            self.slots[i] = None;
-            let alloc = DeviceAlloc::new(&ctx, len)
-                .map_err(|e| self.mem(format!("allocating a {len}-byte chunk buffer"))(e.into()))?;
-            self.slots[i] = Some(alloc);
-        }
-        Ok(())
+        grow_chunk_buffer(&mut self.slots[i], &ctx, len, TRAINER_RANK, self.device)
     }
 
     fn broadcast(
@@ -468,18 +414,42 @@ impl NcclTrainer {
     }
 }
 
+impl TrainerPayload for NcclTrainer {
+    type Update<'u> = Job<'u>;
+
+    fn control(&mut self) -> &mut TrainerControl {
+        &mut self.control
+    }
+
+    fn send_payload(
+        &mut self,
+        _index: u32,
+        job: &Job<'_>,
+        _info: &UpdateInfo,
+        metas: &[ParamMeta],
+        deadline: Deadline,
+    ) -> Result<usize, TransferError> {
+        match job {
+            Job::Dense {
+                params,
+                packed: false,
+            } => self.send_dense(params, deadline),
+            Job::Dense {
+                params,
+                packed: true,
+            } => self.send_packed(params, metas, deadline),
+            Job::Sparse { params } => self.send_sparse(params, metas, deadline),
+        }
+    }
+}
+
 impl TrainerEngine for NcclTrainer {
     fn name(&self) -> &'static str {
         "nccl"
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            dense: true,
-            packed: true,
-            sparse: true,
-            info_in_band: true,
-        }
+        Capabilities::ALL
     }
 
     fn packs_dense(&self) -> bool {

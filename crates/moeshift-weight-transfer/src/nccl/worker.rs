@@ -2,7 +2,6 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaStream};
 use moeshift_device_comm::nccl::NcclComm;
@@ -10,16 +9,17 @@ use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 use moeshift_tensor::CudaBuffer;
 
-use super::{connect, NcclConfig};
-use crate::control::{status_ok, WorkerControl, TRAINER_RANK};
-use crate::device::kernels::Kernels;
+use super::{grow_chunk_buffer, DeviceSide, NcclConfig};
+use crate::control::{
+    receive_update, worker_control_methods, Failure, WorkerControl, WorkerPayload, TRAINER_RANK,
+};
 use crate::device::memory::{self, DeviceAlloc, MemError, SpanMut};
 use crate::device::sparse::SparseStage;
-use crate::device::{check_storage, context, mem_error, DeviceStorage};
-use crate::engine::{Announcement, Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
+use crate::device::{check_storages, mem_error, DeviceStorage};
+use crate::engine::{Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
 use crate::error::TransferError;
 use crate::info::UpdateKind;
-use crate::packing::{plan_chunks, ChunkHeader, PackError};
+use crate::packing::plan_chunks;
 use crate::patch::PatchError;
 use crate::registry::ParamRegistry;
 use crate::sparse_layout::SparseLayout;
@@ -53,13 +53,6 @@ impl<S> std::fmt::Debug for NcclWorker<S> {
     }
 }
 
-/// A problem found while receiving that keeps the stream in step (reported in the status
-/// round), or one that does not (the transport broke).
-enum Failure {
-    Refused(TransferError),
-    Fatal(TransferError),
-}
-
 impl<S: DeviceStorage> NcclWorker<S> {
     /// Worker `index` over the control `group`, on CUDA device `device`. Its control rank
     /// must be `config.rank_offset + index` (the group's members are ordered by NCCL rank).
@@ -75,25 +68,18 @@ impl<S: DeviceStorage> NcclWorker<S> {
         config.check(group.size())?;
         let nccl_rank = config.worker_rank(index, &group)?;
         let control = WorkerControl::new(group)?;
-        let ctx = context(device, nccl_rank)?;
-        let comm = connect(&control.group, nccl_rank, device, deadline)?;
-        let cuda = |during: &'static str| {
-            move |source| TransferError::Cuda {
-                rank: nccl_rank,
-                device,
-                during: during.into(),
-                source,
-            }
-        };
-        let copy_stream = ctx
-            .new_stream()
-            .map_err(cuda("creating the unpacking stream"))?;
-        let kernels = Kernels::load(&ctx).map_err(cuda("loading the kernels"))?;
-        let event = || ctx.new_event(None).map_err(cuda("creating an event"));
-        let unpacked = [event()?, event()?];
-        // Fresh events count as complete, so the first broadcast into a buffer waits for
-        // nothing.
-        let stage = SparseStage::new(Arc::clone(&copy_stream), kernels);
+        let DeviceSide {
+            comm,
+            stream: copy_stream,
+            events: unpacked,
+            stage,
+        } = DeviceSide::open(
+            &control.group,
+            nccl_rank,
+            device,
+            "creating the unpacking stream",
+            deadline,
+        )?;
         Ok(Self {
             control,
             config,
@@ -132,13 +118,13 @@ impl<S: DeviceStorage> NcclWorker<S> {
 
     fn slot(&mut self, i: usize, len: usize) -> Result<(), TransferError> {
         let ctx = Arc::clone(self.copy_stream.context());
-        if self.slots[i].as_ref().is_none_or(|s| s.len() < len) {
-            self.slots[i] = None;
-            let alloc = DeviceAlloc::new(&ctx, len)
-                .map_err(|e| self.mem(format!("allocating a {len}-byte chunk buffer"))(e.into()))?;
-            self.slots[i] = Some(alloc);
-        }
-        Ok(())
+        grow_chunk_buffer(
+            &mut self.slots[i],
+            &ctx,
+            len,
+            self.control.rank(),
+            self.device,
+        )
     }
 
     fn receive_dense(
@@ -173,36 +159,11 @@ impl<S: DeviceStorage> NcclWorker<S> {
         let mut seq = 0u32;
         let mut next_param = 0usize;
         while seq < total {
-            let fatal = |e| {
-                Failure::Fatal(self
-                    .control
-                    .comm(format!("receiving the header of chunk {seq}"))(
-                    e
-                ))
-            };
-            let raw = self
-                .control
-                .group
-                .recv(TRAINER_RANK, deadline)
-                .map_err(fatal)?;
-            // A header that cannot be read does not say how long its payload is: the
-            // collective cannot be followed any further.
-            let header = ChunkHeader::decode(&raw).map_err(|e| Failure::Fatal(e.into()))?;
+            let during = format!("receiving the header of chunk {seq}");
+            let header =
+                self.control
+                    .recv_chunk_header(seq, &plan, &mut problem, during, deadline)?;
             total = header.total;
-            if problem.is_none() {
-                let check = match plan.get(seq as usize) {
-                    Some(expected) => header.check_matches(expected),
-                    None => Err(PackError::Sequence {
-                        expected_seq: seq,
-                        expected_total: plan.len() as u32,
-                        got_seq: header.seq,
-                        got_total: header.total,
-                    }),
-                };
-                if let Err(e) = check {
-                    problem = Some(e.into());
-                }
-            }
             // The broadcast is sized by the trainer's header (checksummed), so it matches
             // the trainer's even when this worker's plan does not.
             let len = usize::try_from(header.payload_len).unwrap_or(usize::MAX);
@@ -369,6 +330,55 @@ impl<S: DeviceStorage> NcclWorker<S> {
     }
 }
 
+impl<S: DeviceStorage> WorkerPayload for NcclWorker<S> {
+    type Plan = ();
+    /// The number of chunks received; a sparse update is still staged.
+    type Received = usize;
+
+    fn control(&mut self) -> &mut WorkerControl {
+        &mut self.control
+    }
+
+    fn check(
+        &mut self,
+        update: &PreparedUpdate,
+        registry: &mut ParamRegistry<S>,
+    ) -> Result<(), TransferError> {
+        // Every parameter's memory must be usable by this engine.
+        check_storages(self.rank(), self.device, update, registry)
+    }
+
+    fn receive_payload(
+        &mut self,
+        update: &PreparedUpdate,
+        _plan: (),
+        registry: &mut ParamRegistry<S>,
+        deadline: Deadline,
+    ) -> Result<usize, Failure> {
+        let r = &update.update;
+        match (r.kind, r.packed) {
+            (UpdateKind::Dense, false) => {
+                self.receive_dense(update, registry, deadline).map(|()| 0)
+            }
+            (UpdateKind::Dense, true) => self.receive_packed(update, registry, deadline),
+            (UpdateKind::SparseFlat, _) => self.receive_sparse(update, deadline).map(|()| 0),
+        }
+    }
+
+    fn commit(
+        &mut self,
+        update: &PreparedUpdate,
+        chunks: usize,
+        registry: &mut ParamRegistry<S>,
+    ) -> Result<usize, TransferError> {
+        if update.update.kind == UpdateKind::SparseFlat {
+            // Every worker staged and checked its patches: apply.
+            self.apply_sparse(update, registry)?;
+        }
+        Ok(chunks)
+    }
+}
+
 impl<S: DeviceStorage> WorkerEngine for NcclWorker<S> {
     type Storage = S;
 
@@ -377,17 +387,10 @@ impl<S: DeviceStorage> WorkerEngine for NcclWorker<S> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            dense: true,
-            packed: true,
-            sparse: true,
-            info_in_band: true,
-        }
+        Capabilities::ALL
     }
 
-    fn rank(&self) -> usize {
-        self.control.rank()
-    }
+    worker_control_methods!();
 
     fn start(&mut self, _deadline: Deadline) -> Result<(), TransferError> {
         if let Some(reason) = self.comm.abort_reason() {
@@ -407,68 +410,13 @@ impl<S: DeviceStorage> WorkerEngine for NcclWorker<S> {
             .map_err(|e| self.mem("waiting for pending work on the device")(e.into()))
     }
 
-    fn announcement(&mut self, deadline: Deadline) -> Result<Announcement, TransferError> {
-        self.control.announcement(deadline)
-    }
-
-    fn reject(&mut self, reason: &TransferError, deadline: Deadline) -> Result<(), TransferError> {
-        self.control.reject(reason, deadline)
-    }
-
     fn receive(
         &mut self,
         update: &PreparedUpdate,
         registry: &mut ParamRegistry<S>,
         deadline: Deadline,
     ) -> Result<UpdateReport, TransferError> {
-        let started = Instant::now();
-        // Before voting: every parameter's memory must be usable by this engine.
-        let rank = self.rank();
-        let unusable = update
-            .update
-            .params
-            .iter()
-            .zip(&update.slots)
-            .find_map(|(meta, &slot)| {
-                registry
-                    .storages_mut(&[slot])
-                    .map_err(TransferError::from)
-                    .and_then(|s| match s.first() {
-                        Some(s) => check_storage(rank, self.device, meta, &**s),
-                        None => Ok(()),
-                    })
-                    .err()
-            });
-        if let Some(e) = unusable {
-            return Err(self.control.fail_round(e, "vote", deadline));
-        }
-        self.control.status_round(status_ok(), "vote", deadline)?;
-        let r = &update.update;
-        let mut chunks = 0;
-        let outcome = match (r.kind, r.packed) {
-            (UpdateKind::Dense, false) => self.receive_dense(update, registry, deadline),
-            (UpdateKind::Dense, true) => self
-                .receive_packed(update, registry, deadline)
-                .map(|n| chunks = n),
-            (UpdateKind::SparseFlat, _) => self.receive_sparse(update, deadline),
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(Failure::Fatal(e)) => return Err(e),
-            Err(Failure::Refused(e)) => return Err(self.control.fail_round(e, "commit", deadline)),
-        }
-        self.control.status_round(status_ok(), "commit", deadline)?;
-        self.control.updates += 1;
-        if r.kind == UpdateKind::SparseFlat {
-            // Every worker staged and checked its patches: apply.
-            self.apply_sparse(update, registry)?;
-        }
-        Ok(UpdateReport {
-            params: update.slots.len(),
-            payload_bytes: r.payload_bytes(),
-            chunks,
-            elapsed: started.elapsed(),
-        })
+        receive_update(self, update, registry, deadline)
     }
 
     fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {
