@@ -161,6 +161,12 @@ pub struct TransferStats {
 /// copies. Duplicate rows of a received expert are filled at commit from the primary.
 /// Dropping a `StagedLayer` without committing abandons the layer: the weights keep the
 /// old placement.
+///
+/// The staging may be memory the communicator lends rather than memory of its own (the
+/// `nixl` backend's registered landing area, which peers' rows are READ straight into):
+/// committing or dropping the `StagedLayer` gives it back, and until then that
+/// communicator refuses transfers that would need it
+/// ([`EplbCommError::StagingInUse`]) rather than overwrite it.
 #[derive(Debug)]
 pub struct StagedLayer {
     layer: usize,

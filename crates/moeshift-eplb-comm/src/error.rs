@@ -386,10 +386,30 @@ pub enum EplbCommError {
         rank: usize,
         /// The layer, if the call concerned one.
         layer: Option<usize>,
+        /// The peer (EPLB-group rank) the call concerned, if one: the peer a failed or late
+        /// READ was reading from, or whose description or outcome was bad. The message
+        /// names it too.
+        peer: Option<usize>,
         /// The call or step.
         op: String,
         /// NIXL's status and anything else known.
         detail: String,
+    },
+
+    /// The staging memory a backend lends to staged layers (the `nixl` backend's registered
+    /// landing area) is still held by staged layers that were neither committed nor
+    /// dropped, so this layer cannot be staged without overwriting theirs. Found before any
+    /// byte moved; the communicator stays usable.
+    #[error("rank {rank}, layer {layer}: the staging memory ({slots} slot(s)) is still held by the staged layer(s) {held_by:?}; commit or drop them before transferring another layer, or give the communicator more staging slots")]
+    StagingInUse {
+        /// This rank.
+        rank: usize,
+        /// The layer asked for.
+        layer: usize,
+        /// The layers whose staged rows hold the memory.
+        held_by: Vec<usize>,
+        /// Slots the communicator has.
+        slots: usize,
     },
 
     /// Staging memory could not be allocated.
@@ -524,6 +544,7 @@ impl EplbCommError {
             | Self::PeerAborted { peer, .. }
             | Self::PeerSetupFailed { peer, .. } => Some(*peer),
             Self::PlanDigestMismatch { peers, .. } => peers.first().copied(),
+            Self::Nixl { peer, .. } => *peer,
             Self::DeadlineExpired { waiting_for, .. } => waiting_for.first().copied(),
             #[cfg(feature = "cuda")]
             Self::Nccl { source, .. } => match source.as_ref() {
@@ -636,5 +657,39 @@ mod tests {
         );
         assert_eq!(e.peer(), Some(3));
         assert!(!e.poisons_communicator());
+    }
+
+    #[test]
+    fn nixl_errors_name_their_peer_and_busy_staging_does_not_poison() {
+        let e = EplbCommError::Nixl {
+            rank: 1,
+            layer: Some(4),
+            peer: Some(2),
+            op: "READ of expert(s) [7] from peer rank 2".into(),
+            detail: "backend error".into(),
+        };
+        assert_eq!(e.peer(), Some(2));
+        assert!(e.poisons_communicator());
+        let e = EplbCommError::Nixl {
+            rank: 1,
+            layer: None,
+            peer: None,
+            op: "registering the landing area".into(),
+            detail: "out of memory".into(),
+        };
+        assert_eq!(e.peer(), None);
+
+        let e = EplbCommError::StagingInUse {
+            rank: 0,
+            layer: 5,
+            held_by: vec![4],
+            slots: 1,
+        };
+        let text = e.to_string();
+        for part in ["rank 0", "layer 5", "[4]", "1 slot"] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+        assert!(!e.poisons_communicator());
+        assert_eq!(e.peer(), None);
     }
 }

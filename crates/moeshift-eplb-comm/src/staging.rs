@@ -10,8 +10,16 @@
 //! weights; with feature `cuda`, in device memory on the weights' GPU for CUDA weights (the
 //! commit is then device-to-device copies), or in page-locked host memory for the rows a
 //! host transport receives before they are copied to the GPU.
+//!
+//! Staging need not own its memory: a backend may keep memory it prepared once (the `nixl`
+//! backend's registered landing area) in a lending slot and lend it to one layer at a
+//! time. Rows then land in their final staging place directly, and
+//! the memory goes back to the slot when the staging is dropped, that is when its
+//! [`StagedLayer`](crate::StagedLayer) is committed or dropped. A slot lent twice is refused,
+//! never shared.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use moeshift_tensor::{Device, HostBuffer, HostBufferError, PAGE_ALIGN};
 
@@ -147,6 +155,40 @@ impl StagingBuilder {
         Ok(self.with_memory(StagingMemory::Host(buf)))
     }
 
+    /// Lays the staging out in `lent` memory (see [`LendingSlot`]): no allocation. Fails when
+    /// the rows laid out do not fit it.
+    pub(crate) fn build_lent(
+        self,
+        rank: usize,
+        layer: usize,
+        lent: LentMemory,
+    ) -> Result<Staging, EplbCommError> {
+        if self.overflow {
+            return Err(EplbCommError::Staging {
+                rank,
+                layer,
+                bytes: self.len,
+                source: HostBufferError::TooLarge {
+                    len: usize::MAX,
+                    align: PAGE_ALIGN,
+                },
+            });
+        }
+        let room = lent.len();
+        if self.len > room {
+            return Err(EplbCommError::PlanMismatch {
+                rank,
+                layer,
+                detail: format!(
+                    "{} rows need {} bytes of staging, the lent staging memory has {room}",
+                    self.rows.len(),
+                    self.len
+                ),
+            });
+        }
+        Ok(self.with_memory(StagingMemory::Lent(lent)))
+    }
+
     fn with_memory(self, mem: StagingMemory) -> Staging {
         Staging {
             len: self.len,
@@ -245,6 +287,140 @@ pub(crate) enum StagingMemory {
         /// The commit's stream.
         commit_stream: std::sync::Arc<cudarc::driver::CudaStream>,
     },
+    /// Memory lent by a [`LendingSlot`], given back when dropped.
+    Lent(LentMemory),
+}
+
+impl StagingMemory {
+    /// The memory itself: what a [`Lent`](Self::Lent) memory holds, otherwise `self`. A lent
+    /// memory that holds nothing (only while it is being given back) stays `Lent`.
+    pub(crate) fn resolved(&self) -> &StagingMemory {
+        match self {
+            StagingMemory::Lent(LentMemory {
+                mem: Some(inner), ..
+            }) => inner.resolved(),
+            other => other,
+        }
+    }
+
+    /// [`resolved`](Self::resolved), writable.
+    pub(crate) fn resolved_mut(&mut self) -> &mut StagingMemory {
+        match self {
+            StagingMemory::Lent(LentMemory {
+                mem: Some(inner), ..
+            }) => inner.resolved_mut(),
+            other => other,
+        }
+    }
+
+    /// Bytes of memory (possibly more than a staging lays out).
+    pub(crate) fn len(&self) -> usize {
+        match self.resolved() {
+            StagingMemory::Host(buf) => buf.len(),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Pinned(buf) => buf.len(),
+            #[cfg(feature = "cuda")]
+            StagingMemory::Device { buf, .. } => buf.len(),
+            StagingMemory::Lent(_) => 0,
+        }
+    }
+}
+
+/// Staging memory prepared once and lent to one staging at a time: the `nixl` backend keeps
+/// its registered landing area in slots, so peers' rows are READ straight into their final
+/// staging place and no layer allocates. Lending a slot that is lent is refused (the layer
+/// holding it is named); the memory comes back when the [`LentMemory`] is dropped, that is
+/// when the [`Staging`] built on it is.
+#[derive(Debug)]
+pub(crate) struct LendingSlot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    /// The memory while it is home; `None` while lent.
+    mem: Option<Box<StagingMemory>>,
+    /// The layer it is lent for, while lent.
+    lent_for: Option<usize>,
+}
+
+impl LendingSlot {
+    /// A slot holding `mem`.
+    pub(crate) fn new(mem: StagingMemory) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SlotState {
+                mem: Some(Box::new(mem)),
+                lent_for: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic while holding the lock cannot leave the state half-updated (each update
+        // is one assignment pair), so a poisoned lock is still consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lends the memory for `layer`; `Err(holder)` names the layer holding it when it is
+    /// already lent.
+    pub(crate) fn lend(self: &Arc<Self>, layer: usize) -> Result<LentMemory, usize> {
+        let mut state = self.lock();
+        match state.mem.take() {
+            Some(mem) => {
+                state.lent_for = Some(layer);
+                Ok(LentMemory {
+                    mem: Some(mem),
+                    slot: Arc::clone(self),
+                })
+            }
+            None => Err(state.lent_for.unwrap_or(layer)),
+        }
+    }
+
+    /// The layer holding the memory, while it is lent.
+    pub(crate) fn holder(&self) -> Option<usize> {
+        let state = self.lock();
+        state.mem.is_none().then_some(state.lent_for).flatten()
+    }
+
+    /// Runs `f` on the memory while it is home (not lent); `None` while lent.
+    #[cfg(test)]
+    pub(crate) fn with_memory<R>(&self, f: impl FnOnce(&StagingMemory) -> R) -> Option<R> {
+        let state = self.lock();
+        state.mem.as_deref().map(f)
+    }
+}
+
+/// Memory lent by a [`LendingSlot`]; dropping it gives the memory back.
+#[derive(Debug)]
+pub(crate) struct LentMemory {
+    /// `None` only while being given back.
+    mem: Option<Box<StagingMemory>>,
+    slot: Arc<LendingSlot>,
+}
+
+impl LentMemory {
+    /// The memory.
+    pub(crate) fn memory(&self) -> Option<&StagingMemory> {
+        self.mem.as_deref()
+    }
+
+    /// Bytes of memory.
+    pub(crate) fn len(&self) -> usize {
+        self.memory().map_or(0, StagingMemory::len)
+    }
+}
+
+impl Drop for LentMemory {
+    fn drop(&mut self) {
+        if let Some(mem) = self.mem.take() {
+            let mut state = self.slot.lock();
+            state.mem = Some(mem);
+            state.lent_for = None;
+        }
+    }
 }
 
 /// Allocated staging memory with its rows.
@@ -274,19 +450,20 @@ impl Staging {
     /// (for transports that write into staging directly).
     #[allow(dead_code)]
     pub(crate) fn addr(&self) -> u64 {
-        match &self.mem {
+        match self.mem.resolved() {
             StagingMemory::Host(buf) => buf.addr(),
             #[cfg(feature = "cuda")]
             StagingMemory::Pinned(buf) => buf.addr(),
             #[cfg(feature = "cuda")]
             StagingMemory::Device { buf, .. } => buf.addr(),
+            StagingMemory::Lent(_) => 0,
         }
     }
 
     /// Where the staged bytes live: the host (ordinary or page-locked memory) or a GPU.
     pub(crate) fn device(&self) -> Device {
-        match &self.mem {
-            StagingMemory::Host(_) => Device::Host,
+        match self.mem.resolved() {
+            StagingMemory::Host(_) | StagingMemory::Lent(_) => Device::Host,
             #[cfg(feature = "cuda")]
             StagingMemory::Pinned(_) => Device::Host,
             #[cfg(feature = "cuda")]
@@ -294,19 +471,26 @@ impl Staging {
         }
     }
 
-    /// The memory.
+    /// The memory (what lent memory holds, for lent staging).
     #[allow(dead_code)]
     pub(crate) fn memory(&self) -> &StagingMemory {
-        &self.mem
+        self.mem.resolved()
     }
 
-    /// The memory, writable.
+    /// The memory, writable (what lent memory holds, for lent staging).
     #[allow(dead_code)]
     pub(crate) fn memory_mut(&mut self) -> &mut StagingMemory {
-        &mut self.mem
+        self.mem.resolved_mut()
     }
 
-    /// Gives the memory back (to reuse a page-locked buffer).
+    /// True when the memory is lent (see [`LendingSlot`]) rather than owned.
+    #[allow(dead_code)]
+    pub(crate) fn is_lent(&self) -> bool {
+        matches!(self.mem, StagingMemory::Lent(_))
+    }
+
+    /// Gives the memory back (to reuse a page-locked buffer); lent memory comes back as
+    /// [`StagingMemory::Lent`].
     #[allow(dead_code)]
     pub(crate) fn into_memory(self) -> StagingMemory {
         self.mem
@@ -319,12 +503,13 @@ impl Staging {
     }
 
     fn host_bytes(&self) -> Option<&[u8]> {
-        match &self.mem {
+        match self.mem.resolved() {
             StagingMemory::Host(buf) => buf.as_slice().get(..self.len),
             #[cfg(feature = "cuda")]
             StagingMemory::Pinned(buf) => buf.region(0..self.len),
             #[cfg(feature = "cuda")]
             StagingMemory::Device { .. } => None,
+            StagingMemory::Lent(_) => None,
         }
     }
 
@@ -332,12 +517,13 @@ impl Staging {
         if range.end > self.len {
             return None;
         }
-        match &mut self.mem {
+        match self.mem.resolved_mut() {
             StagingMemory::Host(buf) => buf.as_mut_slice().get_mut(range),
             #[cfg(feature = "cuda")]
             StagingMemory::Pinned(buf) => buf.region_mut(range),
             #[cfg(feature = "cuda")]
             StagingMemory::Device { .. } => None,
+            StagingMemory::Lent(_) => None,
         }
     }
 
@@ -439,5 +625,73 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn lent_memory_stages_rows_and_comes_back_when_the_staging_goes() {
+        let mut mem = HostBuffer::zeroed(64).unwrap();
+        mem.as_mut_slice().fill(0xA5);
+        let base = mem.addr();
+        let slot = LendingSlot::new(StagingMemory::Host(mem));
+        assert_eq!(slot.holder(), None);
+        assert_eq!(slot.with_memory(StagingMemory::len), Some(64));
+
+        let lent = slot.lend(7).unwrap();
+        assert_eq!(lent.len(), 64);
+        // Lent once: a second loan names the layer holding it, and nothing is shared.
+        assert_eq!(slot.lend(8).unwrap_err(), 7);
+        assert_eq!(slot.holder(), Some(7));
+        assert_eq!(slot.with_memory(StagingMemory::len), None);
+
+        let mut b = StagingBuilder::new(&layout());
+        b.push_row(1, 3, RowSource::Peer { peer: 1, round: 0 });
+        b.push_row(2, 4, RowSource::Local { src_row: 0 });
+        let mut s = b.build_lent(0, 7, lent).unwrap();
+        assert!(s.is_lent());
+        // The rows live in the lent memory itself, from its first byte: no copy, no
+        // allocation.
+        assert_eq!(s.addr(), base);
+        assert_eq!(s.len(), 2 * 17);
+        assert_eq!(s.device(), Device::Host);
+        assert_eq!(s.memory().len(), 64);
+        s.row_tensor_mut(1, 1).unwrap().fill(9);
+        assert_eq!(s.row_tensor(1, 1), Some(&[9u8; 5][..]));
+        // Bytes the staging laid out are reachable; the lent memory's rest is not.
+        assert_eq!(s.row_tensor(0, 0), Some(&[0xA5u8; 12][..]));
+        assert_eq!(s.region(0..35), None);
+        assert_eq!(s.row_tensor(2, 0), None);
+
+        drop(s);
+        assert_eq!(slot.holder(), None);
+        // The memory is back, with what the staging wrote into it.
+        let again = slot.lend(8).unwrap();
+        let StagingMemory::Host(buf) = again.memory().unwrap() else {
+            panic!("host memory was lent");
+        };
+        assert_eq!(buf.as_slice()[17 + 12..17 + 17], [9u8; 5]);
+        assert_eq!(slot.holder(), Some(8));
+    }
+
+    #[test]
+    fn lent_memory_too_small_for_the_rows_is_an_error_and_comes_back() {
+        let slot = LendingSlot::new(StagingMemory::Host(HostBuffer::zeroed(20).unwrap()));
+        let mut b = StagingBuilder::new(&layout());
+        b.push_row(0, 0, RowSource::Local { src_row: 1 });
+        b.push_row(1, 1, RowSource::Local { src_row: 0 });
+        let err = b.build_lent(2, 5, slot.lend(5).unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EplbCommError::PlanMismatch {
+                    rank: 2,
+                    layer: 5,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("34 bytes"), "{err}");
+        assert_eq!(slot.holder(), None);
+        assert!(slot.lend(6).is_ok());
     }
 }

@@ -16,9 +16,10 @@ use moeshift_device_comm::testing::{
     self, fail_point, fail_point_hit, RankRole, RankTest, ENV_FAIL_POINT, ENV_FAIL_RANK,
 };
 use moeshift_device_comm::{LaunchOutcome, RankStatus, StoreClient, World};
-use moeshift_eplb_comm::nixl::{probe, NixlCommunicator};
+use moeshift_eplb_comm::nixl::{probe, NixlCommunicator, NixlConfig};
 use moeshift_eplb_comm::{
-    agree_on_plan, plan_digest, EplbCommError, EplbCommunicator, LayerWeights,
+    agree_on_plan, eplb_group, plan_digest, EplbCommError, EplbCommunicator, LayerWeights,
+    RowSource, StagedLayer,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -607,6 +608,13 @@ fn nixl_peer_killed_mid_transfer() {
     );
     assert!(text.contains("rank 2"), "{text}");
     assert!(err.poisons_communicator(), "{text}");
+    // A READ of this rank's that failed or timed out names the peer it read from (the
+    // survivor may also learn of the death from the post-read check instead).
+    if let EplbCommError::Nixl { op, .. } = &err {
+        if op.starts_with("READ of expert") {
+            assert_eq!(err.peer(), Some(VICTIM), "{text}");
+        }
+    }
     // Nothing was committed: every layer keeps its last placement.
     for (l, w) in weights.iter().enumerate() {
         check_layer(w, &all_specs[l], l, &maps[l], me, "after the failure");
@@ -618,4 +626,299 @@ fn nixl_peer_killed_mid_transfer() {
         matches!(again, EplbCommError::CommunicatorFailed { .. }),
         "{again}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The landing area is the staging: lent to one staged layer per slot
+
+/// Every rank's new map for `layer`: every slot takes the expert of the slot before it, so
+/// each rank receives its row 0 from the previous rank and copies the others locally.
+fn shifted(map: &[usize]) -> Vec<usize> {
+    let slots = map.len();
+    (0..slots).map(|s| map[(s + slots - 1) % slots]).collect()
+}
+
+/// Checks that a host-staged layer holds, for every staged row, the pattern of its expert
+/// (received rows READ from a peer, local rows copied), before anything is committed.
+fn check_staged(staged: &StagedLayer, specs: &[TensorSpec], layer: usize, what: &str) {
+    let mut peers = 0;
+    for (i, row) in staged.staged_rows().iter().enumerate() {
+        peers += usize::from(matches!(row.source, RowSource::Peer { .. }));
+        for (t, spec) in specs.iter().enumerate() {
+            let got = staged.staged_bytes(i, t).expect("host staging is readable");
+            assert!(
+                got == expected_row(layer, t, row.expert, spec.row_bytes()).as_slice(),
+                "{what}: staged row {i} (expert {}) tensor {:?}",
+                row.expert,
+                spec.name
+            );
+        }
+    }
+    assert!(peers > 0, "{what}: no row crossed ranks");
+}
+
+/// One landing slot (the default): a rank whose staged layer is neither committed nor
+/// dropped cannot transfer another layer; it refuses with `StagingInUse` (naming the layer
+/// holding the slot) and its peers hear of it (`PeerRefused`), before any byte moves and
+/// without poisoning the communicator. Received rows sit in their final staging place
+/// (checked byte for byte before the commit). With two slots, two layers are staged at once
+/// without touching each other, a third is refused, and commits in any order work.
+#[test]
+fn rank_nixl_landing_slots() {
+    const TEST: &str = "rank_nixl_landing_slots";
+    if !nixl_or_skip(TEST) {
+        return;
+    }
+    let Some(world) =
+        testing::run_as_ranks(TEST, 3, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    else {
+        return;
+    };
+    let (me, n) = (world.rank(), world.world_size());
+    if n < 2 {
+        println!("{TEST}: needs at least 2 ranks, skipped with {n}");
+        return;
+    }
+    const ROWS: usize = 3;
+    const LAYERS: usize = 3;
+    let slots = n * ROWS;
+    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS).map(|l| specs(l, ROWS)).collect();
+    let mut maps: Vec<Vec<usize>> = vec![(0..slots).collect(); LAYERS];
+    let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
+    let mut weights = make_weights(&all_specs, &mut buffers);
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
+    let deadline = || Deadline::after(Duration::from_secs(20));
+    let check_all = |weights: &[LayerWeights<'_>], maps: &[Vec<usize>], what: &str| {
+        for (l, w) in weights.iter().enumerate() {
+            check_layer(w, &all_specs[l], l, &maps[l], me, what);
+        }
+    };
+
+    // 1. One slot.
+    let mut comm = NixlCommunicator::new(&store, &members, &weights, setup_deadline())
+        .expect("build the communicator");
+    assert_eq!(comm.landing_slots(), 1);
+    let new0 = shifted(&maps[0]);
+    let plan0 = LayerPlan::new(&maps[0], &new0, n).expect("plan");
+    let staged0 = comm
+        .transfer(0, &plan0, &weights[0], deadline())
+        .expect("layer 0");
+    check_staged(&staged0, &all_specs[0], 0, "layer 0 before its commit");
+    assert_eq!(comm.staged_layers_held(), vec![0]);
+
+    // Every rank still holds layer 0: every rank refuses layer 1 itself.
+    let new1 = shifted(&maps[1]);
+    let plan1 = LayerPlan::new(&maps[1], &new1, n).expect("plan");
+    let err = comm
+        .transfer(1, &plan1, &weights[1], deadline())
+        .expect_err("the only slot is held by layer 0");
+    match &err {
+        EplbCommError::StagingInUse {
+            rank,
+            layer: 1,
+            held_by,
+            slots: 1,
+        } => {
+            assert_eq!((*rank, held_by.as_slice()), (me, &[0][..]), "{err}");
+        }
+        other => panic!("rank {me}: expected StagingInUse, got {other}"),
+    }
+    assert!(!err.poisons_communicator());
+    // Layer 0's staged rows are intact, and nothing was written.
+    check_staged(
+        &staged0,
+        &all_specs[0],
+        0,
+        "layer 0 after a refused transfer",
+    );
+    check_all(&weights, &maps, "after the refused transfer");
+
+    // Only rank 0 commits: it is ready, the others still refuse, and it hears of them.
+    let staged0 = if me == 0 {
+        staged0.commit(&mut weights[0]).expect("commit layer 0");
+        None
+    } else {
+        Some(staged0)
+    };
+    let err = comm
+        .transfer(1, &plan1, &weights[1], deadline())
+        .expect_err("ranks 1.. still hold layer 0");
+    if me == 0 {
+        assert!(
+            matches!(err, EplbCommError::PeerRefused { peer: 1, ref reason, .. }
+                if reason.contains("still held")),
+            "{err}"
+        );
+        assert_eq!(comm.staged_layers_held(), Vec::<usize>::new());
+    } else {
+        assert!(matches!(err, EplbCommError::StagingInUse { .. }), "{err}");
+    }
+    if let Some(staged0) = staged0 {
+        staged0.commit(&mut weights[0]).expect("commit layer 0");
+    }
+    maps[0] = new0;
+    check_all(&weights, &maps, "after layer 0");
+
+    // Now layer 1 moves.
+    comm.transfer_and_commit(1, &plan1, &mut weights[1], deadline())
+        .expect("layer 1 once the slot is free");
+    maps[1] = new1;
+    check_all(&weights, &maps, "after layer 1");
+    drop(comm);
+
+    // 2. Two slots: two layers staged at once, a third refused, commits out of order.
+    let group = eplb_group(&store, &members, setup_deadline()).expect("group");
+    let mut comm = NixlCommunicator::with_config(
+        group,
+        &weights,
+        NixlConfig::default().landing_slots(2),
+        setup_deadline(),
+    )
+    .expect("build the two-slot communicator");
+    assert_eq!(comm.landing_slots(), 2);
+    let next: Vec<Vec<usize>> = maps.iter().map(|m| shifted(m)).collect();
+    let plans: Vec<LayerPlan> = (0..LAYERS)
+        .map(|l| LayerPlan::new(&maps[l], &next[l], n).expect("plan"))
+        .collect();
+    let a = comm
+        .transfer(0, &plans[0], &weights[0], deadline())
+        .expect("layer 0 in slot 1");
+    let b = comm
+        .transfer(1, &plans[1], &weights[1], deadline())
+        .expect("layer 1 in slot 2");
+    // Layer 1's READs did not land on layer 0's rows.
+    check_staged(&a, &all_specs[0], 0, "layer 0 after layer 1 was staged");
+    check_staged(&b, &all_specs[1], 1, "layer 1");
+    let err = comm
+        .transfer(2, &plans[2], &weights[2], deadline())
+        .expect_err("both slots held");
+    match &err {
+        EplbCommError::StagingInUse {
+            held_by, slots: 2, ..
+        } => assert_eq!(held_by, &vec![0, 1], "{err}"),
+        other => panic!("rank {me}: expected StagingInUse, got {other}"),
+    }
+    check_all(&weights, &maps, "before the two commits");
+    b.commit(&mut weights[1]).expect("commit layer 1");
+    maps[1] = next[1].clone();
+    a.commit(&mut weights[0]).expect("commit layer 0");
+    maps[0] = next[0].clone();
+    check_all(&weights, &maps, "after committing layers 1 and 0");
+    // A staged layer that is dropped gives its slot back too.
+    let dropped = comm
+        .transfer(2, &plans[2], &weights[2], deadline())
+        .expect("layer 2");
+    assert_eq!(comm.staged_layers_held(), vec![2]);
+    drop(dropped);
+    assert_eq!(comm.staged_layers_held(), Vec::<usize>::new());
+    check_all(&weights, &maps, "after dropping layer 2's staging");
+    comm.transfer_and_commit(2, &plans[2], &mut weights[2], deadline())
+        .expect("layer 2 again");
+    maps[2] = next[2].clone();
+    check_all(&weights, &maps, "at the end");
+    drop(weights);
+    check_gaps(&all_specs, &buffers, ROWS);
+}
+
+// ---------------------------------------------------------------------------------------
+// Weights the backend cannot serve: typed errors at construction, never a panic
+
+/// A store and a one-rank world, in this process.
+fn lone_store() -> StoreClient {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let world = World::single_node(0, 1, "127.0.0.1", port).expect("world");
+    StoreClient::connect(&world, setup_deadline()).expect("store")
+}
+
+/// Weights described on GPU 0 at an address nothing was allocated at: never dereferenced on
+/// the host, and the backend must refuse them before any READ.
+fn phantom_device_weights<'a>() -> LayerWeights<'a> {
+    let storage = moeshift_tensor::Storage::new(
+        0x7f00_0000_0000,
+        4 * 16,
+        DType::Bf16,
+        moeshift_tensor::Device::Cuda(0),
+    );
+    let view = moeshift_tensor::TensorView::contiguous(storage, &[4, 16]).expect("view");
+    // SAFETY: the memory is only described: the backend refuses it (no GPU, no feature
+    // `cuda`, or no allocation at that address) before anything reads or writes it.
+    unsafe { LayerWeights::builder().raw("w13", view) }
+        .expect("tensor")
+        .build()
+        .expect("weights")
+}
+
+/// Device weights the backend cannot serve here (a build without feature `cuda`, a machine
+/// without a GPU, or memory CUDA does not know) are a typed error naming the rank, never a
+/// panic or an abort; layers on two devices are refused naming the odd layer.
+#[test]
+fn nixl_unservable_weights_are_typed_errors() {
+    const TEST: &str = "nixl_unservable_weights_are_typed_errors";
+    if !nixl_or_skip(TEST) {
+        return;
+    }
+    let store = lone_store();
+    let err = NixlCommunicator::new(&store, &[0], &[phantom_device_weights()], setup_deadline())
+        .expect_err("nothing is allocated at the phantom address");
+    let text = err.to_string();
+    println!("{TEST}: device weights: {text}");
+    assert!(text.contains("rank 0"), "{text}");
+    if cfg!(feature = "cuda") {
+        // No GPU (a CUDA error), or a GPU that does not know the address.
+        assert!(
+            matches!(err, EplbCommError::Cuda { .. })
+                || (matches!(err, EplbCommError::Nixl { .. })
+                    && text.contains("\"w13\"")
+                    && text.contains("not CUDA device memory")),
+            "{text}"
+        );
+    } else {
+        assert!(matches!(err, EplbCommError::Nixl { .. }), "{text}");
+        assert!(
+            text.contains("\"w13\"") && text.contains("feature `cuda`"),
+            "{text}"
+        );
+    }
+    assert_eq!(err.peer(), None, "{text}");
+
+    // Layer 0 on the host, layer 1 on a GPU: refused naming layer 1, before any CUDA call.
+    let mut buf = HostBuffer::zeroed(4 * 32).expect("buffer");
+    let host = LayerWeights::builder()
+        .host("w13", &mut buf, &[4, 16], DType::Bf16)
+        .expect("tensor")
+        .build()
+        .expect("weights");
+    let err = NixlCommunicator::new(
+        &store,
+        &[0],
+        &[host, phantom_device_weights()],
+        setup_deadline(),
+    )
+    .expect_err("layers on two devices");
+    let text = err.to_string();
+    assert!(matches!(err, EplbCommError::Nixl { .. }), "{text}");
+    for part in ["rank 0", "layer 1", "cuda:0", "host"] {
+        assert!(text.contains(part), "{part:?} missing in {text}");
+    }
+
+    // No landing slot at all cannot work.
+    let mut buf = HostBuffer::zeroed(4 * 32).expect("buffer");
+    let host = LayerWeights::builder()
+        .host("w13", &mut buf, &[4, 16], DType::Bf16)
+        .expect("tensor")
+        .build()
+        .expect("weights");
+    let group = eplb_group(&store, &[0], setup_deadline()).expect("group");
+    let err = NixlCommunicator::with_config(
+        group,
+        std::slice::from_ref(&host),
+        NixlConfig::default().landing_slots(0),
+        setup_deadline(),
+    )
+    .expect_err("zero landing slots");
+    assert!(err.to_string().contains("landing_slots"), "{err}");
 }

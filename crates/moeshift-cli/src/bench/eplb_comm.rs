@@ -20,7 +20,9 @@
 //! rank derives the same placements from `--seed`. Expert rows hold a pattern derived from
 //! `(expert, tensor, byte index)`, so `--verify` checks every row of every layer byte for
 //! byte after the moves (for `--device cuda`, after copying the rows back to the host).
-//! With `--device cuda`, each rank's weights live on GPU `LOCAL_RANK`.
+//! With `--device cuda`, each rank's weights live on GPU `LOCAL_RANK`, allocated with
+//! `cuMemAlloc` as PyTorch's caching allocator does (not from a stream-ordered pool), so
+//! the `nixl` backend's peers can READ them through CUDA IPC.
 //!
 //! Rank 0 prints one JSON object:
 //!
@@ -307,7 +309,7 @@ fn check_sizes(args: &Args) -> anyhow::Result<()> {
 enum Weights {
     Host(Vec<Vec<HostBuffer>>),
     #[cfg(feature = "cuda")]
-    Cuda(Vec<Vec<moeshift_tensor::CudaBuffer>>),
+    Cuda(Vec<Vec<moeshift_eplb_comm::nixl::IpcCudaBuffer>>),
 }
 
 impl Weights {
@@ -349,14 +351,13 @@ impl Weights {
                         host.resize(e * bytes, 0u8);
                         fill(&experts, t, bytes, &mut host);
                         bufs.push(
-                            moeshift_tensor::CudaBuffer::from_host(gpu, &host).with_context(
-                                || {
+                            moeshift_eplb_comm::nixl::IpcCudaBuffer::from_host(gpu, &host)
+                                .with_context(|| {
                                     format!(
                                         "putting {} bytes of expert weights on cuda:{gpu}",
                                         e * bytes
                                     )
-                                },
-                            )?,
+                                })?,
                         );
                     }
                     all.push(bufs);
@@ -442,7 +443,7 @@ impl Weights {
 /// Device buffers (`e` rows of `tensor_bytes[t]` bytes each) as one layer's weights.
 #[cfg(feature = "cuda")]
 fn device_layer<'a>(
-    bufs: &'a [moeshift_tensor::CudaBuffer],
+    bufs: &'a [moeshift_eplb_comm::nixl::IpcCudaBuffer],
     tensor_bytes: &[usize],
     e: usize,
 ) -> anyhow::Result<LayerWeights<'a>> {

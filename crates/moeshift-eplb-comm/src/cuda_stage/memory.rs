@@ -54,6 +54,9 @@ pub(crate) struct DeviceBuffer {
     ordinal: usize,
     /// Where the allocation goes when the buffer is dropped.
     pool: Option<Arc<StagingPool>>,
+    /// A `cuMemAlloc` allocation the buffer owns instead of `slice` (see
+    /// [`DeviceBuffer::shareable`]).
+    shareable: Option<ShareableAlloc>,
 }
 
 impl DeviceBuffer {
@@ -68,6 +71,7 @@ impl DeviceBuffer {
                 len: 0,
                 ordinal,
                 pool: None,
+                shareable: None,
             });
         }
         let capacity = len.checked_next_multiple_of(DEVICE_GRANULE).unwrap_or(len);
@@ -85,6 +89,40 @@ impl DeviceBuffer {
             len,
             ordinal,
             pool: None,
+            shareable: None,
+        })
+    }
+
+    /// `len` bytes (contents undefined) on `ctx`'s device from `cuMemAlloc`, not from a
+    /// stream-ordered pool: memory CUDA IPC can share with other processes of the node (what
+    /// NIXL's `cuda_ipc` transport needs), freed on drop once the device is idle. Used for
+    /// memory kept for the life of a communicator, never per layer.
+    pub(crate) fn shareable(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, DriverError> {
+        let ordinal = ctx.ordinal();
+        if len == 0 {
+            return Ok(Self {
+                slice: None,
+                addr: 0,
+                len: 0,
+                ordinal,
+                pool: None,
+                shareable: None,
+            });
+        }
+        ctx.bind_to_thread()?;
+        // SAFETY: the context is current on this thread; the bytes are left undefined and,
+        // as for `new`, only read after a copy or a READ wrote them.
+        let addr = unsafe { result::malloc_sync(len) }?;
+        Ok(Self {
+            slice: None,
+            addr,
+            len,
+            ordinal,
+            pool: None,
+            shareable: Some(ShareableAlloc {
+                addr,
+                ctx: Arc::clone(ctx),
+            }),
         })
     }
 
@@ -117,6 +155,8 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        // A `cuMemAlloc` allocation frees itself once the device is idle.
+        drop(self.shareable.take());
         let Some(slice) = self.slice.take() else {
             return;
         };
@@ -125,6 +165,26 @@ impl Drop for DeviceBuffer {
         match &self.pool {
             Some(pool) => pool.put(slice),
             None => drop(slice),
+        }
+    }
+}
+
+/// A `cuMemAlloc` allocation owned by a [`DeviceBuffer`].
+#[derive(Debug)]
+struct ShareableAlloc {
+    addr: u64,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for ShareableAlloc {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // Copies queued on any stream of the context may still use the memory.
+            let _ = self.ctx.synchronize();
+            // SAFETY: allocated by `cuMemAlloc` in this context and freed exactly once, after
+            // the synchronisation above (and copies are waited for before buffers are
+            // released anyway, see the module docs).
+            let _ = unsafe { result::free_sync(self.addr) };
         }
     }
 }
@@ -165,6 +225,7 @@ impl StagingPool {
                     ordinal: self.stream.context().ordinal(),
                     slice: Some(slice),
                     pool: None,
+                    shareable: None,
                 }
             }
             other => {

@@ -4,6 +4,7 @@
 use moeshift_device_comm::HostGroup;
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
+use moeshift_tensor::Device;
 
 use super::agent::NixlAgent;
 use super::catalog::LayerPlace;
@@ -23,61 +24,78 @@ pub(super) struct Peer {
 }
 
 /// The `nixl` backend: receivers READ the rows they need straight from their peers' live
-/// weights (one-sided, zero-copy on the sender), through NIXL's UCX backend.
+/// weights (one-sided, zero-copy on the sender), through NIXL's UCX backend. Weights may
+/// live in host memory (`DRAM`) or, with feature `cuda`, in GPU memory (`VRAM`).
 ///
 /// # Building
 ///
 /// Every member of the EPLB group builds it together ([`new`](Self::new),
 /// [`with_group`](Self::with_group) or [`with_config`](Self::with_config)), from **all**
-/// layers' weights. Once, at construction, each rank:
+/// layers' weights, which must all live on one device (the host, or one GPU). Once, at
+/// construction, each rank:
 ///
-/// 1. loads NIXL ([`probe`](super::probe)) and checks the UCX environment;
+/// 1. loads NIXL ([`probe`](super::probe)) and checks the UCX environment; for CUDA
+///    weights, opens the GPU and checks that peers on the node can READ every tensor through
+///    CUDA IPC (memory from `cuMemAlloc`/`cudaMalloc`; see `IpcCudaBuffer`, feature `cuda`);
 /// 2. creates an agent `eplb-<global rank>-<random>` with the UCX backend, and registers
-///    every tensor of every layer (its span of rows) and the landing area (see below);
+///    every tensor of every layer (its span of rows, as `DRAM` or as `VRAM` of its GPU) and
+///    the landing area (see below);
 /// 3. publishes through the rendezvous store its agent metadata and, for every (layer,
 ///    tensor), the layout (rows, name, dtype, row bytes, row shape) and where the rows are
 ///    (base address, row stride, device); a rank whose setup failed publishes its reason
 ///    instead, so the others fail at once naming it;
 /// 4. checks that every peer has the same tensors ([`EplbCommError::LayoutMismatch`] names
 ///    the peer, the layer and the tensor), loads the peers' metadata and connects;
-/// 5. warms up: READs a few bytes from every peer (connections and first-touch costs are
-///    paid here, not by the first layer), then all ranks confirm their setup to each other.
+/// 5. warms up: READs a few bytes of every registered tensor of every peer (connections,
+///    CUDA IPC mappings and first-touch costs are paid here, not by the first layer), then
+///    all ranks confirm their setup to each other.
 ///
 /// # A layer
 ///
-/// 1. Local checks (the plan fits this communicator, the weights are the registered ones),
-///    then one `all_gather` of a digest of `(layer, plan)`
+/// 1. Local checks (the plan fits this communicator, the weights are the registered ones, a
+///    landing slot is free), then one `all_gather` of a digest of `(layer, plan)`
 ///    ([`agree_on_plan`](crate::agree_on_plan)): a rank with another plan, or whose checks
 ///    failed, stops every rank before a byte moves.
-/// 2. This rank posts one READ request per peer it receives from: one descriptor per
+/// 2. Local copies are staged from the old rows: host weights by the CPU, before any READ;
+///    CUDA weights by device-to-device copies on a stream of the communicator's, while the
+///    READs run.
+/// 3. This rank posts one READ request per peer it receives from: one descriptor per
 ///    (expert row, tensor), from the peer's **old** row (the row the peer's plan sends
-///    from) into the landing area. No send buffer, no copy and no call on the sender.
-/// 3. Local copies are staged from the old rows while the READs run.
+///    from) straight into its place in the layer's staging. No send buffer, no copy and no
+///    call on the sender; between GPUs of one node, UCX's `cuda_ipc` moves the rows GPU to
+///    GPU.
 /// 4. The requests are polled until they complete or the deadline (minus a small reserve)
 ///    passes; a failed or late request is released and reported naming the peer, the layer
-///    and its experts.
+///    and its experts ([`EplbCommError::peer`] returns the peer).
 /// 5. Post-read check: one `all_gather` of every rank's outcome. It is the barrier that
 ///    keeps any rank from committing (overwriting rows) while a peer may still READ them,
 ///    and it makes the outcome common: if any rank's READs failed, every rank returns an
 ///    error and nobody commits the layer. Layers where nothing crosses ranks skip it.
 ///
-/// The weights are only read; [`StagedLayer::commit`] writes them later. Call `transfer`
-/// for a layer only after the previous [`StagedLayer`] of that layer was committed (or
-/// dropped) on this rank, as every rank's plan assumes.
+/// The weights are only read; [`StagedLayer::commit`] writes them later (host weights by the
+/// CPU, CUDA weights by device-to-device copies from the staging on the GPU). Call
+/// `transfer` for a layer only after the previous [`StagedLayer`] of that layer was
+/// committed (or dropped) on this rank, as every rank's plan assumes.
 ///
 /// # Memory
 ///
 /// Registered once: every layer's expert tensors (peers READ from them) and the landing
-/// area, sized `max over layers of (rows per rank × bytes per expert)` because a rank
-/// receives at most one row per local slot. A layer's [`StagedLayer`] holds only the rows
-/// that change (received rows and local copies); its
-/// [`staging_bytes`](crate::TransferStats::staging_bytes) say how much. A `StagedLayer` owns its
-/// staging, so received rows are copied once from the landing area into it when the READs
-/// have landed, which frees the landing area for the next layer at once.
+/// area: [`NixlConfig::landing_slots`](super::NixlConfig::landing_slots) slots (one by
+/// default) of `max over layers of (rows per rank × bytes per expert)` each, in host memory
+/// for host weights and in device memory on the weights' GPU for CUDA weights. A rank
+/// stages at most one row per local slot (received or copied; duplicates are filled at
+/// commit), so one landing slot holds any layer's staging.
 ///
-/// Weights must be in host memory for now; registration already distinguishes host
-/// (`DRAM`) and device (`VRAM`) memory, so device weights need device staging and device
-/// copies at commit, nothing in the protocol.
+/// **The landing slot is the staging**: a transfer borrows a free slot, READs every
+/// received row straight into its final place there and copies the local rows next to
+/// them; the [`StagedLayer`] holds the slot until it is committed or dropped, and the
+/// commit copies from it into the weights. No layer allocates memory and no received byte
+/// is copied twice. A transfer that finds every slot held by uncommitted staged layers is
+/// refused on every rank before any byte moves ([`EplbCommError::StagingInUse`] here,
+/// [`EplbCommError::PeerRefused`] on the peers; the communicator stays usable): a slot is
+/// never overwritten under a staged layer. Use two slots to transfer layer `l + 1` while
+/// layer `l` waits for its commit. [`staging_bytes`](crate::TransferStats::staging_bytes)
+/// reports the rows a layer actually staged (received rows and local copies).
 ///
 /// # Failures
 ///
@@ -92,6 +110,9 @@ pub struct NixlCommunicator {
     // area it registered, and before the group peers use to learn about failures.
     pub(super) agent: NixlAgent,
     pub(super) landing: LandingArea,
+    /// The GPU of CUDA weights (`None` for host weights).
+    #[cfg(feature = "cuda")]
+    pub(super) cuda: Option<super::cuda::NixlCuda>,
     pub(super) group: Option<HostGroup>,
     pub(super) runtime: NixlRuntime,
     pub(super) me: usize,
@@ -133,10 +154,27 @@ impl NixlCommunicator {
         &self.runtime
     }
 
-    /// Bytes of the landing area registered for READs (the bound over all layers; see the
-    /// type's "Memory" section).
+    /// Bytes of one slot of the landing area registered for READs (the bound over all
+    /// layers; see the type's "Memory" section).
     pub fn landing_bytes(&self) -> usize {
         self.landing.len()
+    }
+
+    /// Slots of the landing area: how many staged layers may hold rows at once.
+    pub fn landing_slots(&self) -> usize {
+        self.landing.num_slots()
+    }
+
+    /// The layers whose [`StagedLayer`]s hold a landing slot now (neither committed nor
+    /// dropped yet).
+    pub fn staged_layers_held(&self) -> Vec<usize> {
+        self.landing.holders()
+    }
+
+    /// Where the weights, the landing area and the staging live: the host, or the weights'
+    /// GPU.
+    pub fn device(&self) -> Device {
+        self.landing.device()
     }
 
     /// Bytes of weights registered for peers to READ (every tensor's span of rows).

@@ -13,6 +13,8 @@ pub const ERROR_HANDLING_MODE: &str = "ucx_error_handling_mode";
 /// let config = NixlConfig::default().backend_param("num_workers", "2");
 /// assert_eq!(config.backend_params, vec![("num_workers".to_string(), "2".to_string())]);
 /// assert!(config.warm_up);
+/// assert_eq!(config.landing_slots, 1);
+/// assert_eq!(NixlConfig::default().landing_slots(2).landing_slots, 2);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NixlConfig {
@@ -25,6 +27,14 @@ pub struct NixlConfig {
     /// is built, so the first layer does not pay for connection setup and first-touch page
     /// faults. On by default.
     pub warm_up: bool,
+    /// Slots of the landing area: how many staged layers may hold rows at once (each slot
+    /// is `rows per rank × bytes per expert` of the largest layer, registered once). With
+    /// one slot (the default, the least memory), a layer's
+    /// [`StagedLayer`](crate::StagedLayer) must be committed or dropped before the next
+    /// transfer, or that transfer is refused with
+    /// [`EplbCommError::StagingInUse`](crate::EplbCommError::StagingInUse); two let a worker
+    /// transfer layer `l + 1` while layer `l` waits for its commit. At least 1.
+    pub landing_slots: usize,
 }
 
 impl Default for NixlConfig {
@@ -32,6 +42,7 @@ impl Default for NixlConfig {
         Self {
             backend_params: Vec::new(),
             warm_up: true,
+            landing_slots: 1,
         }
     }
 }
@@ -42,6 +53,12 @@ impl NixlConfig {
         self.backend_params.retain(|(k, _)| k != key);
         self.backend_params
             .push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets the number of landing slots (see [`landing_slots`](Self::landing_slots)).
+    pub fn landing_slots(mut self, slots: usize) -> Self {
+        self.landing_slots = slots;
         self
     }
 

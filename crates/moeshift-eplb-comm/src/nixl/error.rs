@@ -80,6 +80,18 @@ pub enum NixlError {
         bytes: usize,
     },
 
+    /// The warm-up READ from a peer (while the communicator is built) failed or did not
+    /// complete in time.
+    #[error("rank {rank}: warm-up READ from peer rank {peer} failed: {detail}")]
+    WarmUpFailed {
+        /// This rank.
+        rank: usize,
+        /// The peer read from.
+        peer: usize,
+        /// NIXL's status, or how long it waited.
+        detail: String,
+    },
+
     /// A one-sided READ from a peer failed.
     #[error("rank {rank}, layer {layer}: READ of expert(s) {experts:?} from peer rank {peer} failed: {detail}")]
     ReadFailed {
@@ -132,6 +144,7 @@ impl NixlError {
         match self {
             Self::PeerSetupFailed { peer, .. }
             | Self::BadPeerDescription { peer, .. }
+            | Self::WarmUpFailed { peer, .. }
             | Self::ReadFailed { peer, .. }
             | Self::ReadTimeout { peer, .. }
             | Self::PeerReadFailed { peer, .. } => Some(*peer),
@@ -139,10 +152,11 @@ impl NixlError {
         }
     }
 
-    /// `(rank, layer, step, cause)` for [`EplbCommError::Nixl`]; `None` for
-    /// [`NixlError::Unavailable`], which has its own variant.
-    fn parts(&self) -> Option<(usize, Option<usize>, String, String)> {
-        Some(match self {
+    /// The fields of [`EplbCommError::Nixl`]; `None` for [`NixlError::Unavailable`], which
+    /// has its own variant.
+    fn parts(&self) -> Option<Parts> {
+        let peer = self.peer();
+        let (rank, layer, op, detail) = match self {
             Self::Unavailable { .. } => return None,
             Self::Config { rank, detail } => (*rank, None, "configuration".into(), detail.clone()),
             Self::Unsupported {
@@ -168,6 +182,12 @@ impl NixlError {
                 None,
                 "setup".into(),
                 format!("the description of peer rank {peer} ({bytes} bytes) cannot be decoded"),
+            ),
+            Self::WarmUpFailed { rank, peer, detail } => (
+                *rank,
+                None,
+                format!("warm-up READ from peer rank {peer}"),
+                detail.clone(),
             ),
             Self::ReadFailed {
                 rank,
@@ -204,8 +224,24 @@ impl NixlError {
                 "post-read check".into(),
                 format!("peer rank {peer} could not read its rows: {reason}"),
             ),
+        };
+        Some(Parts {
+            rank,
+            layer,
+            peer,
+            op,
+            detail,
         })
     }
+}
+
+/// The fields of [`EplbCommError::Nixl`].
+struct Parts {
+    rank: usize,
+    layer: Option<usize>,
+    peer: Option<usize>,
+    op: String,
+    detail: String,
 }
 
 impl From<NixlError> for EplbCommError {
@@ -219,9 +255,16 @@ impl From<NixlError> for EplbCommError {
             };
         }
         match e.parts() {
-            Some((rank, layer, op, detail)) => EplbCommError::Nixl {
+            Some(Parts {
                 rank,
                 layer,
+                peer,
+                op,
+                detail,
+            }) => EplbCommError::Nixl {
+                rank,
+                layer,
+                peer,
                 op,
                 detail,
             },
@@ -255,6 +298,7 @@ mod tests {
             assert!(text.contains(part), "{part:?} missing in {text}");
         }
         assert!(converted.poisons_communicator(), "{text}");
+        assert_eq!(converted.peer(), Some(3), "{text}");
 
         let e = EplbCommError::from(NixlError::Unavailable {
             detail: "libnixl_capi.so is not in /x".into(),
@@ -286,5 +330,24 @@ mod tests {
         }
         // The cause appears once, not repeated by the wrapper.
         assert_eq!(text.matches("backend error").count(), 1, "{text}");
+        // `peer()` names the peer of the failed READ.
+        assert_eq!(e.peer(), Some(0), "{text}");
+
+        let e = EplbCommError::from(NixlError::WarmUpFailed {
+            rank: 2,
+            peer: 1,
+            detail: "not complete after 3.0s (deadline)".into(),
+        });
+        assert_eq!(e.peer(), Some(1));
+        assert!(
+            e.to_string().contains("warm-up READ from peer rank 1"),
+            "{e}"
+        );
+        let e = EplbCommError::from(NixlError::Call {
+            rank: 2,
+            op: "creating the UCX backend".into(),
+            status: "backend error".into(),
+        });
+        assert_eq!(e.peer(), None, "{e}");
     }
 }

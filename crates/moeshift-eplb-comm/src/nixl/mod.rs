@@ -2,10 +2,18 @@
 //!
 //! Each rank registers its expert weights with NIXL once; during a transfer the receiver
 //! READs every row it needs straight from the sender's live (old) weights into its own
-//! staging, so the sender packs nothing, copies nothing and is not even called. A
-//! post-read check keeps every rank from committing while a peer may still read its rows.
-//! See [`NixlCommunicator`] for the protocol, the memory it registers and how failures are
-//! reported.
+//! staging, so the sender packs nothing, copies nothing and is not even called. The
+//! staging is a landing area registered once and lent to the layer, so received rows land
+//! in their final staging place and no layer allocates. A post-read check keeps every rank
+//! from committing while a peer may still read its rows. See [`NixlCommunicator`] for the
+//! protocol, the memory it registers and how failures are reported.
+//!
+//! Weights may live in host memory or, with feature `cuda`, in GPU memory: rows then move
+//! GPU to GPU (UCX's `cuda_ipc` between processes of a node), are staged on the GPU and
+//! committed by device-to-device copies. GPU weights must be shareable through CUDA IPC
+//! (`cuMemAlloc`/`cudaMalloc` memory, as PyTorch allocates; `IpcCudaBuffer` for weights
+//! this crate's user allocates itself); weights from a stream-ordered pool are refused
+//! with an error naming the tensor on machines without RDMA.
 //!
 //! NIXL is loaded at run time and probed first ([`probe`], [`is_nixl_available`]): the
 //! crate builds and its other backends work on machines without it, and a missing or
@@ -57,6 +65,9 @@ mod agent;
 mod catalog;
 mod communicator;
 mod config;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda;
 mod error;
 mod landing;
 #[allow(unsafe_code)]
@@ -67,6 +78,8 @@ mod transfer;
 
 pub use communicator::NixlCommunicator;
 pub use config::{NixlConfig, ERROR_HANDLING_MODE};
+#[cfg(feature = "cuda")]
+pub use cuda::IpcCudaBuffer;
 pub use error::NixlError;
 pub use probe::{
     is_nixl_available, probe, NixlRuntime, ENV_LIB_DIR, ENV_PLUGIN_DIR, ENV_UCX_MODULES, LIBRARY,

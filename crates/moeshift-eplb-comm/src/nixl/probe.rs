@@ -88,6 +88,7 @@ pub struct NixlRuntime {
     library: PathBuf,
     lib_dir: Option<PathBuf>,
     plugin_dir: Option<PathBuf>,
+    rdma: bool,
 }
 
 impl NixlRuntime {
@@ -107,6 +108,14 @@ impl NixlRuntime {
     /// default).
     pub fn plugin_dir(&self) -> Option<&Path> {
         self.plugin_dir.as_deref()
+    }
+
+    /// True when UCX may move data over RDMA here: the machine has RDMA devices, the runtime
+    /// ships UCX's InfiniBand modules (or comes from the system, where that cannot be told)
+    /// and `UCX_MODULES` does not leave them out. Without RDMA, CUDA weights can only be
+    /// READ by peers on the node through CUDA IPC.
+    pub fn rdma_possible(&self) -> bool {
+        self.rdma
     }
 }
 
@@ -196,14 +205,23 @@ pub(crate) fn load_from_env(lookup: impl Fn(&str) -> Option<OsString>) -> Result
         }
         (None, _) => (None, None),
     };
-    let disable_ib_modules = lookup(ENV_UCX_MODULES).is_none()
-        && lib_dir.as_deref().is_some_and(ships_ib_modules)
-        && !has_rdma_devices(Path::new(RDMA_DEVICES));
+    let rdma_devices = has_rdma_devices(Path::new(RDMA_DEVICES));
+    let ucx_modules = lookup(ENV_UCX_MODULES);
+    let ib_shipped = lib_dir.as_deref().is_none_or(ships_ib_modules);
+    let disable_ib_modules =
+        ucx_modules.is_none() && lib_dir.as_deref().is_some_and(ships_ib_modules) && !rdma_devices;
+    let rdma = rdma_devices
+        && ib_shipped
+        && ucx_modules
+            .as_deref()
+            .filter(|m| !m.is_empty())
+            .is_none_or(|m| ib_modules_enabled(&m.to_string_lossy()));
     Ok(Loaded {
         runtime: NixlRuntime {
             library,
             lib_dir,
             plugin_dir,
+            rdma,
         },
         set_plugin_dir,
         disable_ib_modules,
@@ -226,6 +244,18 @@ fn ships_ib_modules(lib_dir: &Path) -> bool {
                 .any(|m| m.file_name().to_string_lossy().starts_with("libuct_ib"))
         })
     })
+}
+
+/// True when a `UCX_MODULES` value leaves UCX's InfiniBand modules (`ib`) enabled: an
+/// exclusion list (`^…`) without `ib`, or a list naming `ib`.
+fn ib_modules_enabled(value: &str) -> bool {
+    let value = value.trim();
+    let (excluded, list) = match value.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    let named = list.split(',').any(|m| m.trim().eq_ignore_ascii_case("ib"));
+    named != excluded
 }
 
 /// True when `dir` (the kernel's RDMA device list) names at least one device.
@@ -324,6 +354,15 @@ mod tests {
         for name in REQUIRED_SYMBOLS {
             assert!(err.contains(name), "{name} not reported missing: {err}");
         }
+    }
+
+    #[test]
+    fn ucx_module_lists_enable_or_leave_out_infiniband() {
+        assert!(!ib_modules_enabled("^ib"));
+        assert!(!ib_modules_enabled(" ^cuda, IB "));
+        assert!(ib_modules_enabled("^cuda"));
+        assert!(ib_modules_enabled("ib,cma"));
+        assert!(!ib_modules_enabled("cma,cuda"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ struct LocalSetup {
     runtime: NixlRuntime,
     agent: NixlAgent,
     landing: LandingArea,
+    #[cfg(feature = "cuda")]
+    cuda: Option<super::cuda::NixlCuda>,
     metadata: Vec<u8>,
     registered_bytes: u64,
 }
@@ -140,6 +142,8 @@ impl NixlCommunicator {
         let mut comm = Self {
             agent: local.agent,
             landing: local.landing,
+            #[cfg(feature = "cuda")]
+            cuda: local.cuda,
             group: None,
             runtime: local.runtime,
             me,
@@ -215,44 +219,54 @@ impl NixlCommunicator {
         Ok(())
     }
 
-    /// READs a few bytes of the first non-empty row of every peer into the landing area.
+    /// READs a few bytes of every registered tensor of every peer into the first landing
+    /// slot (free while the communicator is built), one request per peer: connections,
+    /// memory keys and CUDA IPC mappings are set up here rather than by the first layer.
     fn warm_up(&self, deadline: Deadline) -> Result<(), EplbCommError> {
         let me = self.me;
+        let Some(&slot) = self.landing.slot_addrs().first() else {
+            return Ok(());
+        };
+        if self.landing.device() != Device::Host {
+            self.bind_gpu(None)?;
+        }
+        let room = self.landing.len();
         let mut reads: Vec<(usize, Vec<usize>, Read)> = Vec::new();
         for (peer, p) in self.peers.iter().enumerate() {
             let Some(p) = p else { continue };
-            let first = p.layers.iter().find_map(|l| {
-                l.layout
-                    .tensors
-                    .iter()
-                    .zip(&l.tensors)
-                    .find(|(spec, _)| spec.row_bytes > 0 && l.layout.rows > 0)
-                    .map(|(spec, place)| (place.base, spec.row_bytes, l.device))
-            });
-            let Some((remote, row_bytes, device)) = first else {
-                continue;
-            };
-            let len = row_bytes.min(WARM_UP_BYTES).min(self.landing.len());
-            if len == 0 {
+            let mut descs = Vec::new();
+            let mut device = Device::Host;
+            for l in &p.layers {
+                if l.layout.rows == 0 {
+                    continue;
+                }
+                device = l.device;
+                for (spec, place) in l.layout.tensors.iter().zip(&l.tensors) {
+                    let len = spec.row_bytes.min(WARM_UP_BYTES).min(room);
+                    if len == 0 {
+                        continue;
+                    }
+                    // Spread over the slot where it is large enough; overlapping bytes of
+                    // the slot are only ever garbage here.
+                    let at = (descs.len() * WARM_UP_BYTES).min(room - len);
+                    descs.push(ReadDesc {
+                        local: slot.saturating_add(at as u64),
+                        remote: place.base,
+                        len,
+                    });
+                }
+            }
+            if descs.is_empty() {
                 continue;
             }
-            let desc = ReadDesc {
-                local: self.landing.addr(),
-                remote,
-                len,
-            };
-            let warm_up = |detail: String| -> EplbCommError {
-                NixlError::Call {
-                    rank: me,
-                    op: format!("warm-up READ from peer rank {peer}"),
-                    status: detail,
-                }
-                .into()
-            };
             let read = self
                 .agent
-                .post_read(&p.agent, &[desc], self.landing.device(), device)
-                .map_err(|e| warm_up(format!("{}: {}", e.op, e.status)))?;
+                .post_read(&p.agent, &descs, self.landing.device(), device)
+                .map_err(|e| NixlError::WarmUpFailed {
+                    rank: me,
+                    peer,
+                    detail: format!("{}: {}", e.op, e.status),
+                })?;
             reads.push((peer, Vec::new(), read));
         }
         self.wait_reads(&mut reads, deadline).map_err(|e| {
@@ -262,10 +276,10 @@ impl NixlCommunicator {
                     (peer, format!("not complete after {waited:.1?} (deadline)"))
                 }
             };
-            NixlError::Call {
+            NixlError::WarmUpFailed {
                 rank: me,
-                op: format!("warm-up READ from peer rank {peer}"),
-                status: detail,
+                peer,
+                detail,
             }
             .into()
         })
@@ -284,27 +298,14 @@ fn local_setup(
     let tls = std::env::var("UCX_TLS").ok();
     check_ucx_tls(tls.as_deref(), config.error_handling_mode())
         .map_err(|detail| NixlError::Config { rank: me, detail })?;
-    for (layer, l) in layers.iter().enumerate() {
-        if l.device != Device::Host {
-            let tensor = l
-                .layout
-                .tensors
-                .first()
-                .map(|t| t.name.clone())
-                .unwrap_or_default();
-            return Err(NixlError::Unsupported {
-                rank: me,
-                layer,
-                tensor,
-                detail: format!(
-                    "the weights are on {}; this build of the nixl backend stages and commits \
-                     host memory only (device staging is not implemented yet)",
-                    l.device
-                ),
-            }
-            .into());
+    if config.landing_slots == 0 {
+        return Err(NixlError::Config {
+            rank: me,
+            detail: "landing_slots is 0; a transfer needs at least one landing slot".into(),
         }
+        .into());
     }
+    let device = weights_device(me, layers)?;
     let layouts: Vec<LayerLayout> = layers.iter().map(|l| l.layout.clone()).collect();
     let (landing_len, landing_layer) =
         LandingArea::bound(&layouts).ok_or_else(|| EplbCommError::PlanMismatch {
@@ -312,7 +313,53 @@ fn local_setup(
             layer: 0,
             detail: "the landing area size overflows".into(),
         })?;
-    let landing = LandingArea::new(me, landing_layer, landing_len)?;
+    let slots = config.landing_slots;
+    #[cfg(feature = "cuda")]
+    let (landing, cuda) = match device {
+        Device::Host => (
+            LandingArea::new_host(me, landing_layer, landing_len, slots)?,
+            None,
+        ),
+        Device::Cuda(ordinal) => {
+            let cuda = super::cuda::NixlCuda::new(me, ordinal)?;
+            for (layer, l) in layers.iter().enumerate() {
+                for (spec, place) in l.layout.tensors.iter().zip(&l.tensors) {
+                    if place.span(l.layout.rows, spec.row_bytes) > 0 {
+                        cuda.check_readable(
+                            me,
+                            layer,
+                            &spec.name,
+                            place.base,
+                            runtime.rdma_possible(),
+                        )?;
+                    }
+                }
+            }
+            let landing = LandingArea::new_device(me, landing_layer, landing_len, slots, &cuda)?;
+            (landing, Some(cuda))
+        }
+    };
+    #[cfg(not(feature = "cuda"))]
+    let landing = match device {
+        Device::Host => LandingArea::new_host(me, landing_layer, landing_len, slots)?,
+        Device::Cuda(_) => {
+            let tensor = layers
+                .first()
+                .and_then(|l| l.layout.tensors.first())
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            return Err(NixlError::Unsupported {
+                rank: me,
+                layer: 0,
+                tensor,
+                detail: format!(
+                    "the weights are on {device}; CUDA weights need moeshift-eplb-comm built \
+                     with feature `cuda`"
+                ),
+            }
+            .into());
+        }
+    };
 
     let global = group.global_rank(me).unwrap_or(me);
     let name = format!("eplb-{global}-{:08x}", random_u32());
@@ -345,22 +392,56 @@ fn local_setup(
             registered = registered.saturating_add(span);
         }
     }
-    agent
-        .register(
-            landing.addr(),
-            landing.len(),
-            landing.device(),
-            "the landing area",
-        )
-        .map_err(call)?;
+    for (slot, &addr) in landing.slot_addrs().iter().enumerate() {
+        agent
+            .register(
+                addr,
+                landing.len(),
+                landing.device(),
+                &format!("landing slot {slot}"),
+            )
+            .map_err(call)?;
+    }
     let metadata = agent.metadata().map_err(call)?;
     Ok(LocalSetup {
         runtime,
         agent,
         landing,
+        #[cfg(feature = "cuda")]
+        cuda,
         metadata,
         registered_bytes: registered,
     })
+}
+
+/// The one device every layer lives on (the host when there are no layers); a layer on
+/// another device than layer 0 is an error naming it.
+fn weights_device(me: usize, layers: &[LayerPlace]) -> Result<Device, EplbCommError> {
+    let Some(first) = layers.first() else {
+        return Ok(Device::Host);
+    };
+    for (layer, l) in layers.iter().enumerate() {
+        if l.device != first.device {
+            let tensor = l
+                .layout
+                .tensors
+                .first()
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            return Err(NixlError::Unsupported {
+                rank: me,
+                layer,
+                tensor,
+                detail: format!(
+                    "layer {layer} is on {}, layer 0 on {}; the nixl backend serves the layers \
+                     of one device (the host or one GPU) per rank",
+                    l.device, first.device
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(first.device)
 }
 /// A random 32-bit number (for agent names that differ between runs).
 fn random_u32() -> u32 {

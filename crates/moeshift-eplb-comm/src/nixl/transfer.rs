@@ -1,6 +1,7 @@
 //! How a [`NixlCommunicator`] moves one layer: local checks and plan agreement, one READ
-//! request per peer into the landing area, local copies meanwhile, polling with a deadline,
-//! then the post-read check. See the type's documentation.
+//! request per peer straight into a lent landing slot (the layer's staging), local copies
+//! next to the received rows, polling with a deadline, then the post-read check. See the
+//! type's documentation.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,15 @@ use crate::comm::{Backend, StagedLayer, TransferStats};
 use crate::error::EplbCommError;
 use crate::staging::{RowSource, Staging, StagingBuilder};
 use crate::weights::{LayerLayout, LayerWeights};
+
+/// The error of an internal inconsistency between the staging laid out and its memory.
+fn inconsistent(rank: usize, layer: usize, detail: String) -> EplbCommError {
+    EplbCommError::PlanMismatch {
+        rank,
+        layer,
+        detail: format!("inconsistent staging: {detail}"),
+    }
+}
 
 /// Part of the time left that a transfer keeps for the post-read check, so a rank whose
 /// READs ran out of time can still tell its peers (at most [`MAX_RESERVE`]).
@@ -99,8 +109,10 @@ impl NixlCommunicator {
             row_ok(s.expert, s.src_row)?;
         }
 
-        // Staging: received rows first (packed exactly as in the landing area), then local
-        // copies.
+        // Staging is a lent landing slot: received rows first, each READ straight into its
+        // place, then local copies. Taking the slot here, before the agreement, makes a
+        // busy landing area a refusal every rank hears of.
+        let (slot_addr, lent) = self.landing.lend(me, layer)?;
         let expert_bytes = layout.expert_bytes();
         let mut offsets = Vec::with_capacity(layout.tensors.len());
         let mut at = 0usize;
@@ -165,45 +177,60 @@ impl NixlCommunicator {
                     continue;
                 }
                 entry.descs.push(ReadDesc {
-                    local: self
-                        .landing
-                        .addr()
-                        .saturating_add(base.saturating_add(*off) as u64),
+                    local: slot_addr.saturating_add(base.saturating_add(*off) as u64),
                     remote: place.row_addr(src_row),
                     len: spec.row_bytes,
                 });
             }
         }
-        let received = mine.recvs.len().saturating_mul(expert_bytes);
-        if received > self.landing.len() {
-            return Err(mismatch(format!(
-                "{} received rows need {received} bytes, the landing area has {}",
-                mine.recvs.len(),
-                self.landing.len()
-            )));
-        }
+        let mut local = Vec::with_capacity(mine.local_copies.len());
         for c in &mine.local_copies {
-            builder.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
+            let index =
+                builder.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
+            local.push((index, c.src_row));
         }
-        let staging = builder.build(me, layer)?;
+        // Fails (before any READ is posted) if the rows do not fit the slot.
+        let staging = builder.build_lent(me, layer, lent)?;
         Ok(Prepared {
             mine,
             layout: layout.clone(),
             staging,
             reads: by_peer.into_iter().flatten().collect(),
-            received,
+            local,
         })
     }
 
-    /// Posts this rank's READs, stages the local copies meanwhile, waits for the READs and
-    /// moves the received rows into staging.
-    fn move_rows(
+    /// Copies the local rows into host staging, by the CPU. Done before any READ is posted,
+    /// so no reference into the slot exists while READs write into it.
+    fn copy_local_rows_on_host(
         &self,
         layer: usize,
         prepared: &mut Prepared<'_>,
         weights: &LayerWeights<'_>,
-        deadline: Deadline,
     ) -> Result<(), EplbCommError> {
+        let tensors = prepared.layout.tensors.len();
+        for &(index, src_row) in &prepared.local {
+            for t in 0..tensors {
+                let src = weights.row(t, src_row)?;
+                let dst = prepared.staging.row_tensor_mut(index, t).ok_or_else(|| {
+                    inconsistent(
+                        self.me,
+                        layer,
+                        format!("staged row {index} has no room for tensor {t}"),
+                    )
+                })?;
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+
+    /// Posts one READ request per peer this rank receives from.
+    fn post_reads(
+        &self,
+        layer: usize,
+        prepared: &Prepared<'_>,
+    ) -> Result<Vec<(usize, Vec<usize>, Read)>, EplbCommError> {
         let me = self.me;
         let mut pending = Vec::with_capacity(prepared.reads.len());
         for r in &prepared.reads {
@@ -223,72 +250,92 @@ impl NixlCommunicator {
                 })?;
             pending.push((r.peer, r.experts.clone(), read));
         }
+        Ok(pending)
+    }
 
-        // Local copies read the old rows, which stay valid until the commit.
-        let tensors = prepared.layout.tensors.len();
-        let first_local = prepared.mine.recvs.len();
-        for (k, c) in prepared.mine.local_copies.iter().enumerate() {
-            let index = first_local.saturating_add(k);
-            for t in 0..tensors {
-                let src = weights.row(t, c.src_row)?;
-                let dst = prepared.staging.row_tensor_mut(index, t).ok_or_else(|| {
-                    EplbCommError::PlanMismatch {
-                        rank: me,
-                        layer,
-                        detail: format!(
-                            "inconsistent staging: staged row {index} has no room for tensor {t}"
-                        ),
-                    }
-                })?;
-                dst.copy_from_slice(src);
-            }
+    /// Stages the layer: local copies (host: by the CPU first; device: queued on the GPU
+    /// while the READs run) and this rank's READs, straight into the lent slot. Returns once
+    /// every READ landed and every copy finished.
+    fn move_rows(
+        &self,
+        layer: usize,
+        prepared: &mut Prepared<'_>,
+        weights: &LayerWeights<'_>,
+        deadline: Deadline,
+    ) -> Result<(), EplbCommError> {
+        let me = self.me;
+        let on_host = self.landing.device() == Device::Host;
+        if on_host {
+            self.copy_local_rows_on_host(layer, prepared, weights)?;
+        } else {
+            self.bind_gpu(Some(layer))?;
         }
-
-        self.wait_reads(&mut pending, deadline)
+        let mut pending = self.post_reads(layer, prepared)?;
+        #[cfg(feature = "cuda")]
+        let copies = match (&self.cuda, on_host) {
+            (Some(cuda), false) => Some(cuda.queue_local_copies(
+                me,
+                layer,
+                weights,
+                &mut prepared.staging,
+                &prepared.local,
+            )?),
+            _ => None,
+        };
+        let waited = self
+            .wait_reads(&mut pending, deadline)
             .map_err(|e| match e {
                 WaitError::Failed {
                     peer,
                     experts,
                     detail,
-                } => NixlError::ReadFailed {
+                } => EplbCommError::from(NixlError::ReadFailed {
                     rank: me,
                     layer,
                     peer,
                     experts,
                     detail,
-                },
+                }),
                 WaitError::Timeout {
                     peer,
                     experts,
                     waited,
-                } => NixlError::ReadTimeout {
+                } => EplbCommError::from(NixlError::ReadTimeout {
                     rank: me,
                     layer,
                     peer,
                     experts,
                     waited,
-                },
-            })?;
-        if prepared.received > 0 {
-            let landed = self.landing.bytes(0..prepared.received);
-            let dst = prepared.staging.region_mut(0..prepared.received);
-            match (landed, dst) {
-                (Some(src), Some(dst)) => dst.copy_from_slice(src),
-                _ => {
-                    return Err(EplbCommError::PlanMismatch {
-                        rank: me,
-                        layer,
-                        detail: format!(
-                            "inconsistent staging: {} received bytes do not fit the landing area ({}) or staging ({})",
-                            prepared.received,
-                            self.landing.len(),
-                            prepared.staging.len()
-                        ),
-                    })
-                }
-            }
+                }),
+            });
+        #[cfg(feature = "cuda")]
+        if let Some(queue) = &copies {
+            let copied = super::cuda::finish_copies(queue, deadline, waited.is_err());
+            waited?;
+            return copied;
         }
-        Ok(())
+        waited
+    }
+
+    /// Makes the GPU's context current on this thread (weights on a GPU only).
+    #[cfg(feature = "cuda")]
+    pub(super) fn bind_gpu(&self, layer: Option<usize>) -> Result<(), EplbCommError> {
+        match &self.cuda {
+            Some(cuda) => cuda.bind(self.me, layer),
+            None => Err(EplbCommError::CommunicatorFailed {
+                rank: self.me,
+                reason: "device weights without a GPU context".into(),
+            }),
+        }
+    }
+
+    /// Without feature `cuda` no communicator has device weights.
+    #[cfg(not(feature = "cuda"))]
+    pub(super) fn bind_gpu(&self, _layer: Option<usize>) -> Result<(), EplbCommError> {
+        Err(EplbCommError::CommunicatorFailed {
+            rank: self.me,
+            reason: "device weights need feature `cuda`".into(),
+        })
     }
 
     /// Polls `pending` READs (peer, experts, request) until all completed. On an error or
@@ -507,11 +554,12 @@ pub(super) enum WaitError {
 struct Prepared<'p> {
     mine: &'p RankPlan,
     layout: LayerLayout,
+    /// Laid out in a lent landing slot: received rows first, then local copies.
     staging: Staging,
     /// One READ request per peer this rank receives from.
     reads: Vec<PeerRead>,
-    /// Bytes of received rows, packed at the start of both the landing area and staging.
-    received: usize,
+    /// Local copies: (staged row, source row).
+    local: Vec<(usize, usize)>,
 }
 
 /// The rows this rank READs from one peer.
