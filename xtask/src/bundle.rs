@@ -4,8 +4,9 @@
 //! folder, `target/gpu-bundle`, holding everything it needs:
 //!
 //! - `bin/moeshift`, built with CUDA/NCCL support (libraries are loaded at run time);
-//! - `tests/*`: every test executable of the workspace, release-built with all features;
-//!   `run.sh gpu` runs the ones whose name contains `gpu`, `run.sh all` runs every one;
+//! - `tests/*`: the GPU test executables (names containing `gpu`), release-built with all
+//!   features, or every test executable with `--all-tests`; `run.sh gpu` runs the GPU ones,
+//!   `run.sh all` every one in the bundle;
 //! - `examples/*`: benchmark programs, run by `run.sh bench`;
 //! - `nixl-runtime.tar.xz`: the NIXL runtime files, unpacked by `run.sh` at start;
 //! - `torch_peer_baseline.py` and `bench/*.py`: the PyTorch peers measured beside moeshift's
@@ -19,18 +20,20 @@ use std::process::Command;
 
 pub fn test_multigpu(rest: &[String]) -> Result<()> {
     let mut bundle_only = false;
+    let mut all_tests = false;
     let mut out: Option<PathBuf> = None;
     let mut it = rest.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bundle-only" => bundle_only = true,
+            "--all-tests" => all_tests = true,
             "--out" => out = Some(it.next().context("--out takes a folder")?.into()),
             other => bail!("unknown option `{other}` (see `cargo xtask help`)"),
         }
     }
     setup::setup()?;
     let dir = out.unwrap_or_else(|| util::root().join("target").join("gpu-bundle"));
-    build_bundle(&dir)?;
+    build_bundle(&dir, all_tests)?;
     if bundle_only {
         return Ok(());
     }
@@ -53,7 +56,9 @@ pub fn test_multigpu(rest: &[String]) -> Result<()> {
     )
 }
 
-fn build_bundle(dir: &Path) -> Result<()> {
+/// Builds the bundle. Only the GPU test executables (names containing `gpu`) go in unless
+/// `all_tests`: every test executable together is larger than a GPU machine's upload limit.
+fn build_bundle(dir: &Path, all_tests: bool) -> Result<()> {
     let profile = "gpu";
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
@@ -76,7 +81,9 @@ fn build_bundle(dir: &Path) -> Result<()> {
 
     for exe in util::test_executables(&["--workspace", "--all-features"], Some(profile))? {
         let name = exe.file_name().context("test executable without a name")?;
-        copy(&exe, &dir.join("tests").join(name))?;
+        if all_tests || name.to_string_lossy().contains("gpu") {
+            copy(&exe, &dir.join("tests").join(name))?;
+        }
     }
 
     util::run(util::cargo().args([

@@ -28,7 +28,7 @@ Commands:
   demo [ARGS...]            Build and run `moeshift demo` (release).
   test-multirank --ranks N  Build the workspace's test binaries and run every multi-process
                             scenario (tests named rank_*) with N ranks under `moeshift launch`.
-  test-multigpu [--bundle-only] [--out DIR]
+  test-multigpu [--bundle-only] [--all-tests] [--out DIR]
                             Build target/gpu-bundle: release test binaries, examples and the
                             moeshift binary built with CUDA/NCCL support, the NIXL runtime
                             (.tar.xz), the PyTorch peer baseline script and run.sh, a folder that
