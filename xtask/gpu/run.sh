@@ -46,6 +46,33 @@ run_tests() { # pattern
   done
 }
 
+# The last JSON object in a program's output, on one line: rank 0's lines lose the launcher's
+# "[rank 0] " prefix, other ranks' lines are ignored, a leading `NAME_RESULT ` marker is skipped,
+# and objects may span several lines.
+last_json='
+import json, re, sys
+lines = []
+for line in sys.stdin.read().splitlines():
+    m = re.match(r"\[rank (\d+)\] ?(.*)", line)
+    if m and m.group(1) != "0":
+        continue
+    lines.append(m.group(2) if m else line)
+text = "\n".join(lines)
+found, at, decoder = None, 0, json.JSONDecoder()
+while True:
+    at = text.find("{", at)
+    if at < 0:
+        break
+    try:
+        obj, end = decoder.raw_decode(text, at)
+    except ValueError:
+        at += 1
+        continue
+    found, at = obj, end
+if found is not None:
+    print(json.dumps(found))
+'
+
 # Runs one benchmark, keeps its output in bench.log and its JSON result (the last line that is
 # a JSON object, with or without the launcher's "[rank 0] " prefix) in bench.jsonl, labelled.
 bench() { # label command...
@@ -54,7 +81,7 @@ bench() { # label command...
   local out rc json
   out=$("$@" 2>&1); rc=$?
   printf '%s\n' "$out" >> "$results/bench.log"
-  json=$(printf '%s\n' "$out" | sed -n 's/^\[rank 0\] //; /^{.*}$/p' | tail -n 1)
+  json=$(printf '%s\n' "$out" | python3 -c "$last_json")
   if [ $rc -ne 0 ] || [ -z "$json" ]; then
     echo "FAILED: bench $label (rc=$rc)" | tee -a "$results/bench.log"; fail=1
     printf '{"label": "%s", "failed": true, "rc": %d}\n' "$label" "$rc" >> "$results/bench.jsonl"
