@@ -6,7 +6,8 @@
 //! its logical expert. Then, for `--windows` load windows:
 //!
 //! 1. the expert load drifts (log-normal start, each window multiplies every expert's load by
-//!    `exp(N(0, 0.25))`; every rank derives the same numbers from `--seed`);
+//!    `exp(0.5·Z)`, Z standard normal, i.e. a variance of 0.25; every rank derives the same
+//!    numbers from `--seed`);
 //! 2. every rank runs the migration-aware policy from the current placement (pure and
 //!    deterministic, so ranks agree without talking) and builds each layer's transfer plan;
 //! 3. the EPLB communicator (`--backend`: `auto` picks NIXL when its runtime is present,
