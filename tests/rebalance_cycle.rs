@@ -2,6 +2,7 @@
 //! DeepSeek-compatible policy, then follow drifting loads with the migration-aware policy;
 //! each window's plans move real rows (a bf16 weight tensor and an f32 scale tensor per
 //! expert) through the host EPLB communicator, and every rank checks every row it holds.
+//! Sizes follow the number of ranks, so `cargo xtask test-multirank --ranks N` runs it for any N.
 
 use std::time::Duration;
 
@@ -15,7 +16,6 @@ use moeshift::tensor::{DType, HostBuffer};
 
 const LAYERS: usize = 3;
 const EXPERTS: usize = 16;
-const SLOTS_PER_RANK: usize = 5;
 const WEIGHT_ELEMS: usize = 96; // bf16 elements per expert row
 const SCALE_ELEMS: usize = 6; // f32 scales per expert row
 
@@ -55,15 +55,18 @@ fn rank_rebalance_cycle_moves_every_row_it_plans() {
     let (rank, ranks) = (world.rank(), world.world_size());
     let deadline = || Deadline::after(Duration::from_secs(30));
     let store = StoreClient::connect(&world, deadline()).expect("store");
-    let slots = ranks * SLOTS_PER_RANK;
-    let topo = Topology::new(slots, 4, 2, ranks);
+    // At least one redundant slot per rank; two nodes when the ranks split evenly.
+    let slots_per_rank = (EXPERTS + ranks).div_ceil(ranks);
+    let slots = ranks * slots_per_rank;
+    let nodes = if ranks % 2 == 0 { 2 } else { 1 };
+    let topo = Topology::new(slots, 4, nodes, ranks);
     let initial = Placement::initial(Layout::new(LAYERS, EXPERTS, slots, ranks).expect("layout"));
 
     let mut buffers: Vec<[HostBuffer; 2]> = (0..LAYERS)
         .map(|layer| {
             let owned = initial.rank_slots(layer, rank).expect("rank slots");
-            let mut w = HostBuffer::zeroed(SLOTS_PER_RANK * WEIGHT_ELEMS * 2).expect("alloc");
-            let mut s = HostBuffer::zeroed(SLOTS_PER_RANK * SCALE_ELEMS * 4).expect("alloc");
+            let mut w = HostBuffer::zeroed(slots_per_rank * WEIGHT_ELEMS * 2).expect("alloc");
+            let mut s = HostBuffer::zeroed(slots_per_rank * SCALE_ELEMS * 4).expect("alloc");
             for (row, &e) in owned.iter().enumerate() {
                 let (wl, sl) = (WEIGHT_ELEMS * 2, SCALE_ELEMS * 4);
                 w.as_mut_slice()[row * wl..(row + 1) * wl]
@@ -78,8 +81,8 @@ fn rank_rebalance_cycle_moves_every_row_it_plans() {
         .iter_mut()
         .map(|[w, s]| {
             LayerWeights::builder()
-                .host("w13", w, &[SLOTS_PER_RANK, WEIGHT_ELEMS], DType::Bf16)
-                .and_then(|b| b.host("w13_scale", s, &[SLOTS_PER_RANK, SCALE_ELEMS], DType::F32))
+                .host("w13", w, &[slots_per_rank, WEIGHT_ELEMS], DType::Bf16)
+                .and_then(|b| b.host("w13_scale", s, &[slots_per_rank, SCALE_ELEMS], DType::F32))
                 .and_then(|b| b.build())
                 .expect("layer weights")
         })

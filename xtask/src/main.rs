@@ -26,8 +26,11 @@ Commands:
                             cargo doc with warnings denied.
   ci                        lint, then test. This is what .ci/run runs.
   demo [ARGS...]            Build and run `moeshift demo` (release).
-  test-multirank --ranks N  Build the workspace's test binaries and run every multi-process
-                            scenario (tests named rank_*) with N ranks under `moeshift launch`.
+  test-multirank --ranks N  Build the workspace's test binaries and run the multi-process
+                            scenarios (integration tests named rank_*) with N ranks under
+                            `moeshift launch`: every generic one, and those named rank_..._N
+                            only when N matches (they are written for N ranks). The GPU test
+                            executables (*gpu*) are left to test-multigpu.
   test-multigpu [--bundle-only] [--all-tests] [--out DIR]
                             Build target/gpu-bundle: release test binaries, examples and the
                             moeshift binary built with CUDA/NCCL support, the NIXL runtime
@@ -122,6 +125,21 @@ fn demo(rest: &[String]) -> Result<()> {
     util::run(&mut cmd)
 }
 
+/// Whether the test `name` is a multi-process scenario to run with `ranks` ranks: a test of an
+/// integration-test file (not a unit test in a `tests` module) whose name starts with `rank_`.
+/// A scenario whose name ends in `_N` (N a number) is written for exactly N ranks and runs only
+/// when `ranks == N`; any other scenario must work for every rank count.
+fn runs_at(name: &str, ranks: usize) -> bool {
+    let last = name.rsplit("::").next().unwrap_or(name);
+    if !last.starts_with("rank_") || name.contains("tests::") {
+        return false;
+    }
+    match last.rsplit_once('_').map(|(_, n)| n.parse::<usize>()) {
+        Some(Ok(n)) => n == ranks,
+        _ => true,
+    }
+}
+
 fn test_multirank(rest: &[String]) -> Result<()> {
     let ranks: usize = match rest {
         [flag, n] if flag == "--ranks" => n
@@ -138,12 +156,15 @@ fn test_multirank(rest: &[String]) -> Result<()> {
     let exes = util::test_executables(&["--workspace", "--all-features"], None)?;
     let mut ran = 0usize;
     let mut failed = Vec::new();
-    for exe in &exes {
-        for name in util::list_tests(exe)?.into_iter().filter(|n| {
-            n.rsplit("::")
-                .next()
-                .is_some_and(|last| last.starts_with("rank_"))
-        }) {
+    // GPU test executables (`*gpu*`) belong to `test-multigpu`, which runs them where GPUs are.
+    for exe in exes.iter().filter(|e| {
+        e.file_name()
+            .is_some_and(|n| !n.to_string_lossy().contains("gpu"))
+    }) {
+        for name in util::list_tests(exe)?
+            .into_iter()
+            .filter(|n| runs_at(n, ranks))
+        {
             println!("==> {ranks} ranks: {} {name}", exe.display());
             let mut cmd = std::process::Command::new(&launcher);
             cmd.args([
@@ -175,4 +196,20 @@ fn test_multirank(rest: &[String]) -> Result<()> {
         bail!("no rank_* scenario found in the workspace's test binaries");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_at;
+
+    #[test]
+    fn scenario_selection() {
+        assert!(runs_at("rank_store_ops_8", 8));
+        assert!(!runs_at("rank_store_ops_8", 4));
+        assert!(runs_at("rank_rebalance_cycle_moves_every_row_it_plans", 3));
+        assert!(runs_at("module::rank_nccl_p2p", 8));
+        assert!(!runs_at("world::tests::rank_must_be_below_world_size", 8));
+        assert!(!runs_at("store_roundtrip", 2));
+        assert!(!runs_at("kill_rank_mid_collective", 2));
+    }
 }

@@ -70,9 +70,10 @@ pub fn test_executables(select: &[&str], profile: Option<&str>) -> Result<Vec<Pa
     let json = output(&mut cmd)?;
     let mut exes = Vec::new();
     for line in json.lines() {
-        // Integration tests and unit-test harnesses both carry `"test":true` in their profile;
-        // keep every executable artifact built for testing.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\":true") {
+        // Integration tests and unit-test harnesses are built with the test profile
+        // (`"profile":{…,"test":true}`); the target object has a `test` flag of its own (whether
+        // `cargo test` tests it), so only the profile's counts.
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !built_for_test(line) {
             continue;
         }
         if let Some(exe) = json_string_field(line, "executable") {
@@ -82,6 +83,13 @@ pub fn test_executables(select: &[&str], profile: Option<&str>) -> Result<Vec<Pa
     exes.sort();
     exes.dedup();
     Ok(exes)
+}
+
+/// Whether a compiler-artifact message's profile is a test profile.
+fn built_for_test(line: &str) -> bool {
+    line.split_once("\"profile\":{")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .is_some_and(|(profile, _)| profile.contains("\"test\":true"))
 }
 
 /// The names of the tests in a libtest executable.
@@ -114,6 +122,16 @@ fn json_string_field(line: &str, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::json_string_field;
+
+    #[test]
+    fn only_the_profile_decides_what_was_built_for_testing() {
+        use super::built_for_test;
+        let bin = r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"test":true},"profile":{"opt_level":"0","test":false},"executable":"/t/moeshift"}"#;
+        let harness = r#"{"reason":"compiler-artifact","target":{"kind":["test"],"test":true},"profile":{"opt_level":"0","test":true},"executable":"/t/deps/x-1"}"#;
+        assert!(!built_for_test(bin));
+        assert!(built_for_test(harness));
+        assert!(!built_for_test(r#"{"reason":"compiler-artifact"}"#));
+    }
 
     #[test]
     fn reads_string_fields() {
