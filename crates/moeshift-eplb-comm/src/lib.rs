@@ -17,7 +17,9 @@
 //!   the rows that change, never a whole layer.
 //! * Backends: [`HostCommunicator`] (`host`: host or CUDA weights staged through host
 //!   memory over the host TCP transport, the role of vLLM's `torch_gloo`), [`nixl`]
-//!   (zero-copy one-sided READs from peers' registered weights) and, with feature `cuda`,
+//!   (zero-copy one-sided READs from peers' registered weights, host memory or, with feature
+//!   `cuda`, GPU memory, straight into a landing slot lent to the staged layer) and, with
+//!   feature `cuda`,
 //!   `nccl` (grouped NCCL point-to-point between CUDA weights, the `nccl` module; without
 //!   the feature, selecting it is a typed error).
 //! * [`choose_backend`] / [`select_backend`]: the default selection (elastic → `nccl`,
@@ -72,7 +74,8 @@
 //! * `cuda`: CUDA weights (described with
 //!   [`LayerWeightsBuilder::raw`](crate::LayerWeightsBuilder::raw) over device memory),
 //!   staged in device memory and committed by device-to-device copies; the `nccl` backend;
-//!   CUDA weights for the `host` backend, through page-locked host memory. CUDA and NCCL
+//!   CUDA weights for the `host` backend, through page-locked host memory; GPU memory for
+//!   the `nixl` backend (weights peers can map: `nixl::IpcCudaBuffer`). CUDA and NCCL
 //!   are loaded at run time (cudarc), so the feature builds on machines without either.
 //!
 //! Layering: depends on `moeshift-sync`, `moeshift-tensor`, `moeshift-placement` and
