@@ -2,20 +2,23 @@
 //! `moeshift_device_comm::testing` for the convention: `rank_*` tests re-run this binary as
 //! the ranks).
 //!
-//! Expected contents come from the placements alone: every row of expert `e` in tensor `t`
-//! of layer `l` holds a pattern derived from `(l, e, t)` (replicas are identical, as real
-//! weights are), and bytes around the rows hold a canary. After a layer is committed every
-//! row must hold the pattern of its expert in the *new* map and every other byte must be
-//! unchanged; before the commit every row must still hold its *old* expert.
+//! Expected contents come from the placements alone (see `common`): every row of expert `e`
+//! in tensor `t` of layer `l` holds a pattern derived from `(l, e, t)` (replicas are
+//! identical, as real weights are), and bytes around the rows hold a canary. After a layer
+//! is committed every row must hold the pattern of its expert in the *new* map and every
+//! other byte must be unchanged; before the commit every row must still hold its *old*
+//! expert.
 
-use std::collections::BTreeSet;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{assert_only_killed, check_staged, host_weights, Churn, Fill, LayerCase, TensorDesc};
 use moeshift_device_comm::testing::{self, RankRole, RankTest, ENV_FAIL_POINT, ENV_FAIL_RANK};
-use moeshift_device_comm::{RankStatus, StoreClient, World};
+use moeshift_device_comm::{StoreClient, World};
 use moeshift_eplb_comm::{
     select_backend, Backend, BackendChoice, EplbCommError, EplbCommunicator, HostCommunicator,
-    LayerWeights, RowSource, SelectionReason,
+    LayerWeights, SelectionReason,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -26,165 +29,27 @@ use rand::{Rng, SeedableRng};
 
 const RANKS: usize = 4;
 const MEMBERS: [usize; RANKS] = [0, 1, 2, 3];
-const CANARY: u8 = 0xA5;
-
-// ---------------------------------------------------------------------------------------
-// Row contents.
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// The bytes of a row of expert `expert`, tensor `tensor`, layer `layer`.
-fn pattern(layer: usize, expert: usize, tensor: usize, len: usize) -> Vec<u8> {
-    let seed = splitmix(splitmix(splitmix(layer as u64) ^ expert as u64) ^ tensor as u64);
-    let mut out = Vec::with_capacity(len + 8);
-    let mut word = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(&splitmix(seed ^ word).to_le_bytes());
-        word += 1;
-    }
-    out.truncate(len);
-    out
-}
-
-/// One tensor of a test layer: `[rows, lead + cols + trail]` elements per row when strided
-/// (the expert rows are the `cols` in the middle), or `[rows, inner...]` contiguous.
-#[derive(Debug, Clone)]
-struct TensorDesc {
-    dtype: DType,
-    inner: Vec<usize>,
-    /// `(lead, trail)` elements around each row (1-D rows only).
-    gap: Option<(usize, usize)>,
-}
-
-impl TensorDesc {
-    fn elem(&self) -> usize {
-        self.dtype.size_bytes()
-    }
-    fn row_bytes(&self) -> usize {
-        self.inner.iter().product::<usize>() * self.elem()
-    }
-    fn row_stride(&self) -> usize {
-        match self.gap {
-            Some((lead, trail)) => self.row_bytes() + (lead + trail) * self.elem(),
-            None => self.row_bytes(),
-        }
-    }
-    fn row_start(&self, row: usize) -> usize {
-        row * self.row_stride() + self.gap.map_or(0, |(lead, _)| lead * self.elem())
-    }
-    /// Bytes of the buffer: the rows, plus 24 canary bytes after them.
-    fn buffer_len(&self, rows: usize) -> usize {
-        rows * self.row_stride() + 24
-    }
-}
-
-/// The whole buffer of tensor `t` on a rank whose rows hold `experts`.
-fn expected_buffer(layer: usize, t: usize, d: &TensorDesc, experts: &[usize]) -> Vec<u8> {
-    let mut buf = vec![CANARY; d.buffer_len(experts.len())];
-    for (row, &e) in experts.iter().enumerate() {
-        let start = d.row_start(row);
-        buf[start..start + d.row_bytes()].copy_from_slice(&pattern(layer, e, t, d.row_bytes()));
-    }
-    buf
-}
-
-fn build_weights<'a>(
-    tensors: &[TensorDesc],
-    rows: usize,
-    bufs: &'a mut [HostBuffer],
-) -> LayerWeights<'a> {
-    let mut b = LayerWeights::builder();
-    for (t, (d, buf)) in tensors.iter().zip(bufs.iter_mut()).enumerate() {
-        let name = format!("t{t}");
-        b = match d.gap {
-            Some((lead, trail)) => {
-                let cols = d.inner[0];
-                let view = buf
-                    .view(&[rows, lead + cols + trail], d.dtype)
-                    .unwrap()
-                    .narrow(1, lead, cols)
-                    .unwrap();
-                b.host_view(&name, buf, view).unwrap()
-            }
-            None => {
-                let mut shape = vec![rows];
-                shape.extend(&d.inner);
-                b.host(&name, buf, &shape, d.dtype).unwrap()
-            }
-        };
-    }
-    b.build().unwrap()
-}
-
-/// Every row of `w` holds the pattern of its expert in `experts`.
-fn check_rows(w: &LayerWeights<'_>, layer: usize, experts: &[usize], when: &str) {
-    for (row, &e) in experts.iter().enumerate() {
-        for t in 0..w.num_tensors() {
-            let got = w.row(t, row).unwrap();
-            assert!(
-                got == pattern(layer, e, t, got.len()).as_slice(),
-                "layer {layer}, row {row}, tensor {t}: {when}, the row does not hold expert {e}"
-            );
-        }
-    }
-}
+const FILL: Fill = Fill {
+    salt: 0,
+    canary: 0xA5,
+};
 
 // ---------------------------------------------------------------------------------------
 // Random layers.
 
-#[derive(Debug, Clone)]
-struct LayerCase {
-    rows: usize,
-    old: Vec<usize>,
-    new: Vec<usize>,
-    tensors: Vec<TensorDesc>,
-}
-
-impl LayerCase {
-    fn seg<'a>(&self, map: &'a [usize], rank: usize) -> &'a [usize] {
-        &map[rank * self.rows..(rank + 1) * self.rows]
-    }
-}
-
-/// A placement of `n` experts in `slots` slots: each expert at least once, the rest random
-/// replicas, shuffled.
-fn random_map(rng: &mut StdRng, n: usize, slots: usize) -> Vec<usize> {
-    let mut m: Vec<usize> = (0..n).collect();
-    while m.len() < slots {
-        m.push(rng.gen_range(0..n));
-    }
-    m.shuffle(rng);
-    m
-}
-
+/// A random layer: 1–4 rows per rank, placements with replicas, often a few moves away
+/// from each other.
 fn random_case(rng: &mut StdRng) -> LayerCase {
-    let rows = rng.gen_range(1..=4);
-    let slots = rows * RANKS;
-    let n = rng.gen_range(1..=slots);
-    let old = random_map(rng, n, slots);
-    let new = match rng.gen_range(0..20) {
-        0 => old.clone(),
-        1..=9 => random_map(rng, n, slots),
-        _ => {
-            // A few moves away from the old map: swaps and replica changes.
-            let mut m = old.clone();
-            for _ in 0..rng.gen_range(1..=4) {
-                let (a, b) = (rng.gen_range(0..slots), rng.gen_range(0..slots));
-                if rng.gen_bool(0.5) {
-                    m.swap(a, b);
-                } else if m.iter().filter(|&&x| x == m[a]).count() > 1 {
-                    m[a] = rng.gen_range(0..n);
-                }
-            }
-            m
-        }
+    const CHURN: Churn = Churn {
+        fresh: 9,
+        max_moves: 4,
     };
-    let dtypes = [
+    common::random_case(rng, RANKS, 4, CHURN, random_tensor)
+}
+
+/// A tensor of a random layer: empty rows, strided rows, 2-D rows or 1-D rows.
+fn random_tensor(rng: &mut StdRng) -> TensorDesc {
+    const DTYPES: [DType; 6] = [
         DType::Bf16,
         DType::F32,
         DType::U8,
@@ -192,62 +57,17 @@ fn random_case(rng: &mut StdRng) -> LayerCase {
         DType::F8E4M3Fn,
         DType::I32,
     ];
-    let tensors = (0..rng.gen_range(1..=3))
-        .map(|_| {
-            let dtype = *dtypes.choose(rng).unwrap();
-            match rng.gen_range(0..10) {
-                0 => TensorDesc {
-                    dtype,
-                    inner: vec![0],
-                    gap: None,
-                },
-                1..=3 => TensorDesc {
-                    dtype,
-                    inner: vec![rng.gen_range(1..=24)],
-                    gap: Some((rng.gen_range(0..=3), rng.gen_range(1..=3))),
-                },
-                4..=6 => TensorDesc {
-                    dtype,
-                    inner: vec![rng.gen_range(1..=6), rng.gen_range(1..=6)],
-                    gap: None,
-                },
-                _ => TensorDesc {
-                    dtype,
-                    inner: vec![rng.gen_range(1..=48)],
-                    gap: None,
-                },
-            }
-        })
-        .collect();
-    LayerCase {
-        rows,
-        old,
-        new,
-        tensors,
-    }
-}
-
-/// What a rank must stage, reasoned from the maps alone: `(local rows, received rows,
-/// duplicate rows)`. A changed row whose expert the rank already held is a local copy; the
-/// first row of an expert new to the rank is received; later rows of it are duplicates.
-fn expected_rows(
-    old: &[usize],
-    new: &[usize],
-) -> (BTreeSet<usize>, BTreeSet<usize>, BTreeSet<usize>) {
-    let (mut local, mut recv, mut dup) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    for (i, &e) in new.iter().enumerate() {
-        if old[i] == e {
-            continue;
+    let dtype = *DTYPES.choose(rng).unwrap();
+    match rng.gen_range(0..10) {
+        0 => TensorDesc::plain(dtype, &[0]),
+        1..=3 => {
+            let cols = rng.gen_range(1..=24);
+            let (lead, trail) = (rng.gen_range(0..=3), rng.gen_range(1..=3));
+            TensorDesc::strided(dtype, lead, cols, trail)
         }
-        if old.contains(&e) {
-            local.insert(i);
-        } else if new[..i].contains(&e) {
-            dup.insert(i);
-        } else {
-            recv.insert(i);
-        }
+        4..=6 => TensorDesc::plain(dtype, &[rng.gen_range(1..=6), rng.gen_range(1..=6)]),
+        _ => TensorDesc::plain(dtype, &[rng.gen_range(1..=48)]),
     }
-    (local, recv, dup)
 }
 
 fn connect(world: &World, deadline: Deadline) -> StoreClient {
@@ -277,19 +97,12 @@ fn rank_random_plans_4() {
     let mut buffers: Vec<Vec<HostBuffer>> = cases
         .iter()
         .enumerate()
-        .map(|(l, c)| {
-            let experts = c.seg(&c.old, me);
-            c.tensors
-                .iter()
-                .enumerate()
-                .map(|(t, d)| HostBuffer::from_bytes(&expected_buffer(l, t, d, experts)).unwrap())
-                .collect()
-        })
+        .map(|(l, c)| FILL.host_buffers(l, &c.desc.tensors, c.desc.seg(&c.old, me)))
         .collect();
     let mut weights: Vec<LayerWeights<'_>> = buffers
         .iter_mut()
         .zip(&cases)
-        .map(|(bufs, c)| build_weights(&c.tensors, c.rows, bufs))
+        .map(|(bufs, c)| host_weights(&c.desc.tensors, c.desc.rows, bufs))
         .collect();
     let mut comm =
         HostCommunicator::new(&store, &MEMBERS, &weights, deadline).expect("communicator");
@@ -297,63 +110,28 @@ fn rank_random_plans_4() {
 
     let (mut moved, mut fills, mut local_total) = (0usize, 0usize, 0usize);
     for (l, c) in cases.iter().enumerate() {
+        let d = &c.desc;
         let plan = LayerPlan::new(&c.old, &c.new, RANKS).unwrap();
         let w = &mut weights[l];
         let staged = comm
             .transfer(l, &plan, w, Deadline::after(Duration::from_secs(20)))
             .unwrap_or_else(|e| panic!("layer {l} ({c:?}): {e}"));
-        check_rows(
+        FILL.check_rows(
             w,
             l,
-            c.seg(&c.old, me),
+            d.seg(&c.old, me),
             "after the transfer, before the commit",
         );
 
         // Staging holds exactly the rows that change and are not duplicate fills.
-        let (local, recv, dup) = expected_rows(c.seg(&c.old, me), c.seg(&c.new, me));
-        let staged_dst: BTreeSet<usize> = staged.staged_rows().iter().map(|r| r.dst_row).collect();
-        let want: BTreeSet<usize> = local.union(&recv).copied().collect();
-        assert_eq!(staged_dst, want, "layer {l}: staged rows");
-        assert_eq!(
-            staged.staged_rows().len(),
-            want.len(),
-            "layer {l}: a row staged twice"
-        );
-        for r in staged.staged_rows() {
-            assert_eq!(
-                r.expert,
-                c.seg(&c.new, me)[r.dst_row],
-                "layer {l}: staged expert"
-            );
-            match r.source {
-                RowSource::Local { src_row } => {
-                    assert!(local.contains(&r.dst_row), "layer {l}");
-                    assert_eq!(
-                        c.seg(&c.old, me)[src_row],
-                        r.expert,
-                        "layer {l}: copy source"
-                    );
-                }
-                RowSource::Peer { peer, .. } => {
-                    assert!(recv.contains(&r.dst_row), "layer {l}");
-                    assert!(
-                        c.seg(&c.old, peer).contains(&r.expert),
-                        "layer {l}: sender lacks the expert"
-                    );
-                }
-            }
-        }
-        let eb: u64 = c.tensors.iter().map(|d| d.row_bytes() as u64).sum();
+        let what = format!("layer {l}");
+        let kinds = check_staged(&staged, d, &c.old, &c.new, me, &what);
+        let eb = d.expert_bytes() as u64;
         let stats = *staged.stats();
-        assert_eq!(stats.bytes_received, recv.len() as u64 * eb, "layer {l}");
-        assert_eq!(
-            stats.bytes_copied_locally,
-            local.len() as u64 * eb,
-            "layer {l}"
-        );
         // Rows plus small per-round headers, never a whole layer.
-        let rows_bytes = want.len() as u64 * eb;
-        let headers = stats.rounds as u64 * 56 + 24 * c.tensors.len() as u64 * recv.len() as u64;
+        let rows_bytes = kinds.staged().len() as u64 * eb;
+        let headers =
+            stats.rounds as u64 * 56 + 24 * d.tensors.len() as u64 * kinds.recv.len() as u64;
         assert!(
             stats.staging_bytes >= rows_bytes && stats.staging_bytes <= rows_bytes + headers,
             "layer {l}: staging {} bytes for {rows_bytes} bytes of rows",
@@ -363,21 +141,17 @@ fn rank_random_plans_4() {
         let done = staged
             .commit(w)
             .unwrap_or_else(|e| panic!("layer {l}: commit: {e}"));
-        assert_eq!(
-            done.bytes_copied_locally,
-            (local.len() + dup.len()) as u64 * eb,
-            "layer {l}"
-        );
-        check_rows(w, l, c.seg(&c.new, me), "after the commit");
-        moved += recv.len();
-        fills += dup.len();
-        local_total += local.len();
+        kinds.check_commit(&done, eb, &what);
+        FILL.check_rows(w, l, d.seg(&c.new, me), "after the commit");
+        moved += kinds.recv.len();
+        fills += kinds.dup.len();
+        local_total += kinds.local.len();
     }
     drop(comm);
     drop(weights);
     for (l, c) in cases.iter().enumerate() {
-        for (t, d) in c.tensors.iter().enumerate() {
-            let want = expected_buffer(l, t, d, c.seg(&c.new, me));
+        for (t, d) in c.desc.tensors.iter().enumerate() {
+            let want = FILL.buffer(l, t, d, c.desc.seg(&c.new, me));
             assert!(
                 buffers[l][t].as_slice() == want.as_slice(),
                 "layer {l}, tensor {t}: bytes outside the rows changed, or a row is wrong"
@@ -414,24 +188,12 @@ fn rank_plan_mismatch_4() {
     let store = connect(&world, deadline);
     let (old, new, other) = mismatch_case();
     let d = vec![
-        TensorDesc {
-            dtype: DType::Bf16,
-            inner: vec![4, 3],
-            gap: None,
-        },
-        TensorDesc {
-            dtype: DType::F32,
-            inner: vec![5],
-            gap: Some((1, 2)),
-        },
+        TensorDesc::plain(DType::Bf16, &[4, 3]),
+        TensorDesc::strided(DType::F32, 1, 5, 2),
     ];
     let seg = |m: &[usize]| m[me * 2..me * 2 + 2].to_vec();
-    let mut bufs: Vec<HostBuffer> = d
-        .iter()
-        .enumerate()
-        .map(|(t, desc)| HostBuffer::from_bytes(&expected_buffer(0, t, desc, &seg(&old))).unwrap())
-        .collect();
-    let mut w = build_weights(&d, 2, &mut bufs);
+    let mut bufs = FILL.host_buffers(0, &d, &seg(&old));
+    let mut w = host_weights(&d, 2, &mut bufs);
     let mut comm = HostCommunicator::new(&store, &MEMBERS, std::slice::from_ref(&w), deadline)
         .expect("communicator");
 
@@ -460,7 +222,7 @@ fn rank_plan_mismatch_4() {
         other => panic!("expected a plan digest mismatch, got {other}"),
     }
     assert!(!err.poisons_communicator());
-    check_rows(&w, 0, &seg(&old), "after a refused plan");
+    FILL.check_rows(&w, 0, &seg(&old), "after a refused plan");
 
     // 2. Rank 1 asks for a layer the communicator does not know: it refuses, the others
     //    are told why.
@@ -491,7 +253,7 @@ fn rank_plan_mismatch_4() {
             other => panic!("expected rank 1's refusal, got {other}"),
         }
     }
-    check_rows(&w, 0, &seg(&old), "after a refused layer");
+    FILL.check_rows(&w, 0, &seg(&old), "after a refused layer");
 
     // 3. The same communicator still works once the ranks agree.
     let stats = comm
@@ -501,13 +263,13 @@ fn rank_plan_mismatch_4() {
     assert_eq!(stats.bytes_received, 2 * eb);
     assert_eq!(stats.bytes_sent, 2 * eb);
     assert_eq!(stats.peers, 2);
-    check_rows(&w, 0, &seg(&new), "after the agreed transfer");
+    FILL.check_rows(&w, 0, &seg(&new), "after the agreed transfer");
     drop(comm);
     drop(w);
     for (t, desc) in d.iter().enumerate() {
         assert_eq!(
             bufs[t].as_slice(),
-            expected_buffer(0, t, desc, &seg(&new)).as_slice()
+            FILL.buffer(0, t, desc, &seg(&new)).as_slice()
         );
     }
 }
@@ -525,14 +287,10 @@ fn rank_absent_peer_4() {
     let deadline = Deadline::after(Duration::from_secs(30));
     let store = connect(&world, deadline);
     let (old, new, _) = mismatch_case();
-    let d = vec![TensorDesc {
-        dtype: DType::U8,
-        inner: vec![64],
-        gap: None,
-    }];
+    let d = vec![TensorDesc::plain(DType::U8, &[64])];
     let seg = |m: &[usize]| m[me * 2..me * 2 + 2].to_vec();
-    let mut bufs = vec![HostBuffer::from_bytes(&expected_buffer(0, 0, &d[0], &seg(&old))).unwrap()];
-    let w = build_weights(&d, 2, &mut bufs);
+    let mut bufs = FILL.host_buffers(0, &d, &seg(&old));
+    let w = host_weights(&d, 2, &mut bufs);
     let mut comm = HostCommunicator::new(&store, &MEMBERS, std::slice::from_ref(&w), deadline)
         .expect("communicator");
     if me == 3 {
@@ -571,7 +329,7 @@ fn rank_absent_peer_4() {
         } => assert_ne!(*peer, 3, "{err}"),
         other => panic!("expected a deadline error, got {other}"),
     }
-    check_rows(&w, 0, &seg(&old), "after the deadline");
+    FILL.check_rows(&w, 0, &seg(&old), "after the deadline");
     // The group is poisoned now: the next transfer fails at once.
     let again = comm
         .transfer(0, &plan, &w, Deadline::after(Duration::from_secs(5)))
@@ -593,17 +351,7 @@ fn peer_killed_mid_transfer_4() {
         .expect("launch");
     let world = match role {
         RankRole::Parent(outcome) => {
-            let report = testing::failure_report(&outcome);
-            for r in &outcome.ranks {
-                if r.rank == 2 {
-                    assert!(
-                        matches!(r.status, RankStatus::Signaled(9)),
-                        "rank 2 should have been killed: {report}"
-                    );
-                } else {
-                    assert!(r.status.success(), "rank {} failed: {report}", r.rank);
-                }
-            }
+            assert_only_killed(&outcome, 2);
             return;
         }
         RankRole::Rank(world) => world,
@@ -614,16 +362,8 @@ fn peer_killed_mid_transfer_4() {
     // 8 rows per rank of 2 tensors, 192 KiB per expert: each layer moves ~3 MiB per rank.
     const ROWS: usize = 8;
     let d = vec![
-        TensorDesc {
-            dtype: DType::Bf16,
-            inner: vec![256, 256],
-            gap: None,
-        },
-        TensorDesc {
-            dtype: DType::F32,
-            inner: vec![16384],
-            gap: None,
-        },
+        TensorDesc::plain(DType::Bf16, &[256, 256]),
+        TensorDesc::plain(DType::F32, &[16384]),
     ];
     let old: Vec<usize> = (0..ROWS * RANKS).collect();
     // Rank r's rows go to rank r+1 (rows shifted by one rank), then back.
@@ -632,12 +372,8 @@ fn peer_killed_mid_transfer_4() {
     let there = LayerPlan::new(&old, &new, RANKS).unwrap();
     let back = LayerPlan::new(&new, &old, RANKS).unwrap();
     let seg = |m: &[usize]| m[me * ROWS..(me + 1) * ROWS].to_vec();
-    let mut bufs: Vec<HostBuffer> = d
-        .iter()
-        .enumerate()
-        .map(|(t, desc)| HostBuffer::from_bytes(&expected_buffer(0, t, desc, &seg(&old))).unwrap())
-        .collect();
-    let mut w = build_weights(&d, ROWS, &mut bufs);
+    let mut bufs = FILL.host_buffers(0, &d, &seg(&old));
+    let mut w = host_weights(&d, ROWS, &mut bufs);
     let mut comm = HostCommunicator::new(&store, &MEMBERS, std::slice::from_ref(&w), deadline)
         .expect("communicator");
 
@@ -688,7 +424,7 @@ fn peer_killed_mid_transfer_4() {
         }
     }
     assert!(me != 2, "rank 2 should have been killed");
-    check_rows(&w, 0, &seg(&current), "after the failed transfer");
+    FILL.check_rows(&w, 0, &seg(&current), "after the failed transfer");
 }
 
 /// Default selection, with and without NIXL present (the pure rule).

@@ -10,7 +10,11 @@
 //! that knows nothing of the code under test: after any sequence of plans, row `r` of rank
 //! `k` must hold the pattern of the expert the current map puts in slot `k·rows + r`.
 
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::splitmix;
 
 use moeshift_device_comm::testing::{
     self, fail_point, fail_point_hit, RankRole, RankTest, ENV_FAIL_POINT, ENV_FAIL_RANK,
@@ -44,20 +48,29 @@ fn nixl_or_skip(test: &str) -> bool {
     }
 }
 
+/// Runs `test` as `ranks` ranks where NIXL loads: this rank's world, or `None` in the
+/// parent, where NIXL is missing, and where the world has fewer than `min_ranks` ranks (all
+/// after printing why).
+fn nixl_ranks(test: &str, ranks: usize, min_ranks: usize) -> Option<World> {
+    if !nixl_or_skip(test) {
+        return None;
+    }
+    let world =
+        testing::run_as_ranks(test, ranks, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))?;
+    let n = world.world_size();
+    if n < min_ranks {
+        println!("{test}: needs at least {min_ranks} ranks, skipped with {n}");
+        return None;
+    }
+    Some(world)
+}
+
 // ---------------------------------------------------------------------------------------
 // Expected contents
 
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Byte `j` of expert `expert`'s row of tensor `tensor` in layer `layer`.
 fn pattern(layer: usize, tensor: usize, expert: usize, j: usize) -> u8 {
-    let word = splitmix64(
+    let word = splitmix(
         ((layer as u64) << 48) ^ ((tensor as u64) << 40) ^ ((expert as u64) << 20) ^ (j as u64 / 8),
     );
     word.to_le_bytes()[j % 8]
@@ -67,7 +80,7 @@ fn pattern(layer: usize, tensor: usize, expert: usize, j: usize) -> u8 {
 fn expected_row(layer: usize, tensor: usize, expert: usize, len: usize) -> Vec<u8> {
     let mut row = Vec::with_capacity(len + 8);
     for w in 0..len.div_ceil(8) {
-        let word = splitmix64(
+        let word = splitmix(
             ((layer as u64) << 48) ^ ((tensor as u64) << 40) ^ ((expert as u64) << 20) ^ w as u64,
         );
         row.extend_from_slice(&word.to_le_bytes());
@@ -97,7 +110,7 @@ struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(1);
-        splitmix64(self.0)
+        splitmix(self.0)
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -306,12 +319,7 @@ fn next_map(rng: &mut Rng, old: &[usize], experts: usize, rows: usize) -> Vec<us
 #[test]
 fn rank_nixl_random_plans() {
     const TEST: &str = "rank_nixl_random_plans";
-    if !nixl_or_skip(TEST) {
-        return;
-    }
-    let Some(world) =
-        testing::run_as_ranks(TEST, 4, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
-    else {
+    let Some(world) = nixl_ranks(TEST, 4, 1) else {
         return;
     };
     let (me, n) = (world.rank(), world.world_size());
@@ -408,19 +416,10 @@ fn rank_nixl_random_plans() {
 #[test]
 fn rank_nixl_tensor_mismatch() {
     const TEST: &str = "rank_nixl_tensor_mismatch";
-    if !nixl_or_skip(TEST) {
-        return;
-    }
-    let Some(world) =
-        testing::run_as_ranks(TEST, 4, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
-    else {
+    let Some(world) = nixl_ranks(TEST, 4, 2) else {
         return;
     };
     let (me, n) = (world.rank(), world.world_size());
-    if n < 2 {
-        println!("{TEST}: needs at least 2 ranks, skipped with {n}");
-        return;
-    }
     const ROWS: usize = 2;
     let odd = n - 1;
     let store = StoreClient::connect(&world, setup_deadline()).expect("store");
@@ -666,19 +665,10 @@ fn check_staged(staged: &StagedLayer, specs: &[TensorSpec], layer: usize, what: 
 #[test]
 fn rank_nixl_landing_slots() {
     const TEST: &str = "rank_nixl_landing_slots";
-    if !nixl_or_skip(TEST) {
-        return;
-    }
-    let Some(world) =
-        testing::run_as_ranks(TEST, 3, LAUNCH_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
-    else {
+    let Some(world) = nixl_ranks(TEST, 3, 2) else {
         return;
     };
     let (me, n) = (world.rank(), world.world_size());
-    if n < 2 {
-        println!("{TEST}: needs at least 2 ranks, skipped with {n}");
-        return;
-    }
     const ROWS: usize = 3;
     const LAYERS: usize = 3;
     let slots = n * ROWS;

@@ -7,7 +7,7 @@
 //! that CUDA with two GPUs and the NIXL runtime (`MOESHIFT_NIXL_LIB_DIR`) are there and, if
 //! not, prints why and passes without doing anything, so machines without GPUs run it too.
 //!
-//! Expected contents come from the placements alone: every row of expert `e` in tensor `t`
+//! Expected contents come from the placements alone (see `common`): every row of expert `e` in tensor `t`
 //! of layer `l` holds a pattern derived from `(l, e, t)`, and the bytes around the rows
 //! (gaps of strided tensors, a tail after the last row) hold a canary. Before a commit every
 //! byte must still be as the old placement says; after it, as the new one says.
@@ -15,147 +15,50 @@
 //! Run on a GPU machine: `cargo test -p moeshift-eplb-comm --features cuda --test nixl_gpu`.
 #![cfg(feature = "cuda")]
 
-use std::collections::BTreeSet;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use moeshift_device_comm::testing;
-use moeshift_device_comm::StoreClient;
+use common::gpu::{device_weights, GpuRank};
+use common::{check_staged, random_map, Churn, Fill, LayerDesc, TensorDesc};
 use moeshift_eplb_comm::nixl::{probe, IpcCudaBuffer, NixlCommunicator};
 use moeshift_eplb_comm::{Backend, EplbCommError, EplbCommunicator, LayerWeights, RowSource};
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
-use moeshift_tensor::{cuda_available, CudaBuffer, DType, Device};
+use moeshift_tensor::{CudaBuffer, DType, Device};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 const RANKS: usize = 2;
 const MEMBERS: [usize; RANKS] = [0, 1];
-const CANARY: u8 = 0x5C;
+const FILL: Fill = Fill {
+    salt: 77,
+    canary: 0x5C,
+};
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------
-// Skipping.
+// Skipping and starting.
 
-/// Why this machine cannot run the GPU tests, if it cannot. Only the parent asks.
-fn skip_reason() -> Option<String> {
-    if testing::is_rank_process() {
-        return None;
-    }
-    match cuda_available() {
-        Ok(n) if n >= RANKS => {}
-        Ok(n) => return Some(format!("{n} GPU(s) visible, the test needs {RANKS}")),
-        Err(e) => return Some(format!("CUDA is not usable here: {e}")),
-    }
-    probe()
-        .err()
-        .map(|e| format!("NIXL is not usable here: {e}"))
-}
-
-/// True (after printing why) when the test must be skipped.
-fn skipped(test: &str) -> bool {
-    match skip_reason() {
-        Some(reason) => {
-            println!("skipping {test}: {reason}");
-            true
-        }
-        None => false,
-    }
+/// Starts `name` as the ranks: this rank, or `None` in the parent and where CUDA with two
+/// GPUs or the NIXL runtime is missing (after printing why).
+fn start(name: &str) -> Option<GpuRank> {
+    let skip = common::gpu::skip_reason(RANKS, "NIXL", probe);
+    common::gpu::start_ranks(name, RANKS, LAUNCH_TIMEOUT, skip)
 }
 
 // ---------------------------------------------------------------------------------------
-// Row contents.
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// The bytes of a row of expert `expert`, tensor `tensor`, layer `layer`.
-fn pattern(layer: usize, expert: usize, tensor: usize, len: usize) -> Vec<u8> {
-    let seed = splitmix(splitmix(splitmix(layer as u64 + 77) ^ expert as u64) ^ tensor as u64);
-    let mut out = Vec::with_capacity(len + 8);
-    let mut word = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(&splitmix(seed ^ word).to_le_bytes());
-        word += 1;
-    }
-    out.truncate(len);
-    out
-}
+// Row contents and layers.
 
 #[test]
 fn patterns_differ_between_experts_tensors_and_layers() {
-    let p = pattern(1, 2, 0, 40);
+    let p = FILL.pattern(1, 2, 0, 40);
     assert_eq!(p.len(), 40);
-    assert_eq!(pattern(1, 2, 0, 40), p);
-    assert_ne!(pattern(1, 3, 0, 40), p);
-    assert_ne!(pattern(1, 2, 1, 40), p);
-    assert_ne!(pattern(2, 2, 0, 40), p);
-    assert_eq!(pattern(1, 2, 0, 13), p[..13]);
-}
-
-/// One tensor of a test layer: rows of `inner` elements, contiguous, or (1-D rows) the
-/// middle of wider rows with `(lead, trail)` elements around them.
-#[derive(Debug, Clone)]
-struct TensorDesc {
-    dtype: DType,
-    inner: Vec<usize>,
-    gap: Option<(usize, usize)>,
-}
-
-impl TensorDesc {
-    fn plain(dtype: DType, inner: &[usize]) -> Self {
-        Self {
-            dtype,
-            inner: inner.to_vec(),
-            gap: None,
-        }
-    }
-    fn strided(dtype: DType, lead: usize, inner: usize, trail: usize) -> Self {
-        Self {
-            dtype,
-            inner: vec![inner],
-            gap: Some((lead, trail)),
-        }
-    }
-    fn elem(&self) -> usize {
-        self.dtype.size_bytes()
-    }
-    fn row_bytes(&self) -> usize {
-        self.inner.iter().product::<usize>() * self.elem()
-    }
-    fn row_stride(&self) -> usize {
-        match self.gap {
-            Some((lead, trail)) => self.row_bytes() + (lead + trail) * self.elem(),
-            None => self.row_bytes(),
-        }
-    }
-    fn row_start(&self, row: usize) -> usize {
-        row * self.row_stride() + self.gap.map_or(0, |(lead, _)| lead * self.elem())
-    }
-    /// Bytes of the buffer: the rows, plus 24 canary bytes after them.
-    fn buffer_len(&self, rows: usize) -> usize {
-        rows * self.row_stride() + 24
-    }
-}
-
-/// A layer: rows per rank and its tensors.
-#[derive(Debug, Clone)]
-struct LayerDesc {
-    rows: usize,
-    tensors: Vec<TensorDesc>,
-}
-
-impl LayerDesc {
-    fn expert_bytes(&self) -> usize {
-        self.tensors.iter().map(TensorDesc::row_bytes).sum()
-    }
-    fn seg<'a>(&self, map: &'a [usize], rank: usize) -> &'a [usize] {
-        &map[rank * self.rows..(rank + 1) * self.rows]
-    }
+    assert_eq!(FILL.pattern(1, 2, 0, 40), p);
+    assert_ne!(FILL.pattern(1, 3, 0, 40), p);
+    assert_ne!(FILL.pattern(1, 2, 1, 40), p);
+    assert_ne!(FILL.pattern(2, 2, 0, 40), p);
+    assert_eq!(FILL.pattern(1, 2, 0, 13), p[..13]);
 }
 
 /// Four layers of different shapes: several dtypes, strided rows with gaps, rows of 128 KiB,
@@ -195,143 +98,26 @@ fn layers() -> Vec<LayerDesc> {
     ]
 }
 
-/// The whole buffer of tensor `t` on a rank whose rows hold `experts`.
-fn expected_buffer(layer: usize, t: usize, d: &TensorDesc, experts: &[usize]) -> Vec<u8> {
-    let mut buf = vec![CANARY; d.buffer_len(experts.len())];
-    for (row, &e) in experts.iter().enumerate() {
-        let start = d.row_start(row);
-        buf[start..start + d.row_bytes()].copy_from_slice(&pattern(layer, e, t, d.row_bytes()));
-    }
-    buf
-}
-
-/// One layer's tensors in CUDA-IPC-shareable device memory on `gpu`, rows holding
-/// `experts`.
-fn upload(layer: usize, gpu: usize, l: &LayerDesc, experts: &[usize]) -> Vec<IpcCudaBuffer> {
-    l.tensors
+/// Every layer's rows (as `maps` place them) in CUDA-IPC-shareable memory on this rank's GPU.
+fn upload_layers(
+    descs: &[LayerDesc],
+    maps: &[Vec<usize>],
+    rank: &GpuRank,
+) -> Vec<Vec<IpcCudaBuffer>> {
+    descs
         .iter()
         .enumerate()
-        .map(|(t, d)| {
-            IpcCudaBuffer::from_host(gpu, &expected_buffer(layer, t, d, experts)).expect("upload")
-        })
+        .map(|(i, l)| FILL.upload(i, rank.gpu, &l.tensors, l.seg(&maps[i], rank.me)))
         .collect()
 }
 
-/// Describes device buffers on `gpu` (`place` gives each one's address and length) as a
-/// layer's weights, borrowing them.
-fn device_weights<'a, B>(
-    l: &LayerDesc,
-    gpu: usize,
-    bufs: &'a [B],
-    place: impl Fn(&B) -> (u64, usize),
-) -> LayerWeights<'a> {
-    let mut b = LayerWeights::builder();
-    for (t, (d, buf)) in l.tensors.iter().zip(bufs).enumerate() {
-        let (addr, len) = place(buf);
-        let storage =
-            moeshift_tensor::Storage::new(addr, len / d.elem(), d.dtype, Device::Cuda(gpu));
-        let view = match d.gap {
-            Some((lead, trail)) => moeshift_tensor::TensorView::contiguous(
-                storage,
-                &[l.rows, lead + d.inner[0] + trail],
-            )
-            .and_then(|v| v.narrow(1, lead, d.inner[0])),
-            None => {
-                let mut shape = vec![l.rows];
-                shape.extend(&d.inner);
-                moeshift_tensor::TensorView::contiguous(storage, &shape)
-            }
-        }
-        .expect("view");
-        // SAFETY: `bufs` are live device buffers borrowed for 'a, so they outlive the
-        // weights; the test touches them meanwhile only to read them back after transfers
-        // and commits returned (their copies finished).
-        b = unsafe { b.raw(&format!("t{t}"), view) }.expect("raw tensor");
-    }
-    b.build().expect("layer weights")
-}
-
-fn ipc_place(b: &IpcCudaBuffer) -> (u64, usize) {
-    (b.addr(), b.len())
-}
-
-/// Every byte of every tensor of a layer equals the buffer the rows `experts` give.
-fn check_device(
-    bufs: &[IpcCudaBuffer],
-    layer: usize,
-    l: &LayerDesc,
-    experts: &[usize],
-    when: &str,
-) {
-    for (t, (d, buf)) in l.tensors.iter().zip(bufs).enumerate() {
-        let got = buf.to_vec().expect("download");
-        let want = expected_buffer(layer, t, d, experts);
-        if got != want {
-            let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-            let row = at / d.row_stride().max(1);
-            panic!(
-                "layer {layer}, tensor {t}: {when}, byte {at} (row {row}) differs: rows should hold {experts:?}"
-            );
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Random placements.
-
-/// A placement of `slots` slots over experts `0..n`: every expert at least once.
-fn random_map(rng: &mut StdRng, n: usize, slots: usize) -> Vec<usize> {
-    let mut m: Vec<usize> = (0..n).collect();
-    while m.len() < slots {
-        m.push(rng.gen_range(0..n));
-    }
-    m.shuffle(rng);
-    m
-}
-
-/// The next placement: the same, a fresh random one, or a few swaps and replica changes
-/// (every expert keeps at least one slot).
-fn next_map(rng: &mut StdRng, old: &[usize], n: usize) -> Vec<usize> {
-    let slots = old.len();
-    match rng.gen_range(0..20) {
-        0 => old.to_vec(),
-        1..=11 => random_map(rng, n, slots),
-        _ => {
-            let mut m = old.to_vec();
-            for _ in 0..rng.gen_range(1..=3) {
-                let (a, b) = (rng.gen_range(0..slots), rng.gen_range(0..slots));
-                if rng.gen_bool(0.5) {
-                    m.swap(a, b);
-                } else if m.iter().filter(|&&x| x == m[a]).count() > 1 {
-                    m[a] = rng.gen_range(0..n);
-                }
-            }
-            m
-        }
-    }
-}
-
-/// What a rank must stage, from the maps alone: `(local rows, received rows, duplicate
-/// rows)`. A changed row whose expert the rank already held is a local copy; the first row
-/// of an expert new to the rank is received; later rows of it are duplicates.
-fn expected_rows(
-    old: &[usize],
-    new: &[usize],
-) -> (BTreeSet<usize>, BTreeSet<usize>, BTreeSet<usize>) {
-    let (mut local, mut recv, mut dup) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    for (i, &e) in new.iter().enumerate() {
-        if old[i] == e {
-            continue;
-        }
-        if old.contains(&e) {
-            local.insert(i);
-        } else if new[..i].contains(&e) {
-            dup.insert(i);
-        } else {
-            recv.insert(i);
-        }
-    }
-    (local, recv, dup)
+/// The weights of every layer, borrowing `bufs`.
+fn layer_weights<'a>(descs: &[LayerDesc], bufs: &'a [Vec<IpcCudaBuffer>]) -> Vec<LayerWeights<'a>> {
+    descs
+        .iter()
+        .zip(bufs)
+        .map(|(l, b)| device_weights(&l.tensors, l.rows, b))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -346,16 +132,15 @@ fn expected_rows(
 fn rank_nixl_random_plans_gpu() {
     const NAME: &str = "rank_nixl_random_plans_gpu";
     const PLANS: usize = 240;
-    if skipped(NAME) {
-        return;
-    }
-    let Some(world) = testing::run_as_ranks(NAME, RANKS, LAUNCH_TIMEOUT).expect("ranks") else {
+    let Some(rank) = start(NAME) else {
         return;
     };
-    let (me, gpu) = (world.rank(), world.local_rank());
-    let deadline = Deadline::after(Duration::from_secs(60));
-    let store = StoreClient::connect(&world, deadline).expect("store");
+    let (me, gpu, deadline, store) = (rank.me, rank.gpu, rank.deadline, &rank.store);
     let descs = layers();
+    const CHURN: Churn = Churn {
+        fresh: 11,
+        max_moves: 3,
+    };
     let mut rng = StdRng::seed_from_u64(0x4E1C_6A7E);
     // Every layer has between `rows` and `2 · rows` experts (so some have replicas).
     let experts: Vec<usize> = descs
@@ -367,20 +152,12 @@ fn rank_nixl_random_plans_gpu() {
         .zip(&experts)
         .map(|(l, &n)| random_map(&mut rng, n, l.rows * RANKS))
         .collect();
-    let bufs: Vec<Vec<IpcCudaBuffer>> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, l)| upload(i, gpu, l, l.seg(&maps[i], me)))
-        .collect();
-    let mut weights: Vec<LayerWeights<'_>> = descs
-        .iter()
-        .zip(&bufs)
-        .map(|(l, b)| device_weights(l, gpu, b, ipc_place))
-        .collect();
+    let bufs = upload_layers(&descs, &maps, &rank);
+    let mut weights = layer_weights(&descs, &bufs);
 
     let started = Instant::now();
     let mut comm =
-        NixlCommunicator::new(&store, &MEMBERS, &weights, deadline).expect("communicator");
+        NixlCommunicator::new(store, &MEMBERS, &weights, deadline).expect("communicator");
     println!(
         "rank {me}: nixl communicator on cuda:{gpu} ready in {:.2?}",
         started.elapsed()
@@ -400,7 +177,7 @@ fn rank_nixl_random_plans_gpu() {
     for step in 0..PLANS {
         let l = rng.gen_range(0..descs.len());
         let d = &descs[l];
-        let new = next_map(&mut rng, &maps[l], experts[l]);
+        let new = common::next_map(&mut rng, &maps[l], experts[l], CHURN);
         let plan = LayerPlan::new(&maps[l], &new, RANKS).expect("plan");
         let staged = comm
             .transfer(
@@ -410,37 +187,21 @@ fn rank_nixl_random_plans_gpu() {
                 Deadline::after(Duration::from_secs(30)),
             )
             .unwrap_or_else(|e| panic!("rank {me}, step {step}, layer {l}: {e}"));
-        check_device(
+        FILL.check_device(
             &bufs[l],
             l,
-            d,
+            &d.tensors,
             d.seg(&maps[l], me),
             &format!("step {step}: after the transfer, before the commit"),
         );
         assert_eq!(staged.backend(), Backend::Nixl);
         assert_eq!(staged.staging_device(), Device::Cuda(gpu), "step {step}");
 
-        let (local, recv, dup) = expected_rows(d.seg(&maps[l], me), d.seg(&new, me));
-        let staged_dst: BTreeSet<usize> = staged.staged_rows().iter().map(|r| r.dst_row).collect();
-        let want: BTreeSet<usize> = local.union(&recv).copied().collect();
-        assert_eq!(staged_dst, want, "step {step}, layer {l}: staged rows");
-        assert_eq!(
-            staged.staged_rows().len(),
-            want.len(),
-            "step {step}: a row staged twice"
-        );
+        let what = format!("step {step}, layer {l}");
+        let kinds = check_staged(&staged, d, &maps[l], &new, me, &what);
         for (i, r) in staged.staged_rows().iter().enumerate() {
-            assert_eq!(r.expert, d.seg(&new, me)[r.dst_row], "step {step}");
-            match r.source {
-                RowSource::Local { src_row } => {
-                    assert!(local.contains(&r.dst_row), "step {step}");
-                    assert_eq!(d.seg(&maps[l], me)[src_row], r.expert, "step {step}");
-                }
-                RowSource::Peer { peer, .. } => {
-                    assert!(recv.contains(&r.dst_row), "step {step}");
-                    assert_ne!(peer, me, "step {step}");
-                    assert!(d.seg(&maps[l], peer).contains(&r.expert), "step {step}");
-                }
+            if let RowSource::Peer { peer, .. } = r.source {
+                assert_ne!(peer, me, "step {step}");
             }
             assert_eq!(
                 staged.staged_bytes(i, 0),
@@ -450,45 +211,35 @@ fn rank_nixl_random_plans_gpu() {
         }
         let eb = d.expert_bytes() as u64;
         let stats = *staged.stats();
-        assert_eq!(stats.bytes_received, recv.len() as u64 * eb, "step {step}");
-        assert_eq!(
-            stats.bytes_copied_locally,
-            local.len() as u64 * eb,
-            "step {step}"
-        );
         // Exactly the rows received and copied, nothing more: they are READ into the landing
         // slot, which is the staging.
         assert_eq!(
             stats.staging_bytes,
-            (recv.len() + local.len()) as u64 * eb,
+            kinds.staged().len() as u64 * eb,
             "step {step}"
         );
 
         let done = staged
             .commit(&mut weights[l])
             .unwrap_or_else(|e| panic!("rank {me}, step {step}, layer {l}: commit: {e}"));
-        assert_eq!(
-            done.bytes_copied_locally,
-            (local.len() + dup.len()) as u64 * eb,
-            "step {step}"
-        );
+        kinds.check_commit(&done, eb, &what);
         maps[l] = new;
-        check_device(
+        FILL.check_device(
             &bufs[l],
             l,
-            d,
+            &d.tensors,
             d.seg(&maps[l], me),
             &format!("step {step}: after the commit"),
         );
-        received += recv.len();
-        fills += dup.len();
-        local_total += local.len();
+        received += kinds.recv.len();
+        fills += kinds.dup.len();
+        local_total += kinds.local.len();
         crossing += usize::from(plan.num_transfers() > 0);
         bytes_read += stats.bytes_received;
     }
     let elapsed = started.elapsed();
     for (l, d) in descs.iter().enumerate() {
-        check_device(&bufs[l], l, d, d.seg(&maps[l], me), "at the end");
+        FILL.check_device(&bufs[l], l, &d.tensors, d.seg(&maps[l], me), "at the end");
     }
     println!(
         "rank {me}: {PLANS} plans ({crossing} crossing ranks) in {elapsed:.2?}: {received} rows \
@@ -512,15 +263,10 @@ fn rank_nixl_random_plans_gpu() {
 #[test]
 fn rank_nixl_gpu_slots_and_refusals() {
     const NAME: &str = "rank_nixl_gpu_slots_and_refusals";
-    if skipped(NAME) {
-        return;
-    }
-    let Some(world) = testing::run_as_ranks(NAME, RANKS, LAUNCH_TIMEOUT).expect("ranks") else {
+    let Some(rank) = start(NAME) else {
         return;
     };
-    let (me, gpu) = (world.rank(), world.local_rank());
-    let deadline = Deadline::after(Duration::from_secs(60));
-    let store = StoreClient::connect(&world, deadline).expect("store");
+    let (me, gpu, deadline, store) = (rank.me, rank.gpu, rank.deadline, &rank.store);
     let descs: Vec<LayerDesc> = layers().into_iter().take(2).collect();
     // Experts 0..2·rows, no replicas; in the new placement every slot takes the expert of
     // the slot before it: row 0 of each rank is received, the other rows are local copies.
@@ -528,18 +274,10 @@ fn rank_nixl_gpu_slots_and_refusals() {
         .iter()
         .map(|l| (0..l.rows * RANKS).collect())
         .collect();
-    let bufs: Vec<Vec<IpcCudaBuffer>> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, l)| upload(i, gpu, l, l.seg(&maps[i], me)))
-        .collect();
-    let mut weights: Vec<LayerWeights<'_>> = descs
-        .iter()
-        .zip(&bufs)
-        .map(|(l, b)| device_weights(l, gpu, b, ipc_place))
-        .collect();
+    let bufs = upload_layers(&descs, &maps, &rank);
+    let mut weights = layer_weights(&descs, &bufs);
     let mut comm =
-        NixlCommunicator::new(&store, &MEMBERS, &weights, deadline).expect("communicator");
+        NixlCommunicator::new(store, &MEMBERS, &weights, deadline).expect("communicator");
     let shifted = |m: &[usize]| -> Vec<usize> {
         let slots = m.len();
         (0..slots).map(|s| m[(s + slots - 1) % slots]).collect()
@@ -564,10 +302,10 @@ fn rank_nixl_gpu_slots_and_refusals() {
     );
     assert!(!err.poisons_communicator());
     for (l, d) in descs.iter().enumerate() {
-        check_device(
+        FILL.check_device(
             &bufs[l],
             l,
-            d,
+            &d.tensors,
             d.seg(&maps[l], me),
             "after the refused transfer",
         );
@@ -578,7 +316,13 @@ fn rank_nixl_gpu_slots_and_refusals() {
         .expect("layer 1 once the slot is free");
     maps[1] = new[1].clone();
     for (l, d) in descs.iter().enumerate() {
-        check_device(&bufs[l], l, d, d.seg(&maps[l], me), "after both layers");
+        FILL.check_device(
+            &bufs[l],
+            l,
+            &d.tensors,
+            d.seg(&maps[l], me),
+            "after both layers",
+        );
     }
     drop(comm);
     drop(weights);
@@ -596,19 +340,11 @@ fn rank_nixl_gpu_slots_and_refusals() {
         return;
     }
     let l = &descs[0];
-    let pool_bufs: Vec<CudaBuffer> = l
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(t, d)| {
-            CudaBuffer::from_host(gpu, &expected_buffer(0, t, d, l.seg(&maps[0], me)))
-                .expect("upload")
-        })
-        .collect();
-    let pool_weights = device_weights(l, gpu, &pool_bufs, |b: &CudaBuffer| (b.addr(), b.len()));
+    let pool_bufs: Vec<CudaBuffer> = FILL.upload(0, gpu, &l.tensors, l.seg(&maps[0], me));
+    let pool_weights = device_weights(&l.tensors, l.rows, &pool_bufs);
     let started = Instant::now();
     let err = NixlCommunicator::new(
-        &store,
+        store,
         &MEMBERS,
         std::slice::from_ref(&pool_weights),
         short(),
