@@ -489,6 +489,19 @@ pub(crate) fn check_plan<'p>(
         });
     }
     supported_memory(weights)?;
+    check_rank_plan(me, size, layer, layout.rows, plan)
+}
+
+/// The part of [`check_plan`] every backend shares: the plan covers `size` ranks of `rows`
+/// rows, this rank has a part, every row it names is in range, and every send and receive
+/// happens in a round that pairs this rank with that peer. Returns this rank's plan.
+pub(crate) fn check_rank_plan(
+    me: usize,
+    size: usize,
+    layer: usize,
+    rows: usize,
+    plan: &LayerPlan,
+) -> Result<&RankPlan, EplbCommError> {
     let mismatch = |detail: String| EplbCommError::PlanMismatch {
         rank: me,
         layer,
@@ -500,17 +513,15 @@ pub(crate) fn check_plan<'p>(
             plan.num_ranks(),
         )));
     }
-    if plan.rows_per_rank() != layout.rows {
+    if plan.rows_per_rank() != rows {
         return Err(mismatch(format!(
-            "the plan has {} rows per rank, the weights have {}",
+            "the plan has {} rows per rank, the weights have {rows}",
             plan.rows_per_rank(),
-            layout.rows
         )));
     }
     let mine = plan
         .rank(me)
         .map_err(|e| mismatch(format!("no part for this rank: {e}")))?;
-    let rows = layout.rows;
     let row_ok = |expert: usize, row: usize| {
         if row < rows {
             Ok(())

@@ -16,6 +16,7 @@ use super::status::exchange_status;
 use crate::agree::{agree_on_plan, plan_digest};
 use crate::comm::{Backend, StagedLayer, TransferStats};
 use crate::error::EplbCommError;
+use crate::host::check_rank_plan;
 use crate::staging::{RowSource, Staging, StagingBuilder};
 use crate::weights::{LayerLayout, LayerWeights};
 
@@ -70,23 +71,7 @@ impl NixlCommunicator {
             layer,
             detail,
         };
-        if plan.num_ranks() != self.peers.len() {
-            return Err(mismatch(format!(
-                "the plan is for {} ranks, the EPLB group has {}",
-                plan.num_ranks(),
-                self.peers.len()
-            )));
-        }
-        if plan.rows_per_rank() != layout.rows {
-            return Err(mismatch(format!(
-                "the plan has {} rows per rank, the weights have {}",
-                plan.rows_per_rank(),
-                layout.rows
-            )));
-        }
-        let mine = plan
-            .rank(me)
-            .map_err(|e| mismatch(format!("no part for this rank: {e}")))?;
+        let mine = check_rank_plan(me, self.peers.len(), layer, layout.rows, plan)?;
         let rows = layout.rows;
         let row_ok = |expert: usize, row: usize| {
             if row < rows {
@@ -101,13 +86,6 @@ impl NixlCommunicator {
                 })
             }
         };
-        for c in mine.local_copies.iter().chain(&mine.dup_fills) {
-            row_ok(c.expert, c.src_row)?;
-            row_ok(c.expert, c.dst_row)?;
-        }
-        for s in &mine.sends {
-            row_ok(s.expert, s.src_row)?;
-        }
 
         // Staging is a lent landing slot: received rows first, each READ straight into its
         // place, then local copies. Taking the slot here, before the agreement, makes a
