@@ -1,49 +1,16 @@
 //! `moeshift bench weight-sync` end to end with the host engine: the real binary under
 //! `moeshift launch`, a trainer and two workers.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
 
 use serde_json::Value;
 
 /// Runs `moeshift` with `args`, killing it if it runs past `limit`.
 fn moeshift(args: &[&str], limit: Duration) -> Output {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeshift"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start moeshift");
-    let mut out_pipe = child.stdout.take().expect("stdout");
-    let mut err_pipe = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut out_pipe, &mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut err_pipe, &mut v);
-        v
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("moeshift {args:?} ran longer than {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
-    }
+    common::moeshift(args, limit).0
 }
 
 /// Launches 3 ranks of the benchmark with `extra` arguments; returns rank 0's JSON.

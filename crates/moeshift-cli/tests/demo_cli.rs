@@ -1,14 +1,15 @@
 //! `moeshift demo` end to end: real processes, the host EPLB backend, every row verified.
 
-use std::process::Command;
+mod common;
 
+use std::time::Duration;
+
+/// Runs `moeshift demo` with `args`, killed if it runs past two minutes.
 fn demo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_moeshift"))
-        .arg("demo")
-        .args(args)
-        .env_remove("RANK")
-        .output()
-        .expect("running moeshift demo")
+    let all: Vec<&str> = std::iter::once("demo")
+        .chain(args.iter().copied())
+        .collect();
+    common::moeshift(&all, Duration::from_secs(120)).0
 }
 
 #[test]
