@@ -99,9 +99,6 @@ run_benches() {
     bench torch_peer python3 "$here/torch_peer_baseline.py"
   fi
   [ -x "$ex/nccl_bw" ] && bench nccl_p2p $L "$ex/nccl_bw"
-  # The same with NCCL forced to blocking communicators (NCCL_COMM_BLOCKING=1 overrides the
-  # non-blocking config), to see what the non-blocking launch path costs.
-  [ -x "$ex/nccl_bw" ] && bench nccl_p2p_blocking env NCCL_COMM_BLOCKING=1 $L "$ex/nccl_bw"
   # One DeepSeek-V3-sized layer (w13 [4096,7168] + w2 [7168,2048] bf16), 32 experts per rank,
   # 8 moved each way, as the peer's figure 2.
   local layer="--layers 3 --experts-per-rank 32 --moved-per-rank 8 --tensors 2 --tensor-bytes 58720256,29360128 --device cuda --verify"
@@ -119,6 +116,8 @@ run_benches() {
   [ -x "$ex/all2all_bw" ] && bench all2all $L "$ex/all2all_bw" --reps 9 --warmup 3 --splits-out "$splits"
   [ -f "$here/torch_all2all_peer.py" ] && [ -f "$splits" ] &&
     bench all2all_torch python3 "$here/torch_all2all_peer.py" --splits "$splits" --reps 9 --warmup 3
+  # What copy engines reach between the two GPUs (the path one-sided CUDA IPC READs take).
+  [ -f "$here/ce_peer_copy.py" ] && bench ce_peer_copy python3 "$here/ce_peer_copy.py"
   # Host transport against memcpy, on this machine's CPUs.
   [ -x "$ex/host_bw" ] && bench host_transport $L "$ex/host_bw" 64 256
 }

@@ -392,6 +392,55 @@ fn rank_nccl_unmatched_recv_times_out() {
     comm.abort();
 }
 
+/// The very first operations of fresh communicators, with a peer that never takes part: a
+/// receive, and a broadcast (a collective). Connections are opened when a communicator is
+/// created, so neither launch waits for the silent peer: each gives up at its own deadline,
+/// naming rank 0.
+#[test]
+fn rank_nccl_first_ops_with_a_silent_peer_time_out() {
+    const NAME: &str = "rank_nccl_first_ops_with_a_silent_peer_time_out";
+    if skipped(NAME) {
+        return;
+    }
+    let Some(world) = testing::run_as_ranks(NAME, WORLD, LAUNCH_TIMEOUT).expect("ranks") else {
+        return;
+    };
+    let wait = Duration::from_secs(3);
+    for (case, key) in [
+        ("recv", "nccl_gpu/silent/recv"),
+        ("broadcast", "nccl_gpu/silent/bcast"),
+    ] {
+        let (store, comm) = setup(&world, key);
+        if world.rank() == 1 {
+            let stream = comm.stream().clone();
+            let mut buf = stream.alloc_zeros::<u32>(1 << 20).expect("alloc");
+            let start = Instant::now();
+            let err = match case {
+                "recv" => comm.recv(0, &mut buf, Deadline::after(wait)),
+                _ => comm.broadcast(&mut buf, 0, Deadline::after(wait)),
+            }
+            .expect_err("rank 0 never takes part");
+            let took = start.elapsed();
+            eprintln!("rank 1: first {case} with a silent rank 0 failed after {took:?}: {err}");
+            match &err {
+                NcclError::Timeout { rank, peers, .. } => {
+                    assert_eq!((*rank, peers.as_slice()), (1, &[0][..]), "{err}")
+                }
+                other => panic!("{case}: expected a timeout naming rank 0, got: {other}"),
+            }
+            assert!(took >= wait, "{case}: gave up early: {took:?}");
+            assert!(
+                took < wait + Duration::from_secs(10),
+                "{case}: gave up late: {took:?}"
+            );
+        }
+        store
+            .barrier(&format!("{key}/done"), Deadline::after(SETUP))
+            .expect("barrier");
+        comm.abort();
+    }
+}
+
 /// Rank 1 is killed (SIGKILL) while rank 0 waits in a receive from it: rank 0 must get an
 /// error naming rank 1 within its deadline, not hang.
 #[test]

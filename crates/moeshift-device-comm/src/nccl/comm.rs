@@ -1,8 +1,9 @@
-//! [`NcclComm`]: a non-blocking NCCL communicator whose every operation has a deadline.
+//! [`NcclComm`]: a NCCL communicator whose every operation has a deadline.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::c_int;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUdeviceptr;
@@ -11,12 +12,15 @@ use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, n
 use cudarc::nccl::NcclType;
 use moeshift_sync::Deadline;
 
-use super::config::nonblocking_config;
+use super::config::{control_config, data_config};
 use super::result::{self, CallError, Progress};
 use super::schedule::{schedule_p2p, MAX_P2P_OPS_PER_GROUP};
 use super::wait::{poll_until, Poll};
 use super::{nccl_available, NcclError, P2pKind, P2pOp, UniqueId};
 use crate::StoreClient;
+
+/// Where NCCL stores the handle of a split communicator (from its own thread).
+type SplitSlot = AtomicPtr<cudarc::nccl::sys::ncclComm>;
 
 /// How long [`Drop`] waits for a healthy communicator to finalize before aborting it.
 const DROP_GRACE: Duration = Duration::from_secs(10);
@@ -25,13 +29,24 @@ const ABORT_DRAIN: Duration = Duration::from_secs(5);
 
 /// A NCCL communicator for one rank, on one GPU, driven from one thread.
 ///
-/// The communicator is created non-blocking (`ncclCommInitRankConfig` with `blocking = 0`), so
-/// no NCCL call can block the host indefinitely: initialisation and every operation are polled
-/// (`ncclCommGetAsyncError` and a CUDA event on the stream) until they finish, fail, or their
-/// [`Deadline`] passes. On expiry or failure the communicator is aborted (`ncclCommAbort`,
-/// which also stops NCCL kernels still waiting on a dead peer) and the error names the
-/// operation and the peers it was waiting for. An aborted communicator refuses further calls
-/// with [`NcclError::Aborted`]; create a new one.
+/// No NCCL call can keep the host waiting on a peer past a [`Deadline`]. Everything that
+/// waits for peers on the host happens on a *control* communicator created non-blocking
+/// (`ncclCommInitRankConfig` with `blocking = 0`, polled with `ncclCommGetAsyncError`):
+/// initialisation, then one small exchange with every peer that opens all point-to-point
+/// connections, then `ncclCommSplit` into the *data* communicator that carries every
+/// operation. The split shares the control communicator's channels and connections
+/// (`splitShare = 1`) and is blocking, so a group of operations is launched by the calling
+/// thread (a non-blocking communicator starts a thread per group: about 200 µs per operation
+/// instead of 20). Collective connections are opened at initialisation too: unless the
+/// environment says otherwise, the first communicator sets `NCCL_RUNTIME_CONNECT=0` for the
+/// process. A launch therefore never waits for a peer; the GPU work it queued does, and is
+/// polled (a CUDA event per group, and `ncclCommGetAsyncError`) until it finishes, fails, or
+/// the deadline passes.
+///
+/// On expiry or failure both communicators are aborted (`ncclCommAbort`, which also stops
+/// NCCL kernels still waiting on a dead peer) and the error names the operation and the peers
+/// it was waiting for. An aborted communicator refuses further calls with
+/// [`NcclError::Aborted`]; create a new one.
 ///
 /// Every operation is synchronous from the caller's point of view: it queues work on the
 /// communicator's stream, after the pending work of the buffers' own streams, and returns once
@@ -41,8 +56,12 @@ const ABORT_DRAIN: Duration = Duration::from_secs(5);
 /// communicator on the thread that uses it, and keep it there.
 #[derive(Debug)]
 pub struct NcclComm {
-    /// The NCCL handle; null once aborted or destroyed.
+    /// The handle operations run on (the data communicator once created; the control
+    /// communicator while it is being set up); null once aborted or destroyed.
     raw: Cell<ncclComm_t>,
+    /// The non-blocking communicator the data communicator was split from; it owns the shared
+    /// channels and connections. Null until the split finished, and once aborted or destroyed.
+    control: Cell<ncclComm_t>,
     stream: Arc<CudaStream>,
     /// One event per group of the current operation, reused across operations.
     events: RefCell<Vec<CudaEvent>>,
@@ -62,10 +81,9 @@ enum Step<'o> {
         chunk: usize,
         ops: Vec<&'o P2pOp<'o>>,
     },
-    /// In-place broadcast from `root`.
+    /// In-place broadcasts of one or more buffers from `root`, in one group.
     Broadcast {
-        ptr: CUdeviceptr,
-        bytes: usize,
+        bufs: Vec<(CUdeviceptr, usize)>,
         root: usize,
     },
     /// In-place sum over all ranks.
@@ -106,8 +124,9 @@ impl NcclComm {
         })?;
         let others: Vec<usize> = (0..world).filter(|&r| r != rank).collect();
         let started = Instant::now();
+        prefer_init_time_connections();
 
-        let mut config = nonblocking_config();
+        let mut config = control_config();
         // SAFETY: the stream's context is current on this thread (bound above) and `config`
         // lives until the call returns.
         let (raw, status) =
@@ -132,6 +151,7 @@ impl NcclComm {
 
         let comm = Self {
             raw: Cell::new(raw),
+            control: Cell::new(std::ptr::null_mut()),
             stream,
             events: RefCell::new(Vec::new()),
             rank,
@@ -140,12 +160,15 @@ impl NcclComm {
             aborted: RefCell::new(None),
         };
         comm.wait_ready(
+            raw,
             "ncclCommInitRankConfig",
             "communicator init",
             &others,
             started,
             deadline,
         )?;
+        comm.connect_peers(deadline)?;
+        comm.split_data_comm(&others, started, deadline)?;
         Ok(comm)
     }
 
@@ -343,7 +366,7 @@ impl NcclComm {
         drop(record);
         // SAFETY: `ptr..ptr+bytes` is `buf`, borrowed mutably for the whole call, and its
         // stream is joined before the broadcast starts.
-        unsafe { self.broadcast_inner(ptr, bytes, root, Some(stream), deadline) }
+        unsafe { self.broadcast_inner(vec![(ptr, bytes)], root, Some(stream), deadline) }
     }
 
     /// Broadcasts `bytes` bytes at device address `ptr` from rank `root`, in place.
@@ -360,7 +383,30 @@ impl NcclComm {
         deadline: Deadline,
     ) -> Result<(), NcclError> {
         // SAFETY: forwarded from the caller.
-        unsafe { self.broadcast_inner(ptr, bytes, root, None, deadline) }
+        unsafe { self.broadcast_inner(vec![(ptr, bytes)], root, None, deadline) }
+    }
+
+    /// Broadcasts several buffers from rank `root`, in place, as one NCCL group (one launch
+    /// instead of one per buffer). Each entry is a device address and a length in bytes;
+    /// zero-length entries are skipped. Every rank must pass the same lengths in the same order.
+    ///
+    /// # Safety
+    /// Each `ptr..ptr+bytes` must be device memory of this communicator's GPU, not accessed by
+    /// anything else until the call returns, with earlier writes ordered before the
+    /// communicator's stream (see [`P2pOp::send_raw`]); the ranges must not overlap.
+    pub unsafe fn broadcast_many_raw(
+        &self,
+        bufs: &[(CUdeviceptr, usize)],
+        root: usize,
+        deadline: Deadline,
+    ) -> Result<(), NcclError> {
+        let bufs: Vec<(CUdeviceptr, usize)> = bufs
+            .iter()
+            .copied()
+            .filter(|&(_, bytes)| bytes > 0)
+            .collect();
+        // SAFETY: forwarded from the caller.
+        unsafe { self.broadcast_inner(bufs, root, None, deadline) }
     }
 
     /// Sums `buf` element-wise over all ranks, in place.
@@ -395,10 +441,89 @@ impl NcclComm {
 
     // ----- internals -----
 
+    /// Opens the point-to-point connection with every peer on the (non-blocking) control
+    /// communicator: one 4-byte send and receive per peer, in the usual tournament rounds.
+    /// The data communicator split from it reuses these connections, so its operations never
+    /// wait for a peer while being launched.
+    fn connect_peers(&self, deadline: Deadline) -> Result<(), NcclError> {
+        if self.world < 2 {
+            return Ok(());
+        }
+        let slot = std::mem::size_of::<u32>();
+        let mut buf = self
+            .stream
+            .alloc_zeros::<u8>(2 * self.world * slot)
+            .map_err(|source| self.cuda_error("cuMemAlloc", source))?;
+        let (base, record) = buf.device_ptr_mut(&self.stream);
+        drop(record);
+        let recv_base = base + (self.world * slot) as u64;
+        let mut ops = Vec::with_capacity(2 * self.world);
+        for peer in (0..self.world).filter(|&p| p != self.rank) {
+            let at = (peer * slot) as u64;
+            // SAFETY: both 4-byte ranges lie inside `buf`, which outlives the exchange (it is
+            // dropped after `run_p2p` returned) and is written by nothing else.
+            unsafe {
+                ops.push(P2pOp::send_raw(peer, base + at, slot));
+                ops.push(P2pOp::recv_raw(peer, recv_base + at, slot));
+            }
+        }
+        self.run_p2p("connect peers", &ops, deadline)?;
+        drop(buf);
+        Ok(())
+    }
+
+    /// Splits the (ready, connected) control communicator into the blocking data
+    /// communicator, polled with the deadline, and makes the data communicator the one
+    /// operations run on.
+    fn split_data_comm(
+        &self,
+        others: &[usize],
+        started: Instant,
+        deadline: Deadline,
+    ) -> Result<(), NcclError> {
+        let parent = self.check_alive("ncclCommSplit")?;
+        self.bind()?;
+        // NCCL stores the new handle from its own thread when the split finishes; the slot is
+        // leaked on every failure path, where that store may still be pending or racing.
+        let slot: &'static SplitSlot = Box::leak(Box::new(AtomicPtr::new(std::ptr::null_mut())));
+        let mut config = data_config();
+        // SAFETY: `parent` is live and its context current (bound above); the slot lives
+        // forever unless freed below after the split finished; `config` outlives the call.
+        let status = unsafe {
+            result::comm_split(parent, 0, self.rank as c_int, slot.as_ptr(), &mut config)
+        };
+        match status {
+            Ok(Progress::Done) => {}
+            Ok(Progress::InProgress) => self.wait_ready(
+                parent,
+                "ncclCommSplit",
+                "data communicator split",
+                others,
+                started,
+                deadline,
+            )?,
+            Err(err) => return Err(self.fail(err, others.to_vec())),
+        }
+        let child = slot.load(Ordering::Acquire);
+        // SAFETY: the split finished (the parent left `ncclInProgress`), so NCCL no longer
+        // touches the slot; it came from `Box::leak` above and nothing else refers to it.
+        drop(unsafe { Box::from_raw(slot as *const SplitSlot as *mut SplitSlot) });
+        if child.is_null() {
+            let error = self.invalid(
+                "communicator",
+                "ncclCommSplit finished without a communicator".into(),
+            );
+            self.abort_with(error.to_string());
+            return Err(error);
+        }
+        self.control.set(parent);
+        self.raw.set(child);
+        Ok(())
+    }
+
     unsafe fn broadcast_inner(
         &self,
-        ptr: CUdeviceptr,
-        bytes: usize,
+        bufs: Vec<(CUdeviceptr, usize)>,
         root: usize,
         after: Option<Arc<CudaStream>>,
         deadline: Deadline,
@@ -411,16 +536,11 @@ impl NcclComm {
                 format!("root {root} is outside a world of {}", self.world),
             ));
         }
-        if bytes == 0 {
+        if bufs.iter().all(|&(_, bytes)| bytes == 0) {
             return Ok(());
         }
         let joins: Vec<&Arc<CudaStream>> = after.iter().collect();
-        self.run_steps(
-            op,
-            &[Step::Broadcast { ptr, bytes, root }],
-            &joins,
-            deadline,
-        )
+        self.run_steps(op, &[Step::Broadcast { bufs, root }], &joins, deadline)
     }
 
     /// Schedules `ops` into tournament rounds and runs them.
@@ -492,7 +612,7 @@ impl NcclComm {
             match self.enqueue(raw, cu_stream, step) {
                 Ok(Progress::Done) => {}
                 Ok(Progress::InProgress) => {
-                    self.wait_ready("ncclGroupEnd", &what, &peers, started, deadline)?
+                    self.wait_ready(raw, "ncclGroupEnd", &what, &peers, started, deadline)?
                 }
                 Err(err) => return Err(self.fail(err, peers)),
             }
@@ -564,10 +684,13 @@ impl NcclComm {
                     }
                 }
             }),
-            Step::Broadcast { ptr, bytes, root } => {
-                // SAFETY: as above, for the broadcast buffer.
-                unsafe { result::broadcast(*ptr, *bytes, *root as c_int, raw, stream) }
-            }
+            Step::Broadcast { bufs, root } => bufs
+                .iter()
+                .filter(|&&(_, bytes)| bytes > 0)
+                .try_fold(Progress::Done, |_, &(ptr, bytes)| {
+                    // SAFETY: as above, for each broadcast buffer.
+                    unsafe { result::broadcast(ptr, bytes, *root as c_int, raw, stream) }
+                }),
             Step::AllReduceSum { ptr, count, dtype } => {
                 // SAFETY: as above, for the reduced buffer.
                 unsafe {
@@ -580,16 +703,17 @@ impl NcclComm {
         issued.and(end)
     }
 
-    /// Polls `ncclCommGetAsyncError` until the communicator leaves `ncclInProgress`.
+    /// Polls `ncclCommGetAsyncError` until `raw` (one of this communicator's live handles)
+    /// leaves `ncclInProgress`.
     fn wait_ready(
         &self,
+        raw: ncclComm_t,
         call: &'static str,
         what: &str,
         peers: &[usize],
         started: Instant,
         deadline: Deadline,
     ) -> Result<(), NcclError> {
-        let raw = self.raw.get();
         let outcome = poll_until(deadline, || {
             // SAFETY: `raw` is live: nothing aborts it while this loop runs.
             match unsafe { result::async_error(raw) } {
@@ -744,22 +868,28 @@ impl NcclComm {
         }
     }
 
-    /// Aborts the NCCL communicator (if still live), remembers why, and gives aborted kernels
-    /// a moment to leave the stream.
+    /// Aborts the NCCL communicators (those still live: data first, then control), remembers
+    /// why, and gives aborted kernels a moment to leave the stream.
     fn abort_with(&self, reason: String) {
         let raw = self.raw.replace(std::ptr::null_mut());
+        let control = self.control.replace(std::ptr::null_mut());
         {
             let mut aborted = self.aborted.borrow_mut();
             if aborted.is_none() {
                 *aborted = Some(reason);
             }
         }
-        if raw.is_null() {
+        if raw.is_null() && control.is_null() {
             return;
         }
         let _ = self.bind();
-        // SAFETY: `raw` is live and, having been swapped out above, never used again.
-        let _ = unsafe { result::comm_abort(raw) };
+        for handle in [raw, control] {
+            if !handle.is_null() {
+                // SAFETY: `handle` is live and, having been swapped out above, never used
+                // again.
+                let _ = unsafe { result::comm_abort(handle) };
+            }
+        }
         // Aborted NCCL kernels notice the abort flag and exit; wait briefly so buffers the
         // caller frees next are no longer in use.
         if let Ok(event) = self.stream.record_event(None) {
@@ -772,29 +902,45 @@ impl NcclComm {
         }
     }
 
+    /// Finalizes and destroys the data communicator, then the control communicator it shares
+    /// resources with; aborts what is left on failure or expiry.
     fn shutdown(&self, deadline: Deadline) -> Result<(), NcclError> {
-        let raw = self.raw.get();
-        if raw.is_null() {
+        if self.raw.get().is_null() && self.control.get().is_null() {
             return Ok(());
         }
         let started = Instant::now();
         self.bind()?;
-        // SAFETY: `raw` is live and has not been finalized (shutdown runs at most once with a
-        // live handle: it nulls the handle below).
-        match unsafe { result::comm_finalize(raw) } {
-            Ok(Progress::Done) => {}
-            Ok(Progress::InProgress) => {
-                let others: Vec<usize> = (0..self.world).filter(|&r| r != self.rank).collect();
-                self.wait_ready("ncclCommFinalize", "close", &others, started, deadline)?;
+        for cell in [&self.raw, &self.control] {
+            let handle = cell.get();
+            if handle.is_null() {
+                continue;
             }
-            Err(err) => return Err(self.fail(err, Vec::new())),
+            // SAFETY: `handle` is live and has not been finalized (each handle is finalized
+            // at most once: its cell is nulled below before it is destroyed).
+            match unsafe { result::comm_finalize(handle) } {
+                Ok(Progress::Done) => {}
+                Ok(Progress::InProgress) => {
+                    let others: Vec<usize> = (0..self.world).filter(|&r| r != self.rank).collect();
+                    self.wait_ready(
+                        handle,
+                        "ncclCommFinalize",
+                        "close",
+                        &others,
+                        started,
+                        deadline,
+                    )?;
+                }
+                Err(err) => return Err(self.fail(err, Vec::new())),
+            }
+            cell.set(std::ptr::null_mut());
+            // SAFETY: `handle` is live and finalized; it is not used after this call.
+            if let Err(err) = unsafe { result::comm_destroy(handle) } {
+                let error = err.into_error(Some(self.rank), Vec::new(), String::new());
+                self.abort_with(error.to_string());
+                return Err(error);
+            }
         }
-        self.raw.set(std::ptr::null_mut());
-        // SAFETY: `raw` is live and finalized; it is not used after this call.
-        match unsafe { result::comm_destroy(raw) } {
-            Ok(_) => Ok(()),
-            Err(err) => Err(err.into_error(Some(self.rank), Vec::new(), String::new())),
-        }
+        Ok(())
     }
 }
 
@@ -821,10 +967,23 @@ impl P2pOp<'_> {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.raw.get().is_null() {
+        if !self.raw.get().is_null() || !self.control.get().is_null() {
             let _ = self.shutdown(Deadline::after(DROP_GRACE));
         }
     }
+}
+
+/// Asks NCCL (once per process, before the first communicator reads its parameters) to open
+/// collective connections when a communicator is created rather than at its first
+/// collective, so that a blocking data communicator never waits for peers while launching.
+/// An explicit `NCCL_RUNTIME_CONNECT` in the environment wins.
+fn prefer_init_time_connections() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+            std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
+        }
+    });
 }
 
 /// The rank and world size as NCCL's `int`s, checked.

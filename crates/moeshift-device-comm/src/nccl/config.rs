@@ -1,5 +1,6 @@
-//! The `ncclConfig_t` of a non-blocking communicator, built the way `NCCL_CONFIG_INITIALIZER`
-//! builds it in `nccl.h`.
+//! The `ncclConfig_t`s of moeshift's two communicators, built the way `NCCL_CONFIG_INITIALIZER`
+//! builds it in `nccl.h`: a non-blocking control communicator that shares its resources with
+//! the communicators split from it, and the blocking data communicator split from it.
 //!
 //! NCCL reads the config defensively: it copies `min(config.size, sizeof(its own struct))` bytes,
 //! rejects the struct unless `magic` is `0xcafebeef`, and resets any field newer than `version`
@@ -21,12 +22,22 @@ pub const NCCL_CONFIG_UNDEF_INT: c_int = c_int::MIN;
 /// tells NCCL which fields of the struct this code knows about.
 pub const BINDINGS_VERSION_CODE: u32 = 2 * 10_000 + 30 * 100;
 
-/// A config equal to `NCCL_CONFIG_INITIALIZER` except `blocking = 0`: calls on the
-/// communicator return `ncclInProgress` instead of blocking, and completion is observed by
-/// polling `ncclCommGetAsyncError`.
-pub fn nonblocking_config() -> ncclConfig_t {
+/// The control communicator's config: `NCCL_CONFIG_INITIALIZER` with `blocking = 0` (calls
+/// return `ncclInProgress` instead of blocking, and completion is observed by polling
+/// `ncclCommGetAsyncError`) and `splitShare = 1` (a communicator split from it reuses its
+/// channels and peer connections).
+pub fn control_config() -> ncclConfig_t {
     let mut config = initializer();
     config.blocking = 0;
+    config.splitShare = 1;
+    config
+}
+
+/// The data communicator's config: `NCCL_CONFIG_INITIALIZER` with `blocking = 1`, so a group
+/// of operations is launched by the calling thread instead of an extra thread per group.
+pub fn data_config() -> ncclConfig_t {
+    let mut config = initializer();
+    config.blocking = 1;
     config
 }
 
@@ -62,22 +73,25 @@ mod tests {
 
     #[test]
     fn header_fields_match_nccl_h() {
-        let c = nonblocking_config();
-        // size, magic and version as NCCL_CONFIG_INITIALIZER sets them.
-        assert_eq!(c.size, std::mem::size_of::<ncclConfig_t>());
-        assert_eq!(c.magic, 0xcafebeef);
-        assert_eq!(c.version, 23000);
-        assert_eq!(c.blocking, 0);
+        for c in [control_config(), data_config()] {
+            // size, magic and version as NCCL_CONFIG_INITIALIZER sets them.
+            assert_eq!(c.size, std::mem::size_of::<ncclConfig_t>());
+            assert_eq!(c.magic, 0xcafebeef);
+            assert_eq!(c.version, 23000);
+        }
+        assert_eq!(control_config().blocking, 0);
+        assert_eq!(control_config().splitShare, 1);
+        assert_eq!(data_config().blocking, 1);
+        assert_eq!(data_config().splitShare, i32::MIN);
     }
 
     #[test]
     fn every_other_field_is_undefined() {
-        let c = nonblocking_config();
+        let c = control_config();
         let ints = [
             c.cgaClusterSize,
             c.minCTAs,
             c.maxCTAs,
-            c.splitShare,
             c.trafficClass,
             c.collnetEnable,
             c.CTAPolicy,

@@ -12,8 +12,9 @@ use super::result;
 use super::{NcclError, NcclVersion};
 
 /// The oldest NCCL this module supports: `ncclCommInitRankConfig` with a sized, versioned config
-/// (non-blocking communicators), `ncclCommFinalize` and `ncclGetLastError` all exist from 2.14.
-pub const MIN_NCCL_VERSION: NcclVersion = NcclVersion::new(2, 14, 0);
+/// (non-blocking communicators), `ncclCommFinalize` and `ncclGetLastError` exist from 2.14;
+/// `ncclCommSplit` and the config's `splitShare` (the shared data communicator) from 2.18.
+pub const MIN_NCCL_VERSION: NcclVersion = NcclVersion::new(2, 18, 0);
 
 /// The file name NCCL actually installs as its soname, which cudarc never tries.
 const NCCL_SONAME: &str = "libnccl.so.2";

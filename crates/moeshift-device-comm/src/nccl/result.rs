@@ -131,6 +131,28 @@ pub unsafe fn comm_init_rank_config(
     (comm, check("ncclCommInitRankConfig", code))
 }
 
+/// `ncclCommSplit` of `comm` into the communicator of the ranks that pass the same `color`,
+/// ordered by `key`, with `config`. NCCL writes the new handle into `*newcomm` once the split
+/// finished, which for a non-blocking `comm` is after this call returned (poll
+/// [`async_error`] on `comm`).
+///
+/// # Safety
+/// `comm` must be a live communicator whose device context is current on this thread;
+/// `newcomm` must stay valid, and not be read non-atomically, until the split finished or
+/// `comm` was aborted; `config` must stay valid until the call returns.
+pub unsafe fn comm_split(
+    comm: ncclComm_t,
+    color: c_int,
+    key: c_int,
+    newcomm: *mut ncclComm_t,
+    config: &mut ncclConfig_t,
+) -> Result<Progress, CallError> {
+    // SAFETY: guaranteed by the caller.
+    check("ncclCommSplit", unsafe {
+        sys::ncclCommSplit(comm, color, key, newcomm, config)
+    })
+}
+
 /// `ncclCommGetAsyncError`: the communicator's state — `ncclSuccess`, `ncclInProgress`, or the
 /// error an earlier asynchronous call hit.
 ///
