@@ -8,16 +8,20 @@
 //! In every round of the plan, this rank exchanges rows with at most one peer. For each
 //! direction of that exchange:
 //!
-//! * **several rows** travel as **one** operation: the sender packs them (device-to-device
-//!   copies, expert by expert in ascending order, each expert's tensors back to back) into
-//!   one contiguous buffer; the receiver receives them straight into its staging, where the
-//!   round's rows are laid out the same way, one after the other. Many small point-to-point
-//!   operations cost a large share of the link (24–48 % measured with small rows), so a
-//!   round never issues more than one operation per direction for several rows;
-//! * **one row** travels as one operation **per tensor**, sent straight from the live
-//!   weights (a tensor's row is contiguous there) into the staged row: nothing to pack.
+//! * **several small rows** travel as **one** operation: the sender packs them
+//!   (device-to-device copies, expert by expert in ascending order, each expert's tensors
+//!   back to back) into one contiguous buffer; the receiver receives them straight into its
+//!   staging, where the round's rows are laid out the same way, one after the other. Many
+//!   small point-to-point operations cost a large share of the link (24–48 % measured with
+//!   small rows), so such a round issues one operation per direction;
+//! * **one row**, or rows whose every tensor row is at least [`PACK_BELOW`] bytes, travel as
+//!   one operation **per row and tensor**, sent straight from the live weights (a tensor's
+//!   row is contiguous there) into the staged row: nothing to pack, no pack buffer. Operations
+//!   that large keep the link busy on their own, and packing them would cost a copy of every
+//!   sent byte and as much memory.
 //!
-//! Both sides count the rows of the round from the plan, so they apply the same case.
+//! Both sides count the rows of the round from the plan and the row sizes from the agreed
+//! layout, so they apply the same case.
 //! Tensors with empty rows are skipped on both sides.
 
 use moeshift_placement::{LayerPlan, RankPlan};
@@ -96,10 +100,8 @@ pub(crate) struct Exchange {
     pub(crate) peers: usize,
 }
 
-/// True when a round's rows toward one peer travel packed (see the module docs).
-pub(crate) fn packed(rows: usize) -> bool {
-    rows >= 2
-}
+/// Tensor rows at least this large are sent as operations of their own, never packed.
+pub(crate) const PACK_BELOW: usize = 1 << 20;
 
 /// Lays out this rank's staging for `plan` (per round, the rows received from its peer in
 /// ascending expert order, one after the other; then the local copies) and its exchange.
@@ -108,6 +110,18 @@ pub(crate) fn lay_out(
     me: usize,
     plan: &LayerPlan,
     mine: &RankPlan,
+) -> (StagingBuilder, Exchange) {
+    lay_out_packing_below(layout, me, plan, mine, PACK_BELOW)
+}
+
+/// [`lay_out`] with the packing threshold as a parameter (tests exercise both cases with
+/// small rows).
+fn lay_out_packing_below(
+    layout: &LayerLayout,
+    me: usize,
+    plan: &LayerPlan,
+    mine: &RankPlan,
+    pack_below: usize,
 ) -> (StagingBuilder, Exchange) {
     let expert_bytes = layout.expert_bytes();
     let mut tensor_offsets = Vec::with_capacity(layout.tensors.len());
@@ -124,6 +138,12 @@ pub(crate) fn lay_out(
         .filter(|(_, (spec, _))| spec.row_bytes > 0)
         .map(|(t, (spec, &off))| (t, off, spec.row_bytes))
         .collect();
+    let smallest = tensors
+        .iter()
+        .map(|&(_, _, bytes)| bytes)
+        .min()
+        .unwrap_or(0);
+    let packed = |rows: usize| rows >= 2 && smallest < pack_below;
 
     let mut staging = StagingBuilder::new(layout);
     let mut ex = Exchange::default();
@@ -306,6 +326,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn several_large_rows_go_per_row_and_tensor_without_packing() {
+        // The same swap with tensor rows of PACK_BELOW and 2 * PACK_BELOW bytes: rank 0's two
+        // rows go as four operations straight from the weights; nothing is packed.
+        let l = layout(3, &[PACK_BELOW, 0, 2 * PACK_BELOW]);
+        let old = [0, 1, 2, 3, 4, 5];
+        let new = [0, 1, 5, 3, 0, 1];
+        let plan = LayerPlan::new(&old, &new, 2).unwrap();
+        let (_, ex0) = lay_out(&l, 0, &plan, plan.rank(0).unwrap());
+        let (b1, ex1) = lay_out(&l, 1, &plan, plan.rank(1).unwrap());
+        assert_eq!((ex0.pack_bytes, ex0.packs.len()), (0, 0));
+        assert_eq!(
+            ex0.sends.iter().map(|s| s.source).collect::<Vec<_>>(),
+            [
+                Source::Row { row: 0, tensor: 0 },
+                Source::Row { row: 0, tensor: 2 },
+                Source::Row { row: 1, tensor: 0 },
+                Source::Row { row: 1, tensor: 2 }
+            ]
+        );
+        // Rank 1 receives the four pieces into its two staged rows, in the same order.
+        let row = 3 * PACK_BELOW;
+        assert_eq!(
+            ex1.recvs
+                .iter()
+                .map(|r| (r.offset, r.bytes))
+                .collect::<Vec<_>>(),
+            [
+                (0, PACK_BELOW),
+                (PACK_BELOW, 2 * PACK_BELOW),
+                (row, PACK_BELOW),
+                (row + PACK_BELOW, 2 * PACK_BELOW)
+            ]
+        );
+        assert_eq!(b1.len(), 2 * row);
+        // One small tensor row is enough to pack the round again.
+        let small = layout(3, &[PACK_BELOW, PACK_BELOW - 1]);
+        let (_, ex0) = lay_out(&small, 0, &plan, plan.rank(0).unwrap());
+        assert_eq!(ex0.sends.len(), 1);
+        assert_eq!(ex0.pack_bytes, 2 * (2 * PACK_BELOW - 1));
+    }
+
     /// Simulates every rank's exchange on host memory: packs, then the k-th send of a rank
     /// to a peer lands in the peer's k-th receive from it (NCCL's matching rule), lengths
     /// must agree, and every staged row must then hold its expert's bytes.
@@ -325,8 +387,10 @@ mod tests {
                 .collect();
             let l = layout(rows, &bytes);
             let plan = LayerPlan::new(&old, &new, ranks).unwrap();
+            // Half the cases pack every round of several rows, half never pack.
+            let pack_below = if case % 2 == 0 { usize::MAX } else { 0 };
             let sides: Vec<_> = (0..ranks)
-                .map(|r| lay_out(&l, r, &plan, plan.rank(r).unwrap()))
+                .map(|r| lay_out_packing_below(&l, r, &plan, plan.rank(r).unwrap(), pack_below))
                 .collect();
             // Each rank's weights and pack buffer, and its staging, as bytes.
             let weight = |r: usize, row: usize, t: usize| -> Vec<u8> {
