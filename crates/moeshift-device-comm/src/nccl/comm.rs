@@ -492,18 +492,20 @@ impl NcclComm {
         let status = unsafe {
             result::comm_split(parent, 0, self.rank as c_int, slot.as_ptr(), &mut config)
         };
-        match status {
-            Ok(Progress::Done) => {}
-            Ok(Progress::InProgress) => self.wait_ready(
-                parent,
-                "ncclCommSplit",
-                "data communicator split",
-                others,
-                started,
-                deadline,
-            )?,
-            Err(err) => return Err(self.fail(err, others.to_vec())),
+        if let Err(err) = status {
+            return Err(self.fail(err, others.to_vec()));
         }
+        // A split of a non-blocking communicator returns `ncclSuccess` while it still runs on
+        // NCCL's thread (the group's `ncclInProgress` is not passed on): whatever it returned,
+        // the split is over only once the parent leaves `ncclInProgress`.
+        self.wait_ready(
+            parent,
+            "ncclCommSplit",
+            "data communicator split",
+            others,
+            started,
+            deadline,
+        )?;
         let child = slot.load(Ordering::Acquire);
         // SAFETY: the split finished (the parent left `ncclInProgress`), so NCCL no longer
         // touches the slot; it came from `Box::leak` above and nothing else refers to it.
