@@ -406,11 +406,21 @@ fn rank_nccl_first_ops_with_a_silent_peer_time_out() {
         return;
     };
     let wait = Duration::from_secs(3);
+    // One store for both cases (rank 0 hosts it: it must outlive both communicators).
+    let store = StoreClient::connect(&world, Deadline::after(SETUP)).expect("connect");
     for (case, key) in [
         ("recv", "nccl_gpu/silent/recv"),
         ("broadcast", "nccl_gpu/silent/bcast"),
     ] {
-        let (store, comm) = setup(&world, key);
+        let comm = NcclComm::from_store(
+            &store,
+            world.rank(),
+            world.world_size(),
+            key,
+            world.local_rank(),
+            Deadline::after(SETUP),
+        )
+        .expect("create the NCCL communicator");
         if world.rank() == 1 {
             let stream = comm.stream().clone();
             let mut buf = stream.alloc_zeros::<u32>(1 << 20).expect("alloc");
