@@ -42,7 +42,7 @@ mod bench {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream};
+    use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
     use moeshift_device_comm::all2all::{
         token_key, CudaAgRsManager, CudaAll2AllError, CudaAllToAllVManager, CudaDispatched,
         CudaOneSidedManager, CudaTokens, EpGroupShape, ExpertPlacement, MoeAll2All, Workspace,
@@ -150,27 +150,6 @@ mod bench {
         Deadline::after(OP_TIMEOUT)
     }
 
-    /// Keeps freed memory in the device's default pool (what PyTorch's caching allocator
-    /// does), so that per-call buffers are recycled instead of returned to the driver.
-    fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
-        ctx.bind_to_thread()?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: `pool` receives the device's default pool handle; the device is valid.
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
-        let mut threshold: u64 = u64::MAX;
-        // SAFETY: the release-threshold attribute takes a pointer to a u64 that outlives
-        // the call.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )
-        }
-        .result()?;
-        Ok(())
-    }
-
     /// Waits for `stream` with a deadline (polling an event).
     fn wait(stream: &Arc<CudaStream>) -> Result<()> {
         let event = stream.record_event(None)?;
@@ -213,6 +192,7 @@ mod bench {
         placement: &ExpertPlacement,
         args: &Args,
         expected: &[u8],
+        reset_steps: &dyn Fn(),
     ) -> Result<(Timing, usize)>
     where
         M: for<'a> MoeAll2All<
@@ -248,6 +228,7 @@ mod bench {
         }
         let (mut ds, mut cs, mut ts) = (Vec::new(), Vec::new(), Vec::new());
         let mut last = None;
+        reset_steps();
         for _ in 0..args.reps {
             comm.all_reduce_sum(&mut barrier_buf, deadline())?;
             let t0 = Instant::now();
@@ -303,7 +284,6 @@ mod bench {
             setup,
         )?;
         let stream = comm.stream().clone();
-        keep_pool_memory(stream.context())?;
         let gpu = stream.context().name()?;
 
         // Tokens, routing and placement (256 experts, 128 slots per GPU, no redundancy).
@@ -382,32 +362,66 @@ mod bench {
         let cross_a2av = (send_rows[peer] + matrix[peer][rank]) as f64 * row_bytes as f64 * 2.0;
         let cross_agrs = (2 * n) as f64 * row_bytes as f64 * 2.0;
         let mut fields: Vec<String> = Vec::new();
-        let mut report = |name: &str, t: &Timing, bytes: f64| {
+        let reps = args.reps.max(1) as f64;
+        let mut report = |name: &str, t: &Timing, bytes: f64, steps: Vec<(String, Duration)>| {
+            // Mean host time per timed call of each step, in ms.
+            let steps: Vec<String> = steps
+                .iter()
+                .map(|(step, total)| format!("\"{step}\": {:.4}", total.as_secs_f64() * 1e3 / reps))
+                .collect();
             fields.push(format!(
                 "\"{name}\": {{\"dispatch_ms\": {:.4}, \"combine_ms\": {:.4}, \"total_ms\": {:.4}, \
-                 \"bytes_per_gpu\": {bytes:.0}, \"GBps_per_gpu\": {:.3}}}",
+                 \"bytes_per_gpu\": {bytes:.0}, \"GBps_per_gpu\": {:.3}, \"step_ms\": {{{}}}}}",
                 t.dispatch * 1e3,
                 t.combine * 1e3,
                 t.total * 1e3,
-                bytes / t.total / 1e9
+                bytes / t.total / 1e9,
+                steps.join(", ")
             ));
         };
         let common = (&comm, &stream, &hidden, &ids_dev, &weights_dev, &placement);
         let (t, received) = time_manager(
-            &agrs, common.0, common.1, common.2, common.3, common.4, common.5, args, &bytes,
+            &agrs,
+            common.0,
+            common.1,
+            common.2,
+            common.3,
+            common.4,
+            common.5,
+            args,
+            &bytes,
+            &|| agrs.reset_step_times(),
         )?;
         if received != 2 * n {
             return Err(format!("agrs received {received} rows, expected {}", 2 * n).into());
         }
-        report("allgather_reducescatter", &t, cross_agrs);
+        report("allgather_reducescatter", &t, cross_agrs, agrs.step_times());
         let (t, _) = time_manager(
-            &a2av, common.0, common.1, common.2, common.3, common.4, common.5, args, &bytes,
+            &a2av,
+            common.0,
+            common.1,
+            common.2,
+            common.3,
+            common.4,
+            common.5,
+            args,
+            &bytes,
+            &|| a2av.reset_step_times(),
         )?;
-        report("all_to_all_v", &t, cross_a2av);
+        report("all_to_all_v", &t, cross_a2av, a2av.step_times());
         let (t, _) = time_manager(
-            &one_sided, common.0, common.1, common.2, common.3, common.4, common.5, args, &bytes,
+            &one_sided,
+            common.0,
+            common.1,
+            common.2,
+            common.3,
+            common.4,
+            common.5,
+            args,
+            &bytes,
+            &|| one_sided.reset_step_times(),
         )?;
-        report("one_sided_ipc", &t, cross_a2av);
+        report("one_sided_ipc", &t, cross_a2av, one_sided.step_times());
 
         if rank == 0 {
             if let Some(path) = &args.splits_out {

@@ -15,12 +15,14 @@
 //! arrived with the rows. The EPLB load hook counts picks per physical slot with an atomic
 //! add kernel on the manager's stream, with no host synchronisation of its own.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DeviceSlice, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceSlice, DriverError,
+};
 use moeshift_sync::Deadline;
 use moeshift_tensor::DType;
 
@@ -111,9 +113,57 @@ pub(crate) struct Call<'c> {
     pub layer: usize,
     /// Global rank of each group rank (empty: the same numbers).
     pub globals: &'c [usize],
+    /// Where the call's steps add their host wall time (see [`Call::mark`]).
+    pub clock: Option<&'c PhaseClock>,
+    /// When the previous step ended.
+    pub since: Cell<Instant>,
+}
+
+/// Host wall time a manager's calls spent in each named step, summed over calls.
+#[derive(Debug, Default)]
+pub(crate) struct PhaseClock {
+    /// `((operation, step), total)`.
+    totals: RefCell<Vec<((&'static str, &'static str), Duration)>>,
+}
+
+impl PhaseClock {
+    fn add(&self, key: (&'static str, &'static str), time: Duration) {
+        let mut totals = self.totals.borrow_mut();
+        match totals.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, total)) => *total += time,
+            None => totals.push((key, time)),
+        }
+    }
+
+    /// The totals as `("<operation>: <step>", time)`, in the order steps were first seen.
+    pub(crate) fn totals(&self) -> Vec<(String, Duration)> {
+        self.totals
+            .borrow()
+            .iter()
+            .map(|((op, step), t)| (format!("{op}: {step}"), *t))
+            .collect()
+    }
+
+    /// Forgets every total.
+    pub(crate) fn reset(&self) {
+        self.totals.borrow_mut().clear();
+    }
 }
 
 impl Call<'_> {
+    /// Ends step `step` of this call: adds the time since the previous step ended (or the
+    /// call began) to the manager's total for `step`, as `"<op> <step>"`.
+    pub(crate) fn mark(&self, step: &'static str) {
+        let now = Instant::now();
+        if let Some(clock) = self.clock {
+            clock.add(
+                (self.op, step),
+                now.saturating_duration_since(self.since.get()),
+            );
+        }
+        self.since.set(now);
+    }
+
     pub(crate) fn me(&self) -> RankRef {
         self.peer(self.comm.rank())
     }
@@ -316,6 +366,8 @@ pub(crate) struct Engine {
     pub id: u64,
     pub globals: Vec<usize>,
     seq: Cell<u32>,
+    /// Host time per step of this manager's calls.
+    pub clock: PhaseClock,
 }
 
 impl Engine {
@@ -336,7 +388,10 @@ impl Engine {
             op: "setup",
             layer: 0,
             globals: &[],
+            clock: None,
+            since: Cell::new(Instant::now()),
         };
+        keep_freed_memory_in_pool(&ctx).map_err(setup.cuda("cuMemPoolSetAttribute"))?;
         let side = ctx.new_stream().map_err(setup.cuda("cuStreamCreate"))?;
         Ok(Self {
             manager,
@@ -345,6 +400,7 @@ impl Engine {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             globals: Vec::new(),
             seq: Cell::new(0),
+            clock: PhaseClock::default(),
         })
     }
 
@@ -369,6 +425,8 @@ impl Engine {
             op,
             layer,
             globals: &self.globals,
+            clock: Some(&self.clock),
+            since: Cell::new(Instant::now()),
         }
     }
 
@@ -447,10 +505,54 @@ macro_rules! nccl_manager_api {
             pub fn into_comm(self) -> C {
                 self.comm
             }
+
+            /// Host wall time this manager's calls spent in each step (named
+            /// `"dispatch: …"` / `"combine: …"`), summed over every call since it was created
+            /// or [`reset_step_times`](Self::reset_step_times) was called: where a call's
+            /// time goes. Steps that wait for the GPU include that wait.
+            pub fn step_times(&self) -> Vec<(String, ::std::time::Duration)> {
+                self.engine.clock.totals()
+            }
+
+            /// Starts [`step_times`](Self::step_times) over.
+            pub fn reset_step_times(&self) {
+                self.engine.clock.reset()
+            }
         }
     };
 }
 pub(crate) use nccl_manager_api;
+
+/// Makes the device's default memory pool keep the memory buffers free into it, instead of
+/// handing it back to the driver at the next synchronisation (its default): the managers
+/// allocate and free buffers of up to a batch of rows every call, which would otherwise be
+/// mapped anew each time. A threshold someone already set is left alone.
+fn keep_freed_memory_in_pool(ctx: &CudaContext) -> Result<(), DriverError> {
+    use cudarc::driver::sys::{cuDeviceGetDefaultMemPool, CUmemPool_attribute, CUmemoryPool};
+    let mut pool: CUmemoryPool = std::ptr::null_mut();
+    let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    unsafe { cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+    let mut threshold: u64 = 0;
+    // SAFETY: the release threshold is a `cuuint64_t`, read into `threshold`.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, (&mut threshold as *mut u64).cast())
+    }
+    .result()?;
+    if threshold == 0 {
+        threshold = u64::MAX;
+        // SAFETY: as above, written from `threshold`.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                attr,
+                (&mut threshold as *mut u64).cast(),
+            )
+        }
+        .result()?;
+    }
+    Ok(())
+}
 
 /// Implements [`MoeAll2All`](super::MoeAll2All) over device buffers for a CUDA manager
 /// named `$name` that has `comm(&self) -> &NcclComm` and inherent `run_dispatch` /
@@ -760,6 +862,7 @@ pub(crate) fn prepare(
     }
     let ids = call.download(stream, &tokens.topk_ids, deadline)?;
     let weights = call.download(stream, &tokens.topk_weights, deadline)?;
+    call.mark("router output to host");
 
     let me = comm.rank();
     let mut slots = Vec::with_capacity(ids_len);
@@ -778,6 +881,7 @@ pub(crate) fn prepare(
         )?;
         slots.push(slot as u32);
     }
+    call.mark("routing");
     Ok(Prepared {
         n,
         slots,

@@ -144,6 +144,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let total: usize = recv_rows.iter().sum();
         let recv = alloc_bytes(&call, stream, total * row_bytes)?;
         let recv_meta = alloc_bytes(&call, stream, total * pick_row)?;
+        call.mark("receive buffers (alloc)");
         let (recv_base, recv_meta_base) = (addr(&recv, stream), addr(&recv_meta, stream));
         let send_off = block_offsets(&sent_rows, row_bytes);
         let send_meta_off = block_offsets(&sent_rows, pick_row);
@@ -178,6 +179,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         exchange_blocks(&call, engine, &blocks, deadline)?;
         drop(send);
         let meta = call.download(stream, &recv_meta.as_view(), deadline)?;
+        call.mark("metadata to host");
         let sent: Vec<Vec<u32>> = outgoing.into_iter().map(|o| o.tokens).collect();
         let arrived = Arrived {
             rows: recv,

@@ -269,6 +269,19 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         self.comm.borrow().stream()
     }
 
+    /// Host wall time this manager's calls spent in each step (named `"dispatch: …"` /
+    /// `"combine: …"`), summed over every call since it was created or
+    /// [`reset_step_times`](Self::reset_step_times) was called: where a call's time goes.
+    /// Steps that wait for the GPU include that wait.
+    pub fn step_times(&self) -> Vec<(String, std::time::Duration)> {
+        self.engine.clock.totals()
+    }
+
+    /// Starts [`step_times`](Self::step_times) over.
+    pub fn reset_step_times(&self) {
+        self.engine.clock.reset()
+    }
+
     /// Tears the workspace down on every rank together: waits for this rank's copies,
     /// unmaps the peers' regions, waits (barrier) until every peer unmapped this rank's
     /// region, then frees it. Dropping the manager frees without the barrier.
@@ -626,10 +639,13 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             at(staged_base, header_sec),
             st.layout.dispatch_headers,
         )?;
+        call.mark("write rows and headers to peers");
         barrier(&call, st, deadline)?;
+        call.mark("barrier (host group)");
         st.pending = Some(Area::Dispatch);
 
         let headers = self.read_headers(&call, st, st.layout.dispatch_headers, deadline)?;
+        call.mark("headers to host");
         let p = local?;
         check_all(&call, &headers, &ours)?;
         if headers.iter().any(|h| h.flags & FLAG_NEEDS_RESIZE != 0) {
@@ -684,10 +700,12 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             }
             drop(record);
         }
+        call.mark("copy rows out of the workspace (alloc + launch)");
         for (s, &r) in recv_rows.iter().enumerate() {
             let src = own + (l.dispatch_area + s * l.sub + l.meta_offset) as u64;
             meta.extend(read(&call, stream, src, r * pick_row, deadline)?);
         }
+        call.mark("metadata to host");
         let sent: Vec<Vec<u32>> = outgoing.into_iter().map(|o| o.tokens).collect();
         let arrived = Arrived {
             rows,

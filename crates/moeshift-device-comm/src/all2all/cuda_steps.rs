@@ -92,6 +92,7 @@ pub(crate) fn exchange_blocks(
             .join(&engine.side)
             .map_err(call.cuda("cuStreamWaitEvent"))?;
     }
+    call.mark("row exchange (NCCL)");
     sent
 }
 
@@ -135,6 +136,7 @@ pub(crate) fn finish_dispatch(
         return Err(call.too_large("work items", items.len()));
     }
     let received = Received::organize(items, num_rows, placement.slots_per_rank());
+    call.mark("work items");
     let mut st = Staging::default();
     let (token_offsets, token_rows) = &arrived.token_segments;
     let sections = Tables {
@@ -147,6 +149,7 @@ pub(crate) fn finish_dispatch(
     };
     let load_slots = load.as_ref().map(|_| st.u32s(&p.slots));
     let tables = st.upload(call, stream)?;
+    call.mark("table upload");
     if let (Some(counter), Some(section)) = (load, load_slots) {
         let base = addr(&tables, stream);
         count_load(
@@ -254,6 +257,7 @@ pub(crate) unsafe fn gather_rows(
         }
         .map_err(call.launch("gather_rows"))?;
     }
+    call.mark("gather rows (alloc + launch)");
     Ok((send, send_base))
 }
 
@@ -267,11 +271,13 @@ pub(crate) fn upload_and_exchange(
     deadline: Deadline,
 ) -> Result<(CudaSlice<u8>, Vec<DeviceHeader>), CudaAll2AllError> {
     let staged = st.upload(call, call.comm.stream())?;
+    call.mark("split + table upload");
     let received = exchange_headers(
         call,
         &staged.slice(headers.offset..headers.offset + headers.len),
         deadline,
     )?;
+    call.mark("header exchange (NCCL, to host)");
     Ok((staged, received))
 }
 
@@ -462,6 +468,7 @@ pub(crate) fn partial_sums(
     };
     drop(record);
     launched.map_err(call.launch("segment_sum"))?;
+    call.mark("partial sums (alloc + launch)");
     Ok(partial)
 }
 
@@ -495,6 +502,7 @@ pub(crate) fn token_sums(
     };
     drop(record);
     launched.map_err(call.launch("segment_sum"))?;
+    call.mark("token sums (alloc + launch)");
     Ok(out)
 }
 
