@@ -20,10 +20,10 @@ use moeshift_device_comm::testing::{
     self, fail_point, fail_point_hit, RankRole, RankTest, ENV_FAIL_POINT, ENV_FAIL_RANK,
 };
 use moeshift_device_comm::{LaunchOutcome, RankStatus, StoreClient, World};
-use moeshift_eplb_comm::nixl::{probe, NixlCommunicator, NixlConfig};
+use moeshift_eplb_comm::nixl::{probe, NixlCommunicator, NixlConfig, NUM_WORKERS};
 use moeshift_eplb_comm::{
     agree_on_plan, eplb_group, plan_digest, EplbCommError, EplbCommunicator, LayerWeights,
-    RowSource, StagedLayer,
+    RowSource, StagedLayer, TransferStats,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -312,10 +312,28 @@ fn next_map(rng: &mut Rng, old: &[usize], experts: usize, rows: usize) -> Vec<us
 // ---------------------------------------------------------------------------------------
 // Random plans
 
-/// 200 random layer plans over 3 layers of 3 tensors (bf16, a strided f32 column slice,
-/// fp8 rows of 5 bytes). After each transfer the weights still hold the old placement;
-/// after each commit every row of every layer holds exactly its new expert, and the bytes
-/// between strided rows never change.
+/// The tensors of `layer` in the random-plan test: those of [`specs`] plus rows of a little
+/// over three 4 KiB pages, which the `nixl` backend cuts into pieces when it spreads a
+/// peer's READs over several requests.
+fn specs_with_large_rows(layer: usize, rows: usize) -> Vec<TensorSpec> {
+    let mut s = specs(layer, rows);
+    s.push(TensorSpec {
+        name: "w_large",
+        dtype: DType::Bf16,
+        shape: vec![rows, 3 * 2048 + 500 + 4 * layer],
+        narrow: None,
+    });
+    s
+}
+
+/// Random layer plans over 3 layers of 4 tensors (bf16, a strided f32 column slice, fp8
+/// rows of 5 bytes, bf16 rows of over 12 KiB), moved by communicators that split each
+/// peer's READs into 1, 2 and 4 requests in turn, 80 plans each, the placements carrying
+/// over from one to the next. After each transfer the weights still hold the old
+/// placement; after each commit every row of every layer holds exactly its new expert, and
+/// the bytes between strided rows never change. The reported phases fit in the transfer's
+/// time and count between one request per peer read from and `read_streams` of them; with
+/// several streams some peer's rows are split.
 #[test]
 fn rank_nixl_random_plans() {
     const TEST: &str = "rank_nixl_random_plans";
@@ -325,86 +343,156 @@ fn rank_nixl_random_plans() {
     let (me, n) = (world.rank(), world.world_size());
     const ROWS: usize = 4;
     const LAYERS: usize = 3;
-    const PLANS: usize = 200;
+    const PLANS: usize = 80;
+    const STREAMS: [usize; 3] = [1, 2, 4];
     let slots = n * ROWS;
     let experts = (slots * 3 / 4).max(1);
-    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS).map(|l| specs(l, ROWS)).collect();
+    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS)
+        .map(|l| specs_with_large_rows(l, ROWS))
+        .collect();
     let mut maps: Vec<Vec<usize>> = vec![(0..slots).map(|s| s % experts).collect(); LAYERS];
     let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
     let mut weights = make_weights(&all_specs, &mut buffers);
-
-    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
-    let members: Vec<usize> = (0..n).collect();
-    let mut comm = NixlCommunicator::new(&store, &members, &weights, setup_deadline())
-        .expect("build the communicator");
-    assert_eq!((comm.rank(), comm.num_ranks()), (me, n));
     // The landing area is registered once, for the largest layer: ROWS whole experts.
     let largest = all_specs
         .iter()
         .map(|s| ROWS * s.iter().map(TensorSpec::row_bytes).sum::<usize>())
         .max()
         .unwrap_or(0);
-    assert_eq!(comm.landing_bytes(), largest);
 
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
     let mut rng = Rng(0x5EED);
-    let started = Instant::now();
-    let (mut received, mut moved_plans) = (0u64, 0usize);
-    for step in 0..PLANS {
-        let layer = rng.below(LAYERS);
-        let new = next_map(&mut rng, &maps[layer], experts, ROWS);
-        let plan = LayerPlan::new(&maps[layer], &new, n).expect("plan");
-        let deadline = Deadline::after(Duration::from_secs(30));
-        let staged = comm
-            .transfer(layer, &plan, &weights[layer], deadline)
-            .unwrap_or_else(|e| panic!("rank {me}, step {step}, layer {layer}: {e}"));
-        // Transferring never writes the weights.
-        check_layer(
-            &weights[layer],
-            &all_specs[layer],
-            layer,
-            &maps[layer],
-            me,
-            "after transfer",
-        );
-        let mine = plan.rank(me).expect("rank plan");
-        let expert_bytes: usize = all_specs[layer].iter().map(TensorSpec::row_bytes).sum();
-        let stats = *staged.stats();
-        // Staging holds exactly the rows that change and are not duplicate fills.
-        assert_eq!(
-            stats.staging_bytes as usize,
-            (mine.recvs.len() + mine.local_copies.len()) * expert_bytes,
-            "step {step}"
-        );
-        assert_eq!(
-            stats.bytes_received as usize,
-            mine.recvs.len() * expert_bytes
-        );
-        received += stats.bytes_received;
-        moved_plans += usize::from(plan.num_transfers() > 0);
-        staged.commit(&mut weights[layer]).expect("commit");
-        maps[layer] = new;
-        for (l, w) in weights.iter().enumerate() {
+    for streams in STREAMS {
+        let group = eplb_group(&store, &members, setup_deadline()).expect("group");
+        let config = NixlConfig::default().read_streams(streams);
+        let mut comm = NixlCommunicator::with_config(group, &weights, config, setup_deadline())
+            .unwrap_or_else(|e| panic!("rank {me}: building with {streams} streams: {e}"));
+        assert_eq!((comm.rank(), comm.num_ranks()), (me, n));
+        assert_eq!(comm.read_streams(), streams);
+        assert_eq!(comm.landing_bytes(), largest);
+        assert!(comm.last_phases().is_none());
+
+        let started = Instant::now();
+        let (mut received, mut moved_plans, mut split_plans) = (0u64, 0usize, 0usize);
+        for step in 0..PLANS {
+            let what = format!("rank {me}, {streams} streams, step {step}");
+            let layer = rng.below(LAYERS);
+            let new = next_map(&mut rng, &maps[layer], experts, ROWS);
+            let plan = LayerPlan::new(&maps[layer], &new, n).expect("plan");
+            let deadline = Deadline::after(Duration::from_secs(30));
+            let staged = comm
+                .transfer(layer, &plan, &weights[layer], deadline)
+                .unwrap_or_else(|e| panic!("{what}, layer {layer}: {e}"));
+            // Transferring never writes the weights.
             check_layer(
-                w,
-                &all_specs[l],
-                l,
-                &maps[l],
+                &weights[layer],
+                &all_specs[layer],
+                layer,
+                &maps[layer],
                 me,
-                &format!("after step {step}"),
+                "after transfer",
             );
+            let mine = plan.rank(me).expect("rank plan");
+            let expert_bytes: usize = all_specs[layer].iter().map(TensorSpec::row_bytes).sum();
+            let stats = *staged.stats();
+            // Staging holds exactly the rows that change and are not duplicate fills.
+            assert_eq!(
+                stats.staging_bytes as usize,
+                (mine.recvs.len() + mine.local_copies.len()) * expert_bytes,
+                "{what}"
+            );
+            assert_eq!(
+                stats.bytes_received as usize,
+                mine.recvs.len() * expert_bytes
+            );
+            check_phases(&comm, &stats, &plan, me, layer, streams, &what);
+            let peers_read = distinct_sources(&plan, me);
+            let requests = comm.last_phases().map_or(0, |p| p.read_requests);
+            split_plans += usize::from(requests > peers_read);
+            received += stats.bytes_received;
+            moved_plans += usize::from(plan.num_transfers() > 0);
+            staged.commit(&mut weights[layer]).expect("commit");
+            maps[layer] = new;
+            for (l, w) in weights.iter().enumerate() {
+                check_layer(w, &all_specs[l], l, &maps[l], me, &format!("after {what}"));
+            }
         }
+        let elapsed = started.elapsed();
+        assert!(
+            moved_plans > PLANS / 2 || n == 1,
+            "only {moved_plans} plans crossed ranks"
+        );
+        if streams > 1 && n > 1 {
+            assert!(
+                split_plans > PLANS / 4,
+                "rank {me}, {streams} streams: only {split_plans} plans split a peer's READs"
+            );
+        } else {
+            assert_eq!(split_plans, 0, "rank {me}, {streams} streams");
+        }
+        println!(
+            "rank {me}, {streams} streams: {PLANS} plans ({moved_plans} crossing ranks, \
+             {split_plans} split) in {elapsed:.2?}, {received} bytes READ"
+        );
     }
-    let elapsed = started.elapsed();
-    assert!(
-        moved_plans > PLANS / 2 || n == 1,
-        "only {moved_plans} plans crossed ranks"
-    );
-    println!(
-        "rank {me}: {PLANS} plans ({moved_plans} crossing ranks) in {elapsed:.2?}, {received} bytes READ"
-    );
-    drop(comm);
     drop(weights);
     check_gaps(&all_specs, &buffers, ROWS);
+}
+
+/// How many distinct peers `rank` receives rows from in `plan`.
+fn distinct_sources(plan: &LayerPlan, rank: usize) -> usize {
+    let mut sources: Vec<usize> = plan
+        .rank(rank)
+        .expect("rank plan")
+        .recvs
+        .iter()
+        .map(|r| r.src)
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    sources.len()
+}
+
+/// The phases `comm` reports for the transfer of `layer` that returned `stats`: the layer,
+/// the bytes, one to `streams` requests per peer read from, and times that fit in the
+/// transfer's.
+fn check_phases(
+    comm: &NixlCommunicator,
+    stats: &TransferStats,
+    plan: &LayerPlan,
+    me: usize,
+    layer: usize,
+    streams: usize,
+    what: &str,
+) {
+    let phases = *comm.last_phases().expect("phases of the last transfer");
+    assert_eq!(phases.layer, layer, "{what}");
+    assert_eq!(phases.bytes_read, stats.bytes_received, "{what}");
+    assert_eq!(phases.total, stats.seconds, "{what}");
+    let peers = distinct_sources(plan, me);
+    assert!(
+        (peers..=peers * streams).contains(&phases.read_requests),
+        "{what}: {} requests from {peers} peers",
+        phases.read_requests
+    );
+    let mut sum = 0.0;
+    for (name, secs) in phases.named() {
+        assert!(secs >= 0.0, "{what}: {name} took {secs}");
+        sum += secs;
+    }
+    assert!(
+        sum <= phases.total,
+        "{what}: phases {sum} s of {} s",
+        phases.total
+    );
+    if plan.num_transfers() == 0 {
+        assert_eq!(phases.status_exchange, 0.0, "{what}");
+        assert_eq!(phases.read_requests, 0, "{what}");
+    }
+    if phases.read_requests > 0 {
+        assert!(phases.reads > 0.0, "{what}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -911,4 +999,31 @@ fn nixl_unservable_weights_are_typed_errors() {
     )
     .expect_err("zero landing slots");
     assert!(err.to_string().contains("landing_slots"), "{err}");
+
+    // No READ stream at all cannot work either, nor more streams than UCX workers.
+    let cases = [
+        (NixlConfig::default().read_streams(0), "read_streams is 0"),
+        (
+            NixlConfig::default()
+                .read_streams(3)
+                .backend_param(NUM_WORKERS, "2"),
+            "read_streams is 3",
+        ),
+    ];
+    for (config, expected) in cases {
+        let group = eplb_group(&store, &[0], setup_deadline()).expect("group");
+        let err = NixlCommunicator::with_config(
+            group,
+            std::slice::from_ref(&host),
+            config,
+            setup_deadline(),
+        )
+        .expect_err("an unusable number of READ streams");
+        let text = err.to_string();
+        assert!(matches!(err, EplbCommError::Nixl { .. }), "{text}");
+        assert!(
+            text.contains(expected) && text.contains("rank 0"),
+            "{expected:?} missing in {text}"
+        );
+    }
 }

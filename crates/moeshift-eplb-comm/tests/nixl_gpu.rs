@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use common::gpu::{device_weights, GpuRank};
 use common::{check_staged, random_map, Churn, Fill, LayerDesc, TensorDesc};
-use moeshift_eplb_comm::nixl::{probe, IpcCudaBuffer, NixlCommunicator};
-use moeshift_eplb_comm::{Backend, EplbCommError, EplbCommunicator, LayerWeights, RowSource};
+use moeshift_eplb_comm::nixl::{probe, IpcCudaBuffer, NixlCommunicator, NixlConfig};
+use moeshift_eplb_comm::{
+    eplb_group, Backend, EplbCommError, EplbCommunicator, LayerWeights, RowSource,
+};
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
 use moeshift_tensor::{CudaBuffer, DType, Device};
@@ -123,19 +125,24 @@ fn layer_weights<'a>(descs: &[LayerDesc], bufs: &'a [Vec<IpcCudaBuffer>]) -> Vec
 // ---------------------------------------------------------------------------------------
 // Scenarios.
 
-/// 240 random layer plans over four registered layers of CUDA weights (bf16, f32 with gaps
+/// Random layer plans over four registered layers of CUDA weights (bf16, f32 with gaps
 /// between strided rows, fp8, i32, f16, f64 with empty rows, u8 of odd sizes; rows up to
-/// 128 KiB), with replicas: after each transfer every byte of the layer still holds the old
-/// placement and the staging holds exactly the changed rows (on the GPU); after each commit
-/// every byte holds the new placement.
+/// 128 KiB), with replicas, moved by a communicator with one READ stream, then by one with
+/// four (each peer's rows split over four requests on four UCX workers, rows of 128 KiB cut
+/// into pieces), 240 plans each, the placements carrying over: after each transfer every
+/// byte of the layer still holds the old placement and the staging holds exactly the
+/// changed rows (on the GPU); after each commit every byte holds the new placement. The
+/// reported phases fit in the transfer's time and count one to `read_streams` requests
+/// from the peer.
 #[test]
 fn rank_nixl_random_plans_gpu() {
     const NAME: &str = "rank_nixl_random_plans_gpu";
     const PLANS: usize = 240;
+    const STREAMS: [usize; 2] = [1, 4];
     let Some(rank) = start(NAME) else {
         return;
     };
-    let (me, gpu, deadline, store) = (rank.me, rank.gpu, rank.deadline, &rank.store);
+    let (me, gpu, store) = (rank.me, rank.gpu, &rank.store);
     let descs = layers();
     const CHURN: Churn = Churn {
         fresh: 11,
@@ -154,104 +161,132 @@ fn rank_nixl_random_plans_gpu() {
         .collect();
     let bufs = upload_layers(&descs, &maps, &rank);
     let mut weights = layer_weights(&descs, &bufs);
-
-    let started = Instant::now();
-    let mut comm =
-        NixlCommunicator::new(store, &MEMBERS, &weights, deadline).expect("communicator");
-    println!(
-        "rank {me}: nixl communicator on cuda:{gpu} ready in {:.2?}",
-        started.elapsed()
-    );
-    assert_eq!(comm.device(), Device::Cuda(gpu));
-    assert_eq!(comm.landing_slots(), 1);
     let largest = descs
         .iter()
         .map(|l| l.rows * l.expert_bytes())
         .max()
         .unwrap_or(0);
-    assert_eq!(comm.landing_bytes(), largest);
 
-    let (mut received, mut fills, mut local_total, mut crossing) = (0usize, 0usize, 0usize, 0usize);
-    let mut bytes_read = 0u64;
-    let started = Instant::now();
-    for step in 0..PLANS {
-        let l = rng.gen_range(0..descs.len());
-        let d = &descs[l];
-        let new = common::next_map(&mut rng, &maps[l], experts[l], CHURN);
-        let plan = LayerPlan::new(&maps[l], &new, RANKS).expect("plan");
-        let staged = comm
-            .transfer(
+    for streams in STREAMS {
+        let setup = Deadline::after(Duration::from_secs(60));
+        let started = Instant::now();
+        let group = eplb_group(store, &MEMBERS, setup).expect("group");
+        let config = NixlConfig::default().read_streams(streams);
+        let mut comm = NixlCommunicator::with_config(group, &weights, config, setup)
+            .unwrap_or_else(|e| panic!("rank {me}: communicator with {streams} streams: {e}"));
+        println!(
+            "rank {me}: nixl communicator on cuda:{gpu} with {streams} READ streams ready in \
+             {:.2?}",
+            started.elapsed()
+        );
+        assert_eq!(comm.device(), Device::Cuda(gpu));
+        assert_eq!(comm.landing_slots(), 1);
+        assert_eq!(comm.read_streams(), streams);
+        assert_eq!(comm.landing_bytes(), largest);
+
+        let (mut received, mut fills, mut local_total, mut crossing) =
+            (0usize, 0usize, 0usize, 0usize);
+        let (mut bytes_read, mut split) = (0u64, 0usize);
+        let started = Instant::now();
+        for step in 0..PLANS {
+            let l = rng.gen_range(0..descs.len());
+            let d = &descs[l];
+            let new = common::next_map(&mut rng, &maps[l], experts[l], CHURN);
+            let plan = LayerPlan::new(&maps[l], &new, RANKS).expect("plan");
+            let what = format!("{streams} streams, step {step}, layer {l}");
+            let staged = comm
+                .transfer(
+                    l,
+                    &plan,
+                    &weights[l],
+                    Deadline::after(Duration::from_secs(30)),
+                )
+                .unwrap_or_else(|e| panic!("rank {me}, {what}: {e}"));
+            FILL.check_device(
+                &bufs[l],
                 l,
-                &plan,
-                &weights[l],
-                Deadline::after(Duration::from_secs(30)),
-            )
-            .unwrap_or_else(|e| panic!("rank {me}, step {step}, layer {l}: {e}"));
-        FILL.check_device(
-            &bufs[l],
-            l,
-            &d.tensors,
-            d.seg(&maps[l], me),
-            &format!("step {step}: after the transfer, before the commit"),
-        );
-        assert_eq!(staged.backend(), Backend::Nixl);
-        assert_eq!(staged.staging_device(), Device::Cuda(gpu), "step {step}");
-
-        let what = format!("step {step}, layer {l}");
-        let kinds = check_staged(&staged, d, &maps[l], &new, me, &what);
-        for (i, r) in staged.staged_rows().iter().enumerate() {
-            if let RowSource::Peer { peer, .. } = r.source {
-                assert_ne!(peer, me, "step {step}");
-            }
-            assert_eq!(
-                staged.staged_bytes(i, 0),
-                None,
-                "device staging is not host memory"
+                &d.tensors,
+                d.seg(&maps[l], me),
+                &format!("{what}: after the transfer, before the commit"),
             );
-        }
-        let eb = d.expert_bytes() as u64;
-        let stats = *staged.stats();
-        // Exactly the rows received and copied, nothing more: they are READ into the landing
-        // slot, which is the staging.
-        assert_eq!(
-            stats.staging_bytes,
-            kinds.staged().len() as u64 * eb,
-            "step {step}"
-        );
+            assert_eq!(staged.backend(), Backend::Nixl);
+            assert_eq!(staged.staging_device(), Device::Cuda(gpu), "{what}");
 
-        let done = staged
-            .commit(&mut weights[l])
-            .unwrap_or_else(|e| panic!("rank {me}, step {step}, layer {l}: commit: {e}"));
-        kinds.check_commit(&done, eb, &what);
-        maps[l] = new;
-        FILL.check_device(
-            &bufs[l],
-            l,
-            &d.tensors,
-            d.seg(&maps[l], me),
-            &format!("step {step}: after the commit"),
+            let kinds = check_staged(&staged, d, &maps[l], &new, me, &what);
+            for (i, r) in staged.staged_rows().iter().enumerate() {
+                if let RowSource::Peer { peer, .. } = r.source {
+                    assert_ne!(peer, me, "{what}");
+                }
+                assert_eq!(
+                    staged.staged_bytes(i, 0),
+                    None,
+                    "device staging is not host memory"
+                );
+            }
+            let eb = d.expert_bytes() as u64;
+            let stats = *staged.stats();
+            // Exactly the rows received and copied, nothing more: they are READ into the
+            // landing slot, which is the staging.
+            assert_eq!(
+                stats.staging_bytes,
+                kinds.staged().len() as u64 * eb,
+                "{what}"
+            );
+            // With two ranks, every received row comes from the one peer.
+            let phases = *comm.last_phases().expect("phases of the last transfer");
+            let peers = usize::from(!kinds.recv.is_empty());
+            assert_eq!(phases.layer, l, "{what}");
+            assert_eq!(phases.bytes_read, stats.bytes_received, "{what}");
+            assert!(
+                (peers..=peers * streams).contains(&phases.read_requests),
+                "{what}: {} requests",
+                phases.read_requests
+            );
+            let sum: f64 = phases.named().iter().map(|(_, s)| s).sum();
+            assert!(sum <= phases.total, "{what}: {sum} s of {} s", phases.total);
+            split += usize::from(phases.read_requests > peers);
+
+            let done = staged
+                .commit(&mut weights[l])
+                .unwrap_or_else(|e| panic!("rank {me}, {what}: commit: {e}"));
+            kinds.check_commit(&done, eb, &what);
+            maps[l] = new;
+            FILL.check_device(
+                &bufs[l],
+                l,
+                &d.tensors,
+                d.seg(&maps[l], me),
+                &format!("{what}: after the commit"),
+            );
+            received += kinds.recv.len();
+            fills += kinds.dup.len();
+            local_total += kinds.local.len();
+            crossing += usize::from(plan.num_transfers() > 0);
+            bytes_read += stats.bytes_received;
+        }
+        let elapsed = started.elapsed();
+        for (l, d) in descs.iter().enumerate() {
+            FILL.check_device(&bufs[l], l, &d.tensors, d.seg(&maps[l], me), "at the end");
+        }
+        println!(
+            "rank {me}, {streams} streams: {PLANS} plans ({crossing} crossing ranks, {split} \
+             split) in {elapsed:.2?}: {received} rows ({bytes_read} bytes) READ GPU to GPU, \
+             {local_total} local copies, {fills} duplicate fills"
         );
-        received += kinds.recv.len();
-        fills += kinds.dup.len();
-        local_total += kinds.local.len();
-        crossing += usize::from(plan.num_transfers() > 0);
-        bytes_read += stats.bytes_received;
+        // The random plans exercised every kind of row, and split READs with several
+        // streams.
+        assert!(crossing > PLANS / 2, "only {crossing} plans crossed ranks");
+        assert!(
+            received >= PLANS / 4 && fills >= 1 && local_total >= PLANS / 8,
+            "{received} {fills} {local_total}"
+        );
+        if streams > 1 {
+            assert!(split > PLANS / 4, "only {split} plans split their READs");
+        } else {
+            assert_eq!(split, 0);
+        }
+        drop(comm);
     }
-    let elapsed = started.elapsed();
-    for (l, d) in descs.iter().enumerate() {
-        FILL.check_device(&bufs[l], l, &d.tensors, d.seg(&maps[l], me), "at the end");
-    }
-    println!(
-        "rank {me}: {PLANS} plans ({crossing} crossing ranks) in {elapsed:.2?}: {received} rows \
-         ({bytes_read} bytes) READ GPU to GPU, {local_total} local copies, {fills} duplicate fills"
-    );
-    // The random plans exercised every kind of row.
-    assert!(crossing > PLANS / 2, "only {crossing} plans crossed ranks");
-    assert!(
-        received >= PLANS / 4 && fills >= 1 && local_total >= PLANS / 8,
-        "{received} {fills} {local_total}"
-    );
-    drop(comm);
     drop(weights);
 }
 

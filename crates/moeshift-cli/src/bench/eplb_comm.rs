@@ -37,7 +37,17 @@
 //! * `staging_bytes`: the largest staging any rank used for one layer (as the backend
 //!   reports it: staged rows, plus packed rows for `nccl`, plus page-locked wire staging for
 //!   `host` with CUDA weights);
-//! * `verified`: true when `--verify` checked every row (a mismatch is an error instead).
+//! * `verified`: true when `--verify` checked every row (a mismatch is an error instead);
+//! * `phases`: where the time went, in seconds, as `{"per_layer": {NAME: [...]}, "median":
+//!   {NAME: s}}`: `per_layer` lists, for every layer, the slowest rank's time in phase
+//!   `NAME`; `median` is the median of that list over the layers. Every backend reports
+//!   `transfer` (the transfer call) and `commit` (the commit call); the `nixl` backend
+//!   splits its transfer into `agreement` (local checks and the plan agreement),
+//!   `local_copies` (copies not hidden behind the READs), `reads` (posting the READs until
+//!   all completed) and `status_exchange` (the post-read check);
+//! * `nixl_read_streams`: READ requests per peer and layer, each on its own UCX worker
+//!   (`--nixl-read-streams`), and `nixl_read_requests`: per layer, the READ requests all
+//!   ranks posted; both `null` for other backends.
 //!
 //! Any rank's failure makes the command exit non-zero with the error on standard error.
 
@@ -46,7 +56,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use moeshift_device_comm::{HostGroup, StoreClient, World};
-use moeshift_eplb_comm::{open_communicator, set_log_hook, BackendChoice, LayerWeights};
+use moeshift_eplb_comm::nixl::{NixlCommunicator, NixlConfig, DEFAULT_READ_STREAMS};
+use moeshift_eplb_comm::{
+    choose_backend, create_communicator, eplb_group, set_log_hook, Backend, BackendChoice,
+    EplbCommunicator, LayerWeights,
+};
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
 use moeshift_tensor::{DType, HostBuffer};
@@ -77,7 +91,7 @@ impl DeviceArg {
 #[command(
     after_help = "Run under `moeshift launch --nproc N -- moeshift bench eplb-comm …`. Rank 0 prints \
 one JSON object: backend, device, ranks, layers, bytes_moved, seconds, GBps_per_rank, layer_seconds, \
-GBps_per_rank_after_first, staging_bytes, verified."
+GBps_per_rank_after_first, staging_bytes, verified, phases, nixl_read_streams, nixl_read_requests."
 )]
 pub struct Args {
     /// EPLB communicator backend: host, nccl, nixl or auto.
@@ -115,6 +129,10 @@ pub struct Args {
     /// Seed of the random placements (use the same on every rank).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// For the nixl backend: READ requests each peer's rows of a layer are split into, each
+    /// on its own UCX worker (so copies from one peer GPU run on that many CUDA streams).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_READ_STREAMS)]
+    nixl_read_streams: usize,
 }
 
 fn parse_backend(s: &str) -> Result<BackendChoice, String> {
@@ -132,6 +150,58 @@ struct RankReport {
     bytes_received: u64,
     staging_peak: u64,
     verified: bool,
+    /// Per layer, the seconds of each phase, by name, in the order they ran.
+    layer_phases: Vec<Vec<(String, f64)>>,
+    /// Per layer, the READ requests posted (`nixl` only).
+    layer_read_requests: Vec<usize>,
+}
+
+/// The communicator of the run: the `nixl` backend is kept as itself, for its phases.
+enum Comm<'w> {
+    Nixl(Box<NixlCommunicator>),
+    Other(Box<dyn EplbCommunicator + 'w>),
+}
+
+impl<'w> Comm<'w> {
+    /// Chooses the backend for `args` and builds it over the EPLB group of `members`.
+    fn open(
+        args: &Args,
+        store: &StoreClient,
+        members: &[usize],
+        weights: &[LayerWeights<'w>],
+        deadline: Deadline,
+    ) -> anyhow::Result<Self> {
+        let selection = choose_backend(args.backend, false)?;
+        let group = eplb_group(store, members, deadline)?;
+        Ok(match selection.backend {
+            Backend::Nixl => {
+                let config = NixlConfig::default().read_streams(args.nixl_read_streams);
+                Comm::Nixl(Box::new(NixlCommunicator::with_config(
+                    group, weights, config, deadline,
+                )?))
+            }
+            other => Comm::Other(create_communicator(other, group, weights, deadline)?),
+        })
+    }
+
+    fn get(&mut self) -> &mut (dyn EplbCommunicator + 'w) {
+        match self {
+            Comm::Nixl(c) => c.as_mut(),
+            Comm::Other(c) => c.as_mut(),
+        }
+    }
+
+    /// The `nixl` backend's phases of the last transfer (seconds by name) and its READ
+    /// requests; nothing for other backends.
+    fn last_phases(&self) -> Option<(Vec<(String, f64)>, usize)> {
+        match self {
+            Comm::Nixl(c) => c.last_phases().map(|p| {
+                let named = p.named().iter().map(|&(n, s)| (n.to_string(), s)).collect();
+                (named, p.read_requests)
+            }),
+            Comm::Other(_) => None,
+        }
+    }
 }
 
 /// Runs the benchmark.
@@ -203,6 +273,7 @@ fn summary(
         .first()
         .map(|r| r.backend.clone())
         .unwrap_or_default();
+    let nixl = backend == Backend::Nixl.name();
     let bytes_moved: u64 = reports.iter().map(|r| r.bytes_received).sum();
     let secs = reports.iter().map(|r| r.seconds).fold(0.0f64, f64::max);
     let rate = |bytes: u64, secs: f64| {
@@ -251,7 +322,57 @@ fn summary(
         "GBps_per_rank_after_first": after_first,
         "staging_bytes": reports.iter().map(|r| r.staging_peak).max().unwrap_or(0),
         "verified": args.verify && reports.iter().all(|r| r.verified),
+        "phases": phases(args.layers, reports),
+        "nixl_read_streams": nixl.then_some(args.nixl_read_streams),
+        "nixl_read_requests": nixl.then(|| {
+            (0..args.layers)
+                .map(|l| {
+                    reports
+                        .iter()
+                        .filter_map(|r| r.layer_read_requests.get(l))
+                        .sum::<usize>()
+                })
+                .collect::<Vec<_>>()
+        }),
     })
+}
+
+/// The `phases` object: for every phase the first rank reported, the slowest rank's
+/// seconds in every layer, and their median over the layers.
+fn phases(layers: usize, reports: &[RankReport]) -> serde_json::Value {
+    let names: Vec<String> = reports
+        .first()
+        .and_then(|r| r.layer_phases.first())
+        .map(|p| p.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    let mut per_layer = serde_json::Map::new();
+    let mut median = serde_json::Map::new();
+    for name in names {
+        let slowest: Vec<f64> = (0..layers)
+            .map(|l| {
+                reports
+                    .iter()
+                    .filter_map(|r| r.layer_phases.get(l))
+                    .flat_map(|p| p.iter().filter(|(n, _)| *n == name).map(|(_, s)| *s))
+                    .fold(0.0f64, f64::max)
+            })
+            .collect();
+        median.insert(name.clone(), serde_json::json!(median_of(&slowest)));
+        per_layer.insert(name, serde_json::json!(slowest));
+    }
+    serde_json::json!({ "per_layer": per_layer, "median": median })
+}
+
+/// The median of `values` (the mean of the two middle ones for an even count; 0 for none).
+fn median_of(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn seconds(secs: f64) -> anyhow::Result<Duration> {
@@ -491,20 +612,35 @@ fn run_rank(
         let mut weights = storage.layers(tensor_bytes, e)?;
         let setup = Deadline::after(deadline_for);
         let members: Vec<usize> = (0..ranks).collect();
-        let mut comm = open_communicator(args.backend, false, store, &members, &weights, setup)?;
-        report.backend = comm.backend().name().to_string();
+        let mut comm = Comm::open(args, store, &members, &weights, setup)?;
+        report.backend = comm.get().backend().name().to_string();
         // Every rank starts the timed loop together.
         comm_barrier(store, setup)?;
 
         let started = Instant::now();
         for (layer, (plan, w)) in plans.iter().zip(weights.iter_mut()).enumerate() {
             let layer_started = Instant::now();
-            let stats = comm
-                .transfer_and_commit(layer, plan, w, Deadline::after(deadline_for))
+            let staged = comm
+                .get()
+                .transfer(layer, plan, w, Deadline::after(deadline_for))
                 .with_context(|| format!("layer {layer}"))?;
+            let transferred = layer_started.elapsed().as_secs_f64();
+            let commit_started = Instant::now();
+            let stats = staged
+                .commit_within(w, Deadline::after(deadline_for))
+                .with_context(|| format!("committing layer {layer}"))?;
+            let committed = commit_started.elapsed().as_secs_f64();
             report
                 .layer_seconds
                 .push(layer_started.elapsed().as_secs_f64());
+            let mut phases = Vec::new();
+            if let Some((named, requests)) = comm.last_phases() {
+                phases.extend(named);
+                report.layer_read_requests.push(requests);
+            }
+            phases.push(("transfer".to_string(), transferred));
+            phases.push(("commit".to_string(), committed));
+            report.layer_phases.push(phases);
             report.layer_bytes.push(stats.bytes_received);
             report.bytes_received += stats.bytes_received;
             report.staging_peak = report.staging_peak.max(stats.staging_bytes);
@@ -645,6 +781,12 @@ mod tests {
             staging_peak: staging,
             verified: false,
             error: None,
+            // Commits take a tenth of each layer.
+            layer_phases: secs
+                .iter()
+                .map(|&s| vec![("transfer".into(), s * 0.9), ("commit".into(), s * 0.1)])
+                .collect(),
+            layer_read_requests: vec![],
         };
         let reports = [
             report([1.0, 0.5], [4_000_000_000, 2_000_000_000], 10),
@@ -660,5 +802,81 @@ mod tests {
         assert_eq!(s["staging_bytes"], 30);
         assert_eq!(s["expert_bytes"], 8);
         assert_eq!(s["verified"], false);
+        // Per layer the slowest rank's phases: transfers of 1.8 s and 0.45 s, commits of
+        // 0.2 s and 0.05 s; medians of two layers are their means.
+        let close = |v: &serde_json::Value, want: f64| {
+            let got = v.as_f64().unwrap();
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        };
+        let per_layer = &s["phases"]["per_layer"];
+        close(&per_layer["transfer"][0], 1.8);
+        close(&per_layer["transfer"][1], 0.45);
+        close(&per_layer["commit"][0], 0.2);
+        close(&per_layer["commit"][1], 0.05);
+        close(&s["phases"]["median"]["transfer"], (1.8 + 0.45) / 2.0);
+        close(&s["phases"]["median"]["commit"], 0.125);
+        // Not the nixl backend: no READ streams.
+        assert!(s["nixl_read_streams"].is_null());
+        assert!(s["nixl_read_requests"].is_null());
+    }
+
+    #[test]
+    fn nixl_summaries_report_the_read_streams_and_phases() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parse = |line: &str| {
+            <Cli as clap::Parser>::try_parse_from(line.split_whitespace())
+                .unwrap()
+                .args
+        };
+        assert_eq!(parse("x").nixl_read_streams, DEFAULT_READ_STREAMS);
+        let args = parse("x --layers 3 --backend nixl --nixl-read-streams 2");
+        assert_eq!(args.nixl_read_streams, 2);
+        let phases = |reads: f64| {
+            vec![
+                ("agreement".to_string(), 0.01),
+                ("local_copies".to_string(), 0.02),
+                ("reads".to_string(), reads),
+                ("status_exchange".to_string(), 0.001),
+                ("transfer".to_string(), reads + 0.05),
+                ("commit".to_string(), 0.03),
+            ]
+        };
+        let report = |reads: [f64; 3], requests: Vec<usize>| RankReport {
+            backend: "nixl".into(),
+            layer_phases: reads.iter().map(|&r| phases(r)).collect(),
+            layer_read_requests: requests,
+            ..RankReport::default()
+        };
+        let reports = [
+            report([0.5, 0.2, 0.3], vec![2, 2, 1]),
+            report([0.4, 0.3, 0.1], vec![2, 1, 2]),
+        ];
+        let s = summary(&args, &[4], 2, &reports);
+        assert_eq!(s["nixl_read_streams"], 2);
+        assert_eq!(s["nixl_read_requests"], serde_json::json!([4, 3, 3]));
+        // The slowest READs per layer: 0.5, 0.3, 0.3; their median is 0.3.
+        assert_eq!(
+            s["phases"]["per_layer"]["reads"],
+            serde_json::json!([0.5, 0.3, 0.3])
+        );
+        assert_eq!(s["phases"]["median"]["reads"], 0.3);
+        let names: Vec<&String> = s["phases"]["median"].as_object().unwrap().keys().collect();
+        for name in [
+            "agreement",
+            "local_copies",
+            "reads",
+            "status_exchange",
+            "transfer",
+            "commit",
+        ] {
+            assert!(
+                names.iter().any(|n| *n == name),
+                "{name} missing: {names:?}"
+            );
+        }
     }
 }

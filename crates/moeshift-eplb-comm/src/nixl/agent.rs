@@ -10,8 +10,8 @@
 //! released when dropped, which aborts it if it is still in flight.
 
 use nixl_sys::{
-    Agent, MemType, MemoryRegion, NixlDescriptor, RegistrationHandle, XferDescList, XferOp,
-    XferRequest, XferStatus,
+    Agent, MemType, MemoryRegion, NixlDescriptor, OptArgs, RegistrationHandle, XferDescList,
+    XferOp, XferRequest, XferStatus,
 };
 
 use moeshift_tensor::Device;
@@ -223,15 +223,18 @@ impl NixlAgent {
             .map_err(|e| CallError::new(format!("connecting to agent {peer:?}"), e))
     }
 
-    /// Posts one READ request from agent `peer`: for every descriptor, `len` bytes at
-    /// `remote` (peer memory on `remote_device`) land at `local` (this agent's memory on
-    /// `local_device`). All ranges must lie in registered memory on both sides.
+    /// Posts one READ request from agent `peer` on UCX worker `worker` (below the backend's
+    /// `num_workers`; NIXL falls back to a worker of its choice, with a warning, otherwise):
+    /// for every descriptor, `len` bytes at `remote` (peer memory on `remote_device`) land
+    /// at `local` (this agent's memory on `local_device`). All ranges must lie in registered
+    /// memory on both sides.
     pub(crate) fn post_read(
         &self,
         peer: &str,
         descs: &[ReadDesc],
         local_device: Device,
         remote_device: Device,
+        worker: usize,
     ) -> Result<Read, CallError> {
         let (local_type, local_dev) = mem_kind(local_device);
         let (remote_type, remote_dev) = mem_kind(remote_device);
@@ -243,11 +246,19 @@ impl NixlAgent {
             local.add_desc(d.local as usize, d.len, local_dev);
             remote.add_desc(d.remote as usize, d.len, remote_dev);
         }
+        // The UCX backend binds a request to the worker its `worker_id=` parameter names
+        // when the request is created.
+        let mut args = OptArgs::new().map_err(|e| CallError::new("creating request options", e))?;
+        args.set_custom_param(worker_param(worker).as_bytes())
+            .map_err(|e| CallError::new(format!("choosing UCX worker {worker}"), e))?;
         let req = self
             .agent
-            .create_xfer_req(XferOp::Read, &local, &remote, peer, None)
+            .create_xfer_req(XferOp::Read, &local, &remote, peer, Some(&args))
             .map_err(|e| {
-                CallError::new(format!("creating a READ request from agent {peer:?}"), e)
+                CallError::new(
+                    format!("creating a READ request from agent {peer:?} on UCX worker {worker}"),
+                    e,
+                )
             })?;
         let in_progress = self.agent.post_xfer_req(&req, None).map_err(|e| {
             CallError::new(format!("posting a READ request from agent {peer:?}"), e)
@@ -271,9 +282,21 @@ impl NixlAgent {
     }
 }
 
+/// The custom request parameter that makes NIXL's UCX backend run a request on `worker`.
+fn worker_param(worker: usize) -> String {
+    format!("worker_id={worker}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_name_their_worker_as_the_ucx_backend_parses_it() {
+        // The UCX plugin looks for `worker_id=` and reads the decimal number after it.
+        assert_eq!(worker_param(0), "worker_id=0");
+        assert_eq!(worker_param(13), "worker_id=13");
+    }
 
     #[test]
     fn devices_map_to_nixl_memory_types() {

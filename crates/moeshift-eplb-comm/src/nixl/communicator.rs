@@ -9,6 +9,7 @@ use moeshift_tensor::Device;
 use super::agent::NixlAgent;
 use super::catalog::LayerPlace;
 use super::landing::LandingArea;
+use super::phases::NixlPhases;
 use super::probe::NixlRuntime;
 use crate::comm::{Backend, EplbCommunicator, StagedLayer};
 use crate::error::EplbCommError;
@@ -46,9 +47,10 @@ pub(super) struct Peer {
 ///    instead, so the others fail at once naming it;
 /// 4. checks that every peer has the same tensors ([`EplbCommError::LayoutMismatch`] names
 ///    the peer, the layer and the tensor), loads the peers' metadata and connects;
-/// 5. warms up: READs a few bytes of every registered tensor of every peer (connections,
-///    CUDA IPC mappings and first-touch costs are paid here, not by the first layer), then
-///    all ranks confirm their setup to each other.
+/// 5. warms up: READs a few bytes of every registered tensor of every peer, on every UCX
+///    worker (connections, CUDA IPC mappings, the workers' streams and first-touch costs
+///    are paid here, not by the first layer), then all ranks confirm their setup to each
+///    other.
 ///
 /// # A layer
 ///
@@ -59,18 +61,24 @@ pub(super) struct Peer {
 /// 2. Local copies are staged from the old rows: host weights by the CPU, before any READ;
 ///    CUDA weights by device-to-device copies on a stream of the communicator's, while the
 ///    READs run.
-/// 3. This rank posts one READ request per peer it receives from: one descriptor per
-///    (expert row, tensor), from the peer's **old** row (the row the peer's plan sends
-///    from) straight into its place in the layer's staging. No send buffer, no copy and no
-///    call on the sender; between GPUs of one node, UCX's `cuda_ipc` moves the rows GPU to
-///    GPU.
-/// 4. The requests are polled until they complete or the deadline (minus a small reserve)
-///    passes; a failed or late request is released and reported naming the peer, the layer
-///    and its experts ([`EplbCommError::peer`] returns the peer).
+/// 3. This rank READs from every peer it receives from: one descriptor per (expert row,
+///    tensor), from the peer's **old** row (the row the peer's plan sends from) straight
+///    into its place in the layer's staging. A peer's descriptors are split by bytes into
+///    [`NixlConfig::read_streams`](super::NixlConfig::read_streams) requests (large rows
+///    may be cut into pieces), request `i` posted on UCX worker `i`: UCX queues the copies
+///    of one worker from one peer GPU on one CUDA stream, so the requests run on as many
+///    streams. No send buffer, no copy and no call on the sender; between GPUs of one
+///    node, UCX's `cuda_ipc` moves the rows GPU to GPU.
+/// 4. Every request is polled until all completed or the deadline (minus a small reserve)
+///    passes; a failed or late request is reported naming the peer, the layer and its
+///    experts ([`EplbCommError::peer`] returns the peer), and every request still in flight
+///    is released.
 /// 5. Post-read check: one `all_gather` of every rank's outcome. It is the barrier that
 ///    keeps any rank from committing (overwriting rows) while a peer may still READ them,
 ///    and it makes the outcome common: if any rank's READs failed, every rank returns an
 ///    error and nobody commits the layer. Layers where nothing crosses ranks skip it.
+///
+/// [`last_phases`](Self::last_phases) tells how long each step took.
 ///
 /// The weights are only read; [`StagedLayer::commit`] writes them later (host weights by the
 /// CPU, CUDA weights by device-to-device copies from the staging on the GPU). Call
@@ -120,6 +128,10 @@ pub struct NixlCommunicator {
     /// By EPLB-group rank; `None` for this rank.
     pub(super) peers: Vec<Option<Peer>>,
     pub(super) registered_bytes: u64,
+    /// READ requests per peer and layer, each on its own UCX worker.
+    pub(super) read_streams: usize,
+    /// The phases of the last successful transfer.
+    pub(super) last_phases: Option<NixlPhases>,
     /// Why the communicator stopped, once it did.
     pub(super) failed: Option<String>,
 }
@@ -180,6 +192,18 @@ impl NixlCommunicator {
     /// Bytes of weights registered for peers to READ (every tensor's span of rows).
     pub fn registered_weight_bytes(&self) -> u64 {
         self.registered_bytes
+    }
+
+    /// How many READ requests (each on its own UCX worker) a peer's rows of a layer are
+    /// split into ([`NixlConfig::read_streams`](super::NixlConfig::read_streams)).
+    pub fn read_streams(&self) -> usize {
+        self.read_streams
+    }
+
+    /// Where the time of the last successful [`transfer`](EplbCommunicator::transfer) went,
+    /// phase by phase; `None` before the first one.
+    pub fn last_phases(&self) -> Option<&NixlPhases> {
+        self.last_phases.as_ref()
     }
 }
 

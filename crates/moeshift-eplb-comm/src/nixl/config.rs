@@ -3,6 +3,10 @@
 
 /// UCX parameter naming how the backend handles a failed peer.
 pub const ERROR_HANDLING_MODE: &str = "ucx_error_handling_mode";
+/// UCX parameter naming how many UCX workers the backend creates.
+pub const NUM_WORKERS: &str = "num_workers";
+/// Default of [`NixlConfig::read_streams`].
+pub const DEFAULT_READ_STREAMS: usize = 4;
 
 /// How the NIXL backend is set up. The defaults suit both a single machine (UCX picks `cma`
 /// for data and `tcp` for control, with no settings) and RDMA clusters.
@@ -10,11 +14,12 @@ pub const ERROR_HANDLING_MODE: &str = "ucx_error_handling_mode";
 /// ```
 /// use moeshift_eplb_comm::nixl::NixlConfig;
 ///
-/// let config = NixlConfig::default().backend_param("num_workers", "2");
-/// assert_eq!(config.backend_params, vec![("num_workers".to_string(), "2".to_string())]);
+/// let config = NixlConfig::default().backend_param("num_workers", "8");
+/// assert_eq!(config.backend_params, vec![("num_workers".to_string(), "8".to_string())]);
 /// assert!(config.warm_up);
 /// assert_eq!(config.landing_slots, 1);
 /// assert_eq!(NixlConfig::default().landing_slots(2).landing_slots, 2);
+/// assert_eq!(NixlConfig::default().read_streams(1).read_streams, 1);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NixlConfig {
@@ -35,6 +40,27 @@ pub struct NixlConfig {
     /// [`EplbCommError::StagingInUse`](crate::EplbCommError::StagingInUse); two let a worker
     /// transfer layer `l + 1` while layer `l` waits for its commit. At least 1.
     pub landing_slots: usize,
+    /// How many READ requests each peer's rows of a layer are split into, each posted on a
+    /// UCX worker of its own (request `i` on worker `i`), and the number of workers the
+    /// agent creates: the backend parameter `num_workers` is set to it unless
+    /// [`backend_params`](Self::backend_params) sets `num_workers` itself (then to at least
+    /// this many, or building the communicator fails).
+    ///
+    /// Why: UCX queues every copy one worker makes from one peer GPU (`cuda_ipc`) on one
+    /// CUDA stream, so the rows of a layer from a peer move one after another on one copy
+    /// engine. Requests on `n` workers put them on `n` streams, which the GPU runs on
+    /// several copy engines at once; over RDMA they use `n` connections. A peer's rows are
+    /// split by bytes as evenly as rows allow: a large row may be cut at a 4 KiB multiple
+    /// inside it, small rows stay whole.
+    ///
+    /// The default is [`DEFAULT_READ_STREAMS`] (4): one stream caps READs from a peer at one
+    /// copy engine's rate, below what NVLink carries (between two H200s, rows READ with one
+    /// stream moved at 0.84 to 0.94 of the link's rate, with two or more at 0.98 to 1.0
+    /// once past the first layer), and the extra workers cost only their setup (paid, with
+    /// the warm-up, while the communicator is built) and a few requests more per layer;
+    /// host memory READs (UCX `cma`) neither gain nor lose. 1 keeps one request per peer on
+    /// one worker. At least 1.
+    pub read_streams: usize,
 }
 
 impl Default for NixlConfig {
@@ -43,6 +69,7 @@ impl Default for NixlConfig {
             backend_params: Vec::new(),
             warm_up: true,
             landing_slots: 1,
+            read_streams: DEFAULT_READ_STREAMS,
         }
     }
 }
@@ -60,6 +87,46 @@ impl NixlConfig {
     pub fn landing_slots(mut self, slots: usize) -> Self {
         self.landing_slots = slots;
         self
+    }
+
+    /// Sets the number of READ streams (see [`read_streams`](Self::read_streams)).
+    pub fn read_streams(mut self, streams: usize) -> Self {
+        self.read_streams = streams;
+        self
+    }
+
+    /// The UCX backend parameters to create the agent with: [`backend_params`] plus
+    /// `num_workers` = [`read_streams`] unless set, after checking both. Returns why the
+    /// configuration cannot work.
+    ///
+    /// [`backend_params`]: Self::backend_params
+    /// [`read_streams`]: Self::read_streams
+    pub(crate) fn agent_params(&self) -> Result<Vec<(String, String)>, String> {
+        let streams = self.read_streams;
+        if streams == 0 {
+            return Err(
+                "read_streams is 0; each peer's READs need at least one request (use 1 for a \
+                 single stream)"
+                    .into(),
+            );
+        }
+        let mut params = self.backend_params.clone();
+        match params.iter().find(|(k, _)| k == NUM_WORKERS) {
+            None => params.push((NUM_WORKERS.to_string(), streams.to_string())),
+            Some((_, value)) => {
+                let workers = value.trim().parse::<usize>().map_err(|_| {
+                    format!("backend parameter {NUM_WORKERS}={value:?} is not a number of workers")
+                })?;
+                if workers < streams {
+                    return Err(format!(
+                        "read_streams is {streams} but backend parameter {NUM_WORKERS} is \
+                         {workers}; every READ stream needs a UCX worker of its own (raise \
+                         {NUM_WORKERS} or lower read_streams)"
+                    ));
+                }
+            }
+        }
+        Ok(params)
     }
 
     /// The UCX error handling mode this configuration asks for (`peer` unless overridden).
@@ -144,5 +211,57 @@ mod tests {
         assert_eq!(NixlConfig::default().error_handling_mode(), "peer");
         let c = NixlConfig::default().backend_param(ERROR_HANDLING_MODE, "none");
         assert_eq!(c.error_handling_mode(), "none");
+    }
+
+    #[test]
+    fn read_streams_set_the_workers_unless_the_user_did() {
+        let workers = |c: &NixlConfig| {
+            c.agent_params().map(|p| {
+                p.iter()
+                    .filter(|(k, _)| k == NUM_WORKERS)
+                    .map(|(_, v)| v.clone())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(NixlConfig::default().read_streams, DEFAULT_READ_STREAMS);
+        assert_eq!(
+            workers(&NixlConfig::default()),
+            Ok(vec![DEFAULT_READ_STREAMS.to_string()])
+        );
+        assert_eq!(
+            workers(&NixlConfig::default().read_streams(1)),
+            Ok(vec!["1".to_string()])
+        );
+        // The user's own setting stays, and may exceed the streams.
+        let c = NixlConfig::default()
+            .read_streams(2)
+            .backend_param(NUM_WORKERS, "8");
+        assert_eq!(workers(&c), Ok(vec!["8".to_string()]));
+        // Other parameters pass through untouched.
+        let p = NixlConfig::default()
+            .backend_param(ERROR_HANDLING_MODE, "none")
+            .agent_params()
+            .unwrap();
+        assert!(p.contains(&(ERROR_HANDLING_MODE.to_string(), "none".to_string())));
+
+        let err = NixlConfig::default()
+            .read_streams(0)
+            .agent_params()
+            .unwrap_err();
+        assert!(err.contains("read_streams is 0"), "{err}");
+        let err = NixlConfig::default()
+            .read_streams(4)
+            .backend_param(NUM_WORKERS, "2")
+            .agent_params()
+            .unwrap_err();
+        assert!(
+            err.contains("read_streams is 4") && err.contains("is 2"),
+            "{err}"
+        );
+        let err = NixlConfig::default()
+            .backend_param(NUM_WORKERS, "many")
+            .agent_params()
+            .unwrap_err();
+        assert!(err.contains("\"many\""), "{err}");
     }
 }

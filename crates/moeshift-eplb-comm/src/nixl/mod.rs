@@ -8,6 +8,11 @@
 //! from committing while a peer may still read its rows. See [`NixlCommunicator`] for the
 //! protocol, the memory it registers and how failures are reported.
 //!
+//! Each peer's READs of a layer are split into [`NixlConfig::read_streams`] requests of
+//! nearly equal bytes, each on a UCX worker of its own, so rows from one peer GPU move on
+//! several CUDA streams (copy engines) at once. [`NixlCommunicator::last_phases`] tells
+//! where the last layer's time went ([`NixlPhases`]).
+//!
 //! Weights may live in host memory or, with feature `cuda`, in GPU memory: rows then move
 //! GPU to GPU (UCX's `cuda_ipc` between processes of a node), are staged on the GPU and
 //! committed by device-to-device copies. GPU weights must be shareable through CUDA IPC
@@ -70,17 +75,20 @@ mod config;
 mod cuda;
 mod error;
 mod landing;
+mod phases;
 #[allow(unsafe_code)]
 mod probe;
 mod setup;
+mod split;
 mod status;
 mod transfer;
 
 pub use communicator::NixlCommunicator;
-pub use config::{NixlConfig, ERROR_HANDLING_MODE};
+pub use config::{NixlConfig, DEFAULT_READ_STREAMS, ERROR_HANDLING_MODE, NUM_WORKERS};
 #[cfg(feature = "cuda")]
 pub use cuda::IpcCudaBuffer;
 pub use error::NixlError;
+pub use phases::NixlPhases;
 pub use probe::{
     is_nixl_available, probe, NixlRuntime, ENV_LIB_DIR, ENV_PLUGIN_DIR, ENV_UCX_MODULES, LIBRARY,
 };

@@ -60,6 +60,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "nixl_capi_destroy_backend",
     "nixl_capi_create_opt_args",
     "nixl_capi_destroy_opt_args",
+    "nixl_capi_opt_args_set_custom_param",
     "nixl_capi_create_reg_dlist",
     "nixl_capi_reg_dlist_add_desc",
     "nixl_capi_reg_dlist_clear",

@@ -9,7 +9,7 @@ use moeshift_device_comm::{HostGroup, StoreClient};
 use moeshift_sync::Deadline;
 use moeshift_tensor::Device;
 
-use super::agent::{CallError, NixlAgent, Read, ReadDesc};
+use super::agent::{CallError, NixlAgent, ReadDesc};
 use super::catalog::{check_same_tensors, LayerPlace, Published, RankDescription};
 use super::communicator::{NixlCommunicator, Peer};
 use super::config::{check_ucx_tls, NixlConfig};
@@ -17,7 +17,7 @@ use super::error::NixlError;
 use super::landing::LandingArea;
 use super::probe::{probe, NixlRuntime};
 use super::status::exchange_status;
-use super::transfer::WaitError;
+use super::transfer::{PendingRead, WaitError};
 use crate::error::EplbCommError;
 use crate::host::eplb_group;
 use crate::weights::{LayerLayout, LayerWeights};
@@ -150,6 +150,8 @@ impl NixlCommunicator {
             layers,
             peers: Vec::with_capacity(size),
             registered_bytes: local.registered_bytes,
+            read_streams: config.read_streams,
+            last_phases: None,
             failed: None,
         };
         let connected = comm.connect(peers, &config, deadline);
@@ -220,8 +222,9 @@ impl NixlCommunicator {
     }
 
     /// READs a few bytes of every registered tensor of every peer into the first landing
-    /// slot (free while the communicator is built), one request per peer: connections,
-    /// memory keys and CUDA IPC mappings are set up here rather than by the first layer.
+    /// slot (free while the communicator is built), one request per peer and UCX worker:
+    /// connections, memory keys, CUDA IPC mappings and each worker's streams are set up
+    /// here rather than by the first layer.
     fn warm_up(&self, deadline: Deadline) -> Result<(), EplbCommError> {
         let me = self.me;
         let Some(&slot) = self.landing.slot_addrs().first() else {
@@ -231,10 +234,12 @@ impl NixlCommunicator {
             self.bind_gpu(None)?;
         }
         let room = self.landing.len();
-        let mut reads: Vec<(usize, Vec<usize>, Read)> = Vec::new();
+        let workers = self.read_streams.max(1);
+        let mut reads: Vec<PendingRead> = Vec::new();
+        let mut at = 0usize;
         for (peer, p) in self.peers.iter().enumerate() {
             let Some(p) = p else { continue };
-            let mut descs = Vec::new();
+            let mut sources = Vec::new();
             let mut device = Device::Host;
             for l in &p.layers {
                 if l.layout.rows == 0 {
@@ -243,31 +248,45 @@ impl NixlCommunicator {
                 device = l.device;
                 for (spec, place) in l.layout.tensors.iter().zip(&l.tensors) {
                     let len = spec.row_bytes.min(WARM_UP_BYTES).min(room);
-                    if len == 0 {
-                        continue;
+                    if len > 0 {
+                        sources.push((place.base, len));
                     }
-                    // Spread over the slot where it is large enough; overlapping bytes of
-                    // the slot are only ever garbage here.
-                    let at = (descs.len() * WARM_UP_BYTES).min(room - len);
-                    descs.push(ReadDesc {
-                        local: slot.saturating_add(at as u64),
-                        remote: place.base,
-                        len,
-                    });
                 }
             }
-            if descs.is_empty() {
+            if sources.is_empty() {
                 continue;
             }
-            let read = self
-                .agent
-                .post_read(&p.agent, &descs, self.landing.device(), device)
-                .map_err(|e| NixlError::WarmUpFailed {
-                    rank: me,
+            for worker in 0..workers {
+                // Spread over the slot where it is large enough; overlapping bytes of the
+                // slot are only ever garbage here.
+                let descs: Vec<ReadDesc> = sources
+                    .iter()
+                    .map(|&(remote, len)| {
+                        let local = at.min(room - len);
+                        at = at.saturating_add(WARM_UP_BYTES);
+                        ReadDesc {
+                            local: slot.saturating_add(local as u64),
+                            remote,
+                            len,
+                        }
+                    })
+                    .collect();
+                let read = self
+                    .agent
+                    .post_read(&p.agent, &descs, self.landing.device(), device, worker)
+                    .map_err(|e| NixlError::WarmUpFailed {
+                        rank: me,
+                        peer,
+                        detail: format!("{}: {}", e.op, e.status),
+                    })?;
+                reads.push(PendingRead {
                     peer,
-                    detail: format!("{}: {}", e.op, e.status),
-                })?;
-            reads.push((peer, Vec::new(), read));
+                    request: worker,
+                    requests: workers,
+                    experts: Vec::new(),
+                    read,
+                });
+            }
         }
         self.wait_reads(&mut reads, deadline).map_err(|e| {
             let (peer, detail) = match e {
@@ -305,6 +324,9 @@ fn local_setup(
         }
         .into());
     }
+    let params = config
+        .agent_params()
+        .map_err(|detail| NixlError::Config { rank: me, detail })?;
     let device = weights_device(me, layers)?;
     let layouts: Vec<LayerLayout> = layers.iter().map(|l| l.layout.clone()).collect();
     let (landing_len, landing_layer) =
@@ -371,7 +393,7 @@ fn local_setup(
         }
         .into()
     };
-    let mut agent = NixlAgent::new(&runtime, &name, &config.backend_params).map_err(call)?;
+    let mut agent = NixlAgent::new(&runtime, &name, &params).map_err(call)?;
     let mut registered = 0u64;
     for (layer, l) in layers.iter().enumerate() {
         for (spec, place) in l.layout.tensors.iter().zip(&l.tensors) {

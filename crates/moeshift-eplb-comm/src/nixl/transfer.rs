@@ -1,7 +1,7 @@
-//! How a [`NixlCommunicator`] moves one layer: local checks and plan agreement, one READ
-//! request per peer straight into a lent landing slot (the layer's staging), local copies
-//! next to the received rows, polling with a deadline, then the post-read check. See the
-//! type's documentation.
+//! How a [`NixlCommunicator`] moves one layer: local checks and plan agreement, READ
+//! requests from every peer (split over the UCX workers) straight into a lent landing slot
+//! (the layer's staging), local copies next to the received rows, polling with a deadline,
+//! then the post-read check, timing each phase. See the type's documentation.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,8 @@ use moeshift_tensor::Device;
 use super::agent::{Read, ReadDesc};
 use super::communicator::{NixlCommunicator, Peer};
 use super::error::NixlError;
+use super::phases::NixlPhases;
+use super::split::{experts_of, split_even, Piece, GRAIN};
 use super::status::exchange_status;
 use crate::agree::{agree_on_plan, plan_digest};
 use crate::comm::{Backend, StagedLayer, TransferStats};
@@ -146,18 +148,19 @@ impl NixlCommunicator {
                 .get_or_insert_with(|| PeerRead {
                     peer: r.src,
                     device: theirs.device,
-                    experts: Vec::new(),
-                    descs: Vec::new(),
+                    pieces: Vec::new(),
                 });
-            entry.experts.push(r.expert);
             for ((spec, off), place) in layout.tensors.iter().zip(&offsets).zip(&theirs.tensors) {
                 if spec.row_bytes == 0 {
                     continue;
                 }
-                entry.descs.push(ReadDesc {
-                    local: slot_addr.saturating_add(base.saturating_add(*off) as u64),
-                    remote: place.row_addr(src_row),
-                    len: spec.row_bytes,
+                entry.pieces.push(Piece {
+                    expert: r.expert,
+                    desc: ReadDesc {
+                        local: slot_addr.saturating_add(base.saturating_add(*off) as u64),
+                        remote: place.row_addr(src_row),
+                        len: spec.row_bytes,
+                    },
                 });
             }
         }
@@ -203,63 +206,87 @@ impl NixlCommunicator {
         Ok(())
     }
 
-    /// Posts one READ request per peer this rank receives from.
+    /// Posts the READs from every peer this rank receives from: each peer's rows split into
+    /// up to `read_streams` requests of nearly equal bytes, request `i` on UCX worker `i`.
+    /// On error, the requests already posted are released (dropped) before it returns.
     fn post_reads(
         &self,
         layer: usize,
         prepared: &Prepared<'_>,
-    ) -> Result<Vec<(usize, Vec<usize>, Read)>, EplbCommError> {
+    ) -> Result<Vec<PendingRead>, EplbCommError> {
         let me = self.me;
-        let mut pending = Vec::with_capacity(prepared.reads.len());
+        let mut pending = Vec::with_capacity(prepared.reads.len() * self.read_streams);
         for r in &prepared.reads {
             let peer = self.peer(r.peer).map_err(EplbCommError::from)?;
-            if r.descs.is_empty() {
-                continue;
-            }
-            let read = self
-                .agent
-                .post_read(&peer.agent, &r.descs, self.landing.device(), r.device)
-                .map_err(|e| NixlError::ReadFailed {
-                    rank: me,
-                    layer,
+            let requests = split_even(&r.pieces, self.read_streams, GRAIN);
+            let count = requests.len();
+            for (i, request) in requests.iter().enumerate() {
+                let descs: Vec<ReadDesc> = request.iter().map(|p| p.desc).collect();
+                let experts = experts_of(request);
+                let read = self
+                    .agent
+                    .post_read(&peer.agent, &descs, self.landing.device(), r.device, i)
+                    .map_err(|e| NixlError::ReadFailed {
+                        rank: me,
+                        layer,
+                        peer: r.peer,
+                        experts: experts.clone(),
+                        detail: format!("{}{}: {}", request_label(i, count), e.op, e.status),
+                    })?;
+                pending.push(PendingRead {
                     peer: r.peer,
-                    experts: r.experts.clone(),
-                    detail: format!("{}: {}", e.op, e.status),
-                })?;
-            pending.push((r.peer, r.experts.clone(), read));
+                    request: i,
+                    requests: count,
+                    experts,
+                    read,
+                });
+            }
         }
         Ok(pending)
     }
 
     /// Stages the layer: local copies (host: by the CPU first; device: queued on the GPU
     /// while the READs run) and this rank's READs, straight into the lent slot. Returns once
-    /// every READ landed and every copy finished.
+    /// every READ landed and every copy finished. Adds the time of the copies and of the
+    /// READs to `phases` (see [`NixlPhases`] for what counts where).
     fn move_rows(
         &self,
         layer: usize,
         prepared: &mut Prepared<'_>,
         weights: &LayerWeights<'_>,
         deadline: Deadline,
+        phases: &mut NixlPhases,
     ) -> Result<(), EplbCommError> {
         let me = self.me;
         let on_host = self.landing.device() == Device::Host;
         if on_host {
+            let copying = Instant::now();
             self.copy_local_rows_on_host(layer, prepared, weights)?;
+            phases.local_copies += copying.elapsed().as_secs_f64();
         } else {
             self.bind_gpu(Some(layer))?;
         }
+        let posting = Instant::now();
         let mut pending = self.post_reads(layer, prepared)?;
+        phases.read_requests = pending.len();
+        phases.reads += posting.elapsed().as_secs_f64();
         #[cfg(feature = "cuda")]
         let copies = match (&self.cuda, on_host) {
-            (Some(cuda), false) => Some(cuda.queue_local_copies(
-                me,
-                layer,
-                weights,
-                &mut prepared.staging,
-                &prepared.local,
-            )?),
+            (Some(cuda), false) => {
+                let queueing = Instant::now();
+                let queue = cuda.queue_local_copies(
+                    me,
+                    layer,
+                    weights,
+                    &mut prepared.staging,
+                    &prepared.local,
+                )?;
+                phases.local_copies += queueing.elapsed().as_secs_f64();
+                Some(queue)
+            }
             _ => None,
         };
+        let waiting = Instant::now();
         let waited = self
             .wait_reads(&mut pending, deadline)
             .map_err(|e| match e {
@@ -286,9 +313,12 @@ impl NixlCommunicator {
                     waited,
                 }),
             });
+        phases.reads += waiting.elapsed().as_secs_f64();
         #[cfg(feature = "cuda")]
         if let Some(queue) = &copies {
+            let finishing = Instant::now();
             let copied = super::cuda::finish_copies(queue, deadline, waited.is_err());
+            phases.local_copies += finishing.elapsed().as_secs_f64();
             waited?;
             return copied;
         }
@@ -316,26 +346,32 @@ impl NixlCommunicator {
         })
     }
 
-    /// Polls `pending` READs (peer, experts, request) until all completed. On an error or
-    /// at the deadline it returns, naming the peer; the caller then drops the requests,
-    /// which releases (aborts) any still in flight.
+    /// Polls every `pending` READ request (polling one progresses its UCX worker) until all
+    /// completed. On an error or at the deadline it returns, naming the peer and the
+    /// request's experts; the caller then drops the requests, which releases (aborts) any
+    /// still in flight.
     pub(super) fn wait_reads(
         &self,
-        pending: &mut Vec<(usize, Vec<usize>, Read)>,
+        pending: &mut Vec<PendingRead>,
         deadline: Deadline,
     ) -> Result<(), WaitError> {
         let started = Instant::now();
         loop {
             let mut outstanding = false;
-            for (peer, experts, read) in pending.iter_mut() {
-                match self.agent.poll(read) {
+            for p in pending.iter_mut() {
+                match self.agent.poll(&mut p.read) {
                     Ok(true) => {}
                     Ok(false) => outstanding = true,
                     Err(e) => {
                         return Err(WaitError::Failed {
-                            peer: *peer,
-                            experts: experts.clone(),
-                            detail: format!("{}: {}", e.op, e.status),
+                            peer: p.peer,
+                            experts: p.experts.clone(),
+                            detail: format!(
+                                "{}{}: {}",
+                                request_label(p.request, p.requests),
+                                e.op,
+                                e.status
+                            ),
                         })
                     }
                 }
@@ -347,8 +383,8 @@ impl NixlCommunicator {
             if deadline.is_expired() {
                 let (peer, experts) = pending
                     .iter()
-                    .find(|(_, _, r)| !r.is_done())
-                    .map(|(p, e, _)| (*p, e.clone()))
+                    .find(|p| !p.read.is_done())
+                    .map(|p| (p.peer, p.experts.clone()))
                     .unwrap_or_default();
                 return Err(WaitError::Timeout {
                     peer,
@@ -415,6 +451,11 @@ impl NixlCommunicator {
             }
         };
 
+        let mut phases = NixlPhases {
+            layer,
+            ..NixlPhases::default()
+        };
+
         // 1. Local checks, then agreement (a refusal is sent to the peers, not kept).
         let digest = plan_digest(layer, plan);
         let prepared = self.prepare(layer, plan, weights);
@@ -423,6 +464,7 @@ impl NixlCommunicator {
             return Err(self.fail(e));
         }
         let mut prepared = prepared?;
+        phases.agreement = started.elapsed().as_secs_f64();
 
         // 2–4. READs and local copies, keeping a reserve for the post-read check.
         let crosses_ranks = plan.num_transfers() > 0;
@@ -433,7 +475,7 @@ impl NixlCommunicator {
                 .checked_sub(reserve)
                 .unwrap_or(deadline.instant()),
         );
-        let moved = self.move_rows(layer, &mut prepared, weights, read_deadline);
+        let moved = self.move_rows(layer, &mut prepared, weights, read_deadline, &mut phases);
 
         // 5. Post-read check: nobody commits while a peer may still read, and nobody
         //    commits unless everybody got its rows.
@@ -445,6 +487,7 @@ impl NixlCommunicator {
                 }));
             };
             let outcome = moved.as_ref().err().map(ToString::to_string);
+            let exchanging = Instant::now();
             let checked = exchange_status(
                 group,
                 Some(layer),
@@ -452,6 +495,7 @@ impl NixlCommunicator {
                 outcome.as_deref(),
                 deadline,
             );
+            phases.status_exchange = exchanging.elapsed().as_secs_f64();
             match (moved, checked) {
                 (Err(e), _) => return Err(self.fail_after_reads(e)),
                 (Ok(()), Err(e)) => return Err(self.fail(e)),
@@ -500,6 +544,9 @@ impl NixlCommunicator {
             staging_bytes: prepared.staging.len() as u64,
             seconds: started.elapsed().as_secs_f64(),
         };
+        phases.total = stats.seconds;
+        phases.bytes_read = stats.bytes_received;
+        self.last_phases = Some(phases);
         Ok(StagedLayer::new(
             layer,
             me,
@@ -528,22 +575,49 @@ pub(super) enum WaitError {
     },
 }
 
+/// A posted READ request and what it is for.
+pub(super) struct PendingRead {
+    /// The peer read from.
+    pub(super) peer: usize,
+    /// Its index among the peer's requests (and its UCX worker).
+    pub(super) request: usize,
+    /// How many requests read from the peer.
+    pub(super) requests: usize,
+    /// The experts whose rows (or pieces of them) it reads.
+    pub(super) experts: Vec<usize>,
+    /// The request.
+    pub(super) read: Read,
+}
+
+/// How a message names request `request` of `requests` from one peer (nothing when there
+/// is only one).
+fn request_label(request: usize, requests: usize) -> String {
+    if requests > 1 {
+        format!(
+            "request {} of {requests} (UCX worker {request}): ",
+            request + 1
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// A layer's transfer, prepared.
 struct Prepared<'p> {
     mine: &'p RankPlan,
     layout: LayerLayout,
     /// Laid out in a lent landing slot: received rows first, then local copies.
     staging: Staging,
-    /// One READ request per peer this rank receives from.
+    /// The rows to READ, by peer this rank receives from.
     reads: Vec<PeerRead>,
     /// Local copies: (staged row, source row).
     local: Vec<(usize, usize)>,
 }
 
-/// The rows this rank READs from one peer.
+/// The rows this rank READs from one peer: one piece per (expert row, tensor), in plan
+/// order, split into requests when posted.
 struct PeerRead {
     peer: usize,
     device: Device,
-    experts: Vec<usize>,
-    descs: Vec<ReadDesc>,
+    pieces: Vec<Piece>,
 }
