@@ -1,20 +1,24 @@
 //! NCCL communicator with deadlines (feature `cuda`).
 //!
 //! GPU-to-GPU transfers for moeshift over NCCL, loaded at run time through cudarc. The
-//! difference from using NCCL directly is that nothing can hang: the communicator is
-//! non-blocking, every operation takes a [`Deadline`](moeshift_sync::Deadline), and a peer
-//! that dies or never shows up turns into an [`NcclError::Timeout`] naming the operation and
-//! the peer, after which the communicator is aborted.
+//! difference from using NCCL directly is that nothing can hang: everything that waits for
+//! peers on the host (creation, connection set-up) runs on a non-blocking communicator,
+//! operations run on a blocking one split from it that shares its connections (so a launch
+//! costs what it costs in PyTorch), every operation takes a
+//! [`Deadline`](moeshift_sync::Deadline), and a peer that dies or never shows up turns into
+//! an [`NcclError::Timeout`] naming the operation and the peer, after which the communicator
+//! is aborted. See [`NcclComm`] for the details.
 //!
 //! Layers, each its own module (as in cudarc):
 //! - [`probe`]: is there a driver and a NCCL library? ([`nccl_available`], never panics);
-//! - `config` and `result`: the `ncclConfig_t` of a non-blocking communicator, and checked
-//!   calls over `cudarc::nccl::sys` (crate-internal);
+//! - `config` and `result`: the `ncclConfig_t`s of the two communicators, and checked calls
+//!   over `cudarc::nccl::sys` (crate-internal);
 //! - [`schedule`]: pure ordering of grouped point-to-point work into symmetric tournament
 //!   rounds of at most [`MAX_P2P_OPS_PER_GROUP`] operations per group;
 //! - [`NcclComm`]: the safe communicator — [`send`](NcclComm::send),
 //!   [`recv`](NcclComm::recv), [`grouped`](NcclComm::grouped),
 //!   [`all_to_all_v`](NcclComm::all_to_all_v), [`broadcast`](NcclComm::broadcast),
+//!   [`broadcast_many_raw`](NcclComm::broadcast_many_raw),
 //!   [`all_reduce_sum`](NcclComm::all_reduce_sum).
 //!
 //! A communicator is created either from a [`UniqueId`] the caller distributes, or through the
