@@ -105,6 +105,8 @@ run_benches() {
   for b in nccl nixl host; do
     bench "eplb_$b" $L moeshift bench eplb-comm --backend $b $layer
   done
+  # NIXL with each peer's READs on one UCX worker (one CUDA stream), against the default.
+  bench eplb_nixl_1_stream $L moeshift bench eplb-comm --backend nixl --nixl-read-streams 1 $layer
   # 494M bf16 parameters, 1 trainer + 1 worker: dense, packed, sparse at 0.1 %, CUDA IPC.
   local ws="--params 494000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 5"
   bench ws_nccl_dense $L moeshift bench weight-sync --engine nccl --mode dense $ws
