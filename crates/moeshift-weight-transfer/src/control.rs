@@ -2,14 +2,44 @@
 //! [`HostGroup`] whose rank 0 is the trainer.
 //!
 //! Engines differ in how payload bytes travel (TCP, NCCL, CUDA IPC); the session shape is
-//! the same for all of them: per update the trainer broadcasts an announcement
-//! ([`Control::Update`]), every rank votes in an all-gathered status round, the payload
-//! moves, and a second status round ends the update; then the trainer broadcasts
-//! [`Control::End`].
+//! the same for all of them and is written once here: [`send_session`] drives a trainer
+//! engine ([`TrainerPayload`]) and [`receive_update`] a worker engine ([`WorkerPayload`]);
+//! each engine supplies only its payload path.
 //!
-//! The session shape is written once here: [`send_session`] drives a trainer engine
-//! ([`TrainerPayload`]) and [`receive_update`] a worker engine ([`WorkerPayload`]); each
-//! engine supplies only its payload path.
+//! # One session
+//!
+//! ```text
+//! trainer                                  every worker
+//! announce update 0 (broadcast)      ->    read it; take a staged payload (if any)
+//! [vote (all-gather)]                <->   [vote: accept, or refuse with the reason]
+//! payload                            ->    receive it
+//! status (all-gather), carrying the  <->   status: ok, or failed with the reason;
+//!   announcement of update 1                 keep what the trainer's status carries
+//! [vote]  payload  status, carrying ...
+//! ... the last status carries the end of the session
+//! ```
+//!
+//! Per update that is one status round (an all-gather in which each rank says "ok" or
+//! "failed: reason"), one vote round before the payload unless the payload is staged (see
+//! below), and the engine's payload. Only the first announcement of a session is a round of
+//! its own: the trainer's status in the round that ends update `k` carries the
+//! announcement of update `k + 1`, or the end marker after the last update (a session
+//! without updates sends its end marker alone). A worker reads the carried message only
+//! when every rank said ok; otherwise the update failed everywhere and the session ends.
+//!
+//! **Staged payloads.** A payload that lands in a worker's staging area (not in a live
+//! parameter) can move before the vote: the announcement then says how many bytes follow
+//! ([`Staged`]), every worker receives them right after reading the announcement, whatever
+//! it then decides, and the vote and the status round become one round. The NCCL engine
+//! sends sparse updates this way. A worker that cannot parse such an announcement still
+//! reads the sizes from it, so the payload's collective stays matched and the trainer hears
+//! the reason in the status round.
+//!
+//! The rules that hold throughout: a worker that cannot accept an update (unknown name,
+//! wrong dtype or shape, a bad index in a sparse update, a chunk header that differs from
+//! its plan) says so in the next round, so the update fails on every rank with an error
+//! naming that rank and its reason ([`TransferError::PeersFailed`] on the others); a dead
+//! peer is a transport error before the deadline.
 
 use std::time::Instant;
 
@@ -28,6 +58,16 @@ use crate::registry::ParamRegistry;
 /// The trainer's rank in the transfer group.
 pub const TRAINER_RANK: usize = 0;
 
+/// Sizes of a sparse payload the trainer moves right after the announcement, before any
+/// vote: the staged int32 index array, then the value array (each parameter's values
+/// aligned as [`SparseLayout`](crate::sparse_layout::SparseLayout) lays them out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Staged {
+    pub(crate) index_bytes: u64,
+    pub(crate) value_bytes: u64,
+}
+
 /// A control message from the trainer.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -37,6 +77,9 @@ pub(crate) enum Control {
         update: u32,
         info: UpdateInfo,
         metadata_digest: String,
+        /// The payload follows at once, before the vote (see the module docs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staged: Option<Staged>,
     },
     End {
         session: u64,
@@ -44,11 +87,35 @@ pub(crate) enum Control {
     },
 }
 
+/// What a worker still reads from an announcement it cannot parse: whether a staged payload
+/// follows (unknown fields are skipped).
+#[derive(Deserialize)]
+struct StagedOnly {
+    #[serde(default)]
+    staged: Option<Staged>,
+}
+
+impl Control {
+    fn encode(&self) -> Result<Vec<u8>, TransferError> {
+        serde_json::to_vec(self).map_err(|e| TransferError::Config {
+            detail: format!("encoding a control message: {e}"),
+        })
+    }
+}
+
 const OK: u8 = 1;
 const FAILED: u8 = 0;
 
 pub(crate) fn status_ok() -> Vec<u8> {
     vec![OK]
+}
+
+/// "Ok", carrying `next` (the trainer's next control message) to every worker.
+fn status_ok_with(next: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + next.len());
+    v.push(OK);
+    v.extend_from_slice(next);
+    v
 }
 
 pub(crate) fn status_failed(reason: &str) -> Vec<u8> {
@@ -130,7 +197,7 @@ impl TrainerControl {
         Ok(())
     }
 
-    /// One status round: the trainer says ok; any worker's failure is
+    /// One status round in which the trainer says ok; any worker's failure is
     /// [`TransferError::PeersFailed`].
     pub(crate) fn status_round(
         &self,
@@ -138,9 +205,19 @@ impl TrainerControl {
         what: &str,
         deadline: Deadline,
     ) -> Result<(), TransferError> {
+        self.round(update, what, &status_ok(), deadline)
+    }
+
+    fn round(
+        &self,
+        update: u32,
+        what: &str,
+        mine: &[u8],
+        deadline: Deadline,
+    ) -> Result<(), TransferError> {
         let statuses = self
             .group
-            .all_gather(&status_ok(), deadline)
+            .all_gather(mine, deadline)
             .map_err(Self::comm(format!("{what} of update {update}")))?;
         let failed = failures(&statuses);
         if failed.is_empty() {
@@ -155,12 +232,9 @@ impl TrainerControl {
         }
     }
 
-    fn broadcast(&self, control: &Control, deadline: Deadline) -> Result<(), TransferError> {
-        let bytes = serde_json::to_vec(control).map_err(|e| TransferError::Config {
-            detail: format!("encoding an announcement: {e}"),
-        })?;
+    fn broadcast(&self, bytes: &[u8], deadline: Deadline) -> Result<(), TransferError> {
         self.group
-            .broadcast_bytes(TRAINER_RANK, Some(&bytes), deadline)
+            .broadcast_bytes(TRAINER_RANK, Some(bytes), deadline)
             .map_err(Self::comm("announcing to the workers"))?;
         Ok(())
     }
@@ -170,16 +244,16 @@ impl TrainerControl {
         self.session += 1;
     }
 
-    /// Announces update `index` of `metas` (full info `full_info`) and runs the vote. A dense
-    /// update with the same parameters as the last one every worker applied is announced as
-    /// "reuse the previous metadata" when the engine is configured so.
-    pub(crate) fn announce(
-        &mut self,
+    /// The announcement of update `index` of `metas` (full info `full_info`), encoded. A
+    /// dense update with the same parameters as the last one every worker applied is
+    /// announced as "reuse the previous metadata" when the engine is configured so.
+    fn announcement(
+        &self,
         index: u32,
         full_info: &UpdateInfo,
         metas: &[ParamMeta],
-        deadline: Deadline,
-    ) -> Result<(), TransferError> {
+        staged: Option<Staged>,
+    ) -> Result<Vec<u8>, TransferError> {
         let digest = metadata_digest(metas);
         let info = if full_info.update_kind == crate::info::UpdateKind::Dense
             && self.reuse_metadata
@@ -189,35 +263,33 @@ impl TrainerControl {
         } else {
             full_info.clone()
         };
-        let control = Control::Update {
+        Control::Update {
             session: self.session,
             update: index,
             info,
             metadata_digest: digest.to_string(),
-        };
-        self.broadcast(&control, deadline)?;
-        self.status_round(index, "vote", deadline)
+            staged,
+        }
+        .encode()
     }
 
-    /// Records that every worker applied a dense update of `metas`.
-    pub(crate) fn dense_applied(&mut self, metas: Vec<ParamMeta>) {
+    /// The end marker of a session of `updates` updates, encoded.
+    fn end_marker(&self, updates: u32) -> Result<Vec<u8>, TransferError> {
+        Control::End {
+            session: self.session,
+            updates,
+        }
+        .encode()
+    }
+
+    /// Records that a dense update of `metas` is applied by every worker.
+    fn dense_applied(&mut self, metas: Vec<ParamMeta>) {
         self.last_dense = Some(metas);
     }
 
     /// Forgets the last dense metadata (after a failure workers may disagree about it).
-    pub(crate) fn forget_metadata(&mut self) {
+    fn forget_metadata(&mut self) {
         self.last_dense = None;
-    }
-
-    /// Ends the session.
-    pub(crate) fn end(&self, updates: u32, deadline: Deadline) -> Result<(), TransferError> {
-        self.broadcast(
-            &Control::End {
-                session: self.session,
-                updates,
-            },
-            deadline,
-        )
     }
 }
 
@@ -247,8 +319,19 @@ pub(crate) trait TrainerPayload {
     /// The engine's control channel.
     fn control(&mut self) -> &mut TrainerControl;
 
-    /// Sends the payload of update `index` (announced as `info`, parameters `metas`) after
-    /// a successful vote; returns the payload bytes each worker got.
+    /// `Some` when the payload of `update` (parameters `metas`) travels staged, before the
+    /// vote (see the module docs); the default: never.
+    fn staged(
+        &self,
+        _update: &Self::Update<'_>,
+        _metas: &[ParamMeta],
+    ) -> Result<Option<Staged>, TransferError> {
+        Ok(None)
+    }
+
+    /// Sends the payload of update `index` (announced as `info`, parameters `metas`): after
+    /// a successful vote, or right after the announcement for a staged payload. Returns the
+    /// payload bytes each worker got.
     fn send_payload(
         &mut self,
         index: u32,
@@ -260,9 +343,8 @@ pub(crate) trait TrainerPayload {
 }
 
 /// Sends one session of checked `updates` (each with the info that announces it) through
-/// `engine`: per update the announcement and vote, the engine's payload and the commit
-/// round, then the end marker. After a failure the "reuse" metadata is forgotten (workers
-/// may disagree about it). `started` is when the send began, for the report.
+/// `engine` (see the module docs). After a failure the "reuse" metadata is forgotten
+/// (workers may disagree about it). `started` is when the send began, for the report.
 pub(crate) fn send_session<E: TrainerPayload>(
     engine: &mut E,
     updates: &[(E::Update<'_>, UpdateInfo)],
@@ -271,6 +353,7 @@ pub(crate) fn send_session<E: TrainerPayload>(
 ) -> Result<SendReport, TransferError> {
     engine.control().begin_session();
     let mut report = SendReport::default();
+    report.phases.prepare = started.elapsed();
     let r = send_updates(engine, updates, &mut report, deadline);
     if r.is_err() {
         // Workers may disagree about the last metadata now: send full lists next time.
@@ -287,36 +370,85 @@ fn send_updates<E: TrainerPayload>(
     report: &mut SendReport,
     deadline: Deadline,
 ) -> Result<(), TransferError> {
-    for (index, (update, info)) in updates.iter().enumerate() {
+    let count = u32::try_from(updates.len()).map_err(|_| TransferError::Config {
+        detail: format!("a session of {} updates is too long", updates.len()),
+    })?;
+    let plans = updates
+        .iter()
+        .map(|(update, _)| {
+            let metas = update.metas();
+            let staged = engine.staged(update, &metas)?;
+            Ok((metas, staged))
+        })
+        .collect::<Result<Vec<_>, TransferError>>()?;
+    let Some(((_, first_info), (first_metas, first_staged))) = updates.first().zip(plans.first())
+    else {
+        // Nothing to announce: the end marker goes alone.
+        let t = Instant::now();
+        let end = engine.control().end_marker(0)?;
+        engine.control().broadcast(&end, deadline)?;
+        report.phases.end += t.elapsed();
+        return Ok(());
+    };
+    let t = Instant::now();
+    let announcement = engine
+        .control()
+        .announcement(0, first_info, first_metas, *first_staged)?;
+    engine.control().broadcast(&announcement, deadline)?;
+    report.phases.announce += t.elapsed();
+
+    for (index, ((update, info), (metas, staged))) in updates.iter().zip(&plans).enumerate() {
         let index = index as u32;
-        let metas = update.metas();
-        engine.control().announce(index, info, &metas, deadline)?;
-        report.payload_bytes += engine.send_payload(index, update, info, &metas, deadline)?;
-        engine.control().status_round(index, "commit", deadline)?;
-        report.updates += 1;
-        match update.param_count() {
-            ParamCount::Dense(n) => {
-                report.dense_params += n;
-                engine.control().dense_applied(metas);
+        if staged.is_none() {
+            let t = Instant::now();
+            engine.control().status_round(index, "vote", deadline)?;
+            report.phases.vote += t.elapsed();
+        }
+        let t = Instant::now();
+        report.payload_bytes += engine.send_payload(index, update, info, metas, deadline)?;
+        report.phases.payload += t.elapsed();
+
+        let t = Instant::now();
+        let dense = update.param_count();
+        if let ParamCount::Dense(_) = dense {
+            // Announce the next update as if this one succeeds: if it fails, the session
+            // ends here and the metadata is forgotten.
+            engine.control().dense_applied(metas.clone());
+        }
+        let following = index as usize + 1;
+        let next = match updates.get(following).zip(plans.get(following)) {
+            Some(((_, info), (metas, staged))) => {
+                engine
+                    .control()
+                    .announcement(index + 1, info, metas, *staged)?
             }
+            None => engine.control().end_marker(count)?,
+        };
+        engine
+            .control()
+            .round(index, "status", &status_ok_with(&next), deadline)?;
+        report.phases.status += t.elapsed();
+        report.updates += 1;
+        match dense {
+            ParamCount::Dense(n) => report.dense_params += n,
             ParamCount::Sparse(n) => report.sparse_params += n,
         }
     }
-    engine.control().end(updates.len() as u32, deadline)
+    Ok(())
 }
 
 /// A problem a worker found while receiving a payload.
 pub(crate) enum Failure {
     /// This worker cannot apply the update, but the stream is still in step: the others
-    /// hear it in the commit round.
+    /// hear it in the status round.
     Refused(TransferError),
     /// No further round of this update can be trusted (the transport broke, or the
     /// failure was already reported in a round of its own): returned as it is.
     Fatal(TransferError),
 }
 
-/// A worker engine's own part of an update: the checks before the vote, the payload path
-/// and what happens once every rank committed.
+/// A worker engine's own part of an update: a staged payload, the checks before the vote,
+/// the payload path and what happens once every rank committed.
 pub(crate) trait WorkerPayload: WorkerEngine {
     /// What the checks before the vote hand the payload step.
     type Plan;
@@ -326,15 +458,29 @@ pub(crate) trait WorkerPayload: WorkerEngine {
     /// The engine's control channel.
     fn control(&mut self) -> &mut WorkerControl;
 
-    /// Checks that must pass before this worker votes for `update`; an error is this
-    /// worker's refusal, and no payload moves.
+    /// Receives a payload the trainer moves right after its announcement (see the module
+    /// docs) into the engine's staging area. Called before the announcement is checked, so
+    /// the transfer stays matched whatever this worker decides; an error ends the update
+    /// without a round. The default refuses: the engine stages nothing.
+    fn receive_staged(&mut self, staged: Staged, _deadline: Deadline) -> Result<(), TransferError> {
+        let engine = self.name();
+        Err(self.control().protocol(format!(
+            "the trainer moves a payload of {} + {} bytes before the vote; the {engine} \
+             engine cannot stage one (are both sides the same engine?)",
+            staged.index_bytes, staged.value_bytes,
+        )))
+    }
+
+    /// Checks that must pass before this worker votes for `update` (or, for a staged
+    /// payload, before the payload is examined); an error is this worker's refusal.
     fn check(
         &mut self,
         update: &PreparedUpdate,
         registry: &mut ParamRegistry<Self::Storage>,
     ) -> Result<Self::Plan, TransferError>;
 
-    /// Receives the payload of `update` after a successful vote.
+    /// Receives the payload of `update` after a successful vote, or examines the staged
+    /// payload of a staged update.
     fn receive_payload(
         &mut self,
         update: &PreparedUpdate,
@@ -343,8 +489,8 @@ pub(crate) trait WorkerPayload: WorkerEngine {
         deadline: Deadline,
     ) -> Result<Self::Received, Failure>;
 
-    /// Applies what is still staged once every rank committed; returns the number of
-    /// chunks received, for the report.
+    /// Applies what is still staged once every rank said ok; returns the number of chunks
+    /// received, for the report.
     fn commit(
         &mut self,
         update: &PreparedUpdate,
@@ -354,7 +500,8 @@ pub(crate) trait WorkerPayload: WorkerEngine {
 }
 
 /// Receives one update through `engine` (see [`WorkerEngine::receive`]): the checks and the
-/// vote, the payload, the commit round, then the engine's commit.
+/// vote (unless the payload was staged), the payload, the status round, then the engine's
+/// commit.
 pub(crate) fn receive_update<E: WorkerPayload>(
     engine: &mut E,
     update: &PreparedUpdate,
@@ -362,23 +509,27 @@ pub(crate) fn receive_update<E: WorkerPayload>(
     deadline: Deadline,
 ) -> Result<UpdateReport, TransferError> {
     let started = Instant::now();
+    // With a staged payload, the vote and the status round are one round.
+    let staged = engine.control().staged.is_some();
     let plan = match engine.check(update, registry) {
         Ok(plan) => plan,
-        Err(e) => return Err(engine.control().fail_round(e, "vote", deadline)),
+        Err(e) => {
+            let round = if staged { "status" } else { "vote" };
+            return Err(engine.control().fail_round(e, round, deadline));
+        }
     };
-    engine
-        .control()
-        .status_round(status_ok(), "vote", deadline)?;
+    if !staged {
+        engine
+            .control()
+            .status_round(status_ok(), "vote", deadline)?;
+    }
     let received = match engine.receive_payload(update, plan, registry, deadline) {
         Ok(r) => r,
-        // Commit round: tell everyone, then report our own reason.
-        Err(Failure::Refused(e)) => return Err(engine.control().fail_round(e, "commit", deadline)),
+        // Status round: tell everyone, then report our own reason.
+        Err(Failure::Refused(e)) => return Err(engine.control().fail_round(e, "status", deadline)),
         Err(Failure::Fatal(e)) => return Err(e),
     };
-    engine
-        .control()
-        .status_round(status_ok(), "commit", deadline)?;
-    engine.control().updates += 1;
+    engine.control().final_round("status", deadline)?;
     let chunks = engine.commit(update, received, registry)?;
     Ok(UpdateReport {
         params: update.slots.len(),
@@ -388,9 +539,58 @@ pub(crate) fn receive_update<E: WorkerPayload>(
     })
 }
 
+/// The trainer's next announcement for `engine` (see [`WorkerEngine::announcement`]): the
+/// one the last status round carried, or the next broadcast. A staged payload is received
+/// before anything else (see the module docs).
+pub(crate) fn announcement<E: WorkerPayload>(
+    engine: &mut E,
+    deadline: Deadline,
+) -> Result<Announcement, TransferError> {
+    let bytes = engine.control().next_control(deadline)?;
+    let parsed = serde_json::from_slice::<Control>(&bytes);
+    let staged = match &parsed {
+        Ok(Control::Update { staged, .. }) => *staged,
+        Ok(Control::End { .. }) => None,
+        Err(_) => serde_json::from_slice::<StagedOnly>(&bytes)
+            .ok()
+            .and_then(|s| s.staged),
+    };
+    if let Some(sizes) = staged {
+        engine.receive_staged(sizes, deadline)?;
+        engine.control().staged = Some(sizes);
+    }
+    engine.control().interpret(parsed, deadline)
+}
+
+/// Ends `engine`'s session, consuming the trainer's end marker if not seen yet (see
+/// [`WorkerEngine::finish`]).
+pub(crate) fn finish<E: WorkerPayload>(
+    engine: &mut E,
+    deadline: Deadline,
+) -> Result<(), TransferError> {
+    if !engine.control().ended {
+        match announcement(engine, deadline)? {
+            Announcement::End => {}
+            Announcement::Update { .. } => {
+                let control = engine.control();
+                let e = control.protocol(format!(
+                    "the trainer announced update {} while this worker finished the session",
+                    control.updates
+                ));
+                // Refuse it so the trainer learns why.
+                let _ = control.status_round(status_failed(&e.to_string()), "refusal", deadline);
+                control.end_session();
+                return Err(e);
+            }
+        }
+    }
+    engine.control().end_session();
+    Ok(())
+}
+
 /// The [`WorkerEngine`] methods every in-band engine answers from its control channel (a
-/// field `control: WorkerControl`): its rank, the trainer's next announcement and a
-/// refusal.
+/// field `control: WorkerControl`, and a [`WorkerPayload`] implementation): its rank, the
+/// trainer's next announcement, a refusal, and the end of a session.
 macro_rules! worker_control_methods {
     () => {
         fn rank(&self) -> usize {
@@ -401,7 +601,7 @@ macro_rules! worker_control_methods {
             &mut self,
             deadline: ::moeshift_sync::Deadline,
         ) -> Result<$crate::engine::Announcement, $crate::error::TransferError> {
-            self.control.announcement(deadline)
+            $crate::control::announcement(self, deadline)
         }
 
         fn reject(
@@ -425,6 +625,10 @@ pub(crate) struct WorkerControl {
     pub(crate) updates: u32,
     /// `announcement` already returned the end marker of the current session.
     ended: bool,
+    /// The trainer's next control message, carried by the last status round.
+    pending: Option<Vec<u8>>,
+    /// The current update's payload was staged before the vote (sizes as announced).
+    pub(crate) staged: Option<Staged>,
 }
 
 impl WorkerControl {
@@ -444,6 +648,8 @@ impl WorkerControl {
             session: None,
             updates: 0,
             ended: false,
+            pending: None,
+            staged: None,
         })
     }
 
@@ -481,6 +687,25 @@ impl WorkerControl {
         }
     }
 
+    /// One all-gathered status round; every rank's status when all said ok.
+    fn round(
+        &self,
+        mine: Vec<u8>,
+        what: &str,
+        deadline: Deadline,
+    ) -> Result<Vec<Vec<u8>>, TransferError> {
+        let statuses = self
+            .group
+            .all_gather(&mine, deadline)
+            .map_err(self.comm(format!("{what} of update {}", self.updates)))?;
+        let failed = failures(&statuses);
+        if failed.is_empty() {
+            Ok(statuses)
+        } else {
+            Err(self.peers_failed(failed))
+        }
+    }
+
     /// One all-gathered status round; `Ok` when every rank said ok.
     pub(crate) fn status_round(
         &self,
@@ -488,16 +713,25 @@ impl WorkerControl {
         what: &str,
         deadline: Deadline,
     ) -> Result<(), TransferError> {
-        let statuses = self
-            .group
-            .all_gather(&mine, deadline)
-            .map_err(self.comm(format!("{what} of update {}", self.updates)))?;
-        let failed = failures(&statuses);
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(self.peers_failed(failed))
-        }
+        self.round(mine, what, deadline).map(|_| ())
+    }
+
+    /// The round that ends an update: this worker says ok; when every rank did, the update
+    /// counts as done and the trainer's next control message (which its status carries) is
+    /// kept for [`announcement`].
+    fn final_round(&mut self, what: &str, deadline: Deadline) -> Result<(), TransferError> {
+        let mut statuses = self.round(status_ok(), what, deadline)?;
+        self.updates += 1;
+        let carried = statuses
+            .get_mut(TRAINER_RANK)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        // `failures` found the trainer's status to start with "ok".
+        self.pending = carried
+            .get(1..)
+            .filter(|next| !next.is_empty())
+            .map(<[u8]>::to_vec);
+        Ok(())
     }
 
     /// Tells everyone this worker failed `what` for `reason` (best effort), counts the
@@ -513,16 +747,30 @@ impl WorkerControl {
         reason
     }
 
-    fn read_control(&mut self, deadline: Deadline) -> Result<Control, TransferError> {
-        let bytes = self
-            .group
-            .broadcast_bytes(TRAINER_RANK, None, deadline)
-            .map_err(self.comm("waiting for the trainer's next announcement"))?;
-        let control: Control = match serde_json::from_slice(&bytes) {
+    /// The bytes of the trainer's next control message: carried by the last status round,
+    /// or broadcast now. Forgets the previous update's staged payload.
+    fn next_control(&mut self, deadline: Deadline) -> Result<Vec<u8>, TransferError> {
+        self.staged = None;
+        match self.pending.take() {
+            Some(bytes) => Ok(bytes),
+            None => self
+                .group
+                .broadcast_bytes(TRAINER_RANK, None, deadline)
+                .map_err(self.comm("waiting for the trainer's next announcement")),
+        }
+    }
+
+    /// Checks a control message the trainer sent (`parsed` from its bytes) and turns it into
+    /// an announcement. A message this worker cannot take while the trainer waits for its
+    /// vote is refused in that round, so the trainer hears why.
+    fn interpret(
+        &mut self,
+        parsed: Result<Control, serde_json::Error>,
+        deadline: Deadline,
+    ) -> Result<Announcement, TransferError> {
+        let control = match parsed {
             Ok(c) => c,
             Err(e) => {
-                // The trainer is waiting for votes on what it announced: refuse, so it
-                // hears why instead of waiting for its deadline.
                 let reason = format!("unreadable announcement: {e}");
                 let _ = self.group.all_gather(&status_failed(&reason), deadline);
                 return Err(self.protocol(reason));
@@ -539,56 +787,7 @@ impl WorkerControl {
             }
         }
         self.session = Some(session);
-        Ok(control)
-    }
-
-    /// Receives the header of packed chunk `seq` (`during` names the step in errors) and
-    /// checks it against `plan`, this worker's own chunk plan: the first mismatch is kept in
-    /// `problem` and the stream stays in step (the header says how long its payload is). A
-    /// header that cannot be read does not, so it ends the update.
-    pub(crate) fn recv_chunk_header(
-        &self,
-        seq: u32,
-        plan: &[ChunkHeader],
-        problem: &mut Option<TransferError>,
-        during: String,
-        deadline: Deadline,
-    ) -> Result<ChunkHeader, Failure> {
-        let raw = self
-            .group
-            .recv(TRAINER_RANK, deadline)
-            .map_err(|e| Failure::Fatal(self.comm(during)(e)))?;
-        let header = ChunkHeader::decode(&raw).map_err(|e| Failure::Fatal(e.into()))?;
-        if problem.is_none() {
-            let check = match plan.get(seq as usize) {
-                Some(expected) => header.check_matches(expected),
-                None => Err(PackError::Sequence {
-                    expected_seq: seq,
-                    expected_total: plan.len() as u32,
-                    got_seq: header.seq,
-                    got_total: header.total,
-                }),
-            };
-            if let Err(e) = check {
-                *problem = Some(e.into());
-            }
-        }
-        Ok(header)
-    }
-
-    /// Forgets the current session.
-    pub(crate) fn end_session(&mut self) {
-        self.session = None;
-        self.updates = 0;
-        self.ended = false;
-    }
-
-    /// The trainer's next announcement (see [`crate::WorkerEngine::announcement`]).
-    pub(crate) fn announcement(
-        &mut self,
-        deadline: Deadline,
-    ) -> Result<Announcement, TransferError> {
-        match self.read_control(deadline)? {
+        match control {
             Control::Update {
                 update,
                 info,
@@ -630,7 +829,51 @@ impl WorkerControl {
         }
     }
 
-    /// Refuses the announced update (see [`crate::WorkerEngine::reject`]).
+    /// Receives the header of packed chunk `seq` (`during` names the step in errors) and
+    /// checks it against `plan`, this worker's own chunk plan: the first mismatch is kept in
+    /// `problem` and the stream stays in step (the header says how long its payload is). A
+    /// header that cannot be read does not, so it ends the update.
+    pub(crate) fn recv_chunk_header(
+        &self,
+        seq: u32,
+        plan: &[ChunkHeader],
+        problem: &mut Option<TransferError>,
+        during: String,
+        deadline: Deadline,
+    ) -> Result<ChunkHeader, Failure> {
+        let raw = self
+            .group
+            .recv(TRAINER_RANK, deadline)
+            .map_err(|e| Failure::Fatal(self.comm(during)(e)))?;
+        let header = ChunkHeader::decode(&raw).map_err(|e| Failure::Fatal(e.into()))?;
+        if problem.is_none() {
+            let check = match plan.get(seq as usize) {
+                Some(expected) => header.check_matches(expected),
+                None => Err(PackError::Sequence {
+                    expected_seq: seq,
+                    expected_total: plan.len() as u32,
+                    got_seq: header.seq,
+                    got_total: header.total,
+                }),
+            };
+            if let Err(e) = check {
+                *problem = Some(e.into());
+            }
+        }
+        Ok(header)
+    }
+
+    /// Forgets the current session.
+    pub(crate) fn end_session(&mut self) {
+        self.session = None;
+        self.updates = 0;
+        self.ended = false;
+        self.pending = None;
+        self.staged = None;
+    }
+
+    /// Refuses the announced update (see [`crate::WorkerEngine::reject`]): one failed
+    /// status round, which is the vote, or the status round of a staged update.
     pub(crate) fn reject(
         &mut self,
         reason: &TransferError,
@@ -639,28 +882,6 @@ impl WorkerControl {
         let r = self.status_round(status_failed(&reason.to_string()), "refusal", deadline);
         self.updates += 1;
         r
-    }
-
-    /// Ends the session, consuming the trainer's end marker if not seen yet (see
-    /// [`crate::WorkerEngine::finish`]).
-    pub(crate) fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {
-        if !self.ended {
-            match self.announcement(deadline)? {
-                Announcement::End => {}
-                Announcement::Update { .. } => {
-                    let e = self.protocol(format!(
-                        "the trainer announced update {} while this worker finished the session",
-                        self.updates
-                    ));
-                    // Refuse it so the trainer learns why.
-                    let _ = self.status_round(status_failed(&e.to_string()), "refusal", deadline);
-                    self.end_session();
-                    return Err(e);
-                }
-            }
-        }
-        self.end_session();
-        Ok(())
     }
 }
 
@@ -671,7 +892,7 @@ mod tests {
     #[test]
     fn status_encoding() {
         let statuses = vec![
-            status_ok(),
+            status_ok_with(b"{\"type\":\"end\"}"),
             status_failed("bad shape for 'w'"),
             Vec::new(),
             status_ok(),
@@ -683,7 +904,8 @@ mod tests {
                 (2, "sent an empty status".to_string())
             ]
         );
-        assert!(failures(&[status_ok(), status_ok()]).is_empty());
+        assert!(failures(&[status_ok_with(b"next"), status_ok()]).is_empty());
+        assert_eq!(status_ok_with(b"ab"), vec![OK, b'a', b'b']);
     }
 
     #[test]
@@ -703,5 +925,49 @@ mod tests {
             err.contains("Unsupported update_kind 'sparse_coo'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn staged_sizes_travel_and_survive_an_unreadable_announcement() {
+        // Without a staged payload the field is left out, as before.
+        let plain = Control::Update {
+            session: 1,
+            update: 0,
+            info: UpdateInfo::dense_reuse(true),
+            metadata_digest: "00".into(),
+            staged: None,
+        };
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("staged"), "{text}");
+
+        let staged = r#"{"type":"update","session":1,"update":0,"metadata_digest":"00",
+            "info":{"names":[],"dtype_names":[],"shapes":[]},
+            "staged":{"index_bytes":44,"value_bytes":32}}"#;
+        match serde_json::from_str::<Control>(staged).unwrap() {
+            Control::Update { staged, .. } => assert_eq!(
+                staged,
+                Some(Staged {
+                    index_bytes: 44,
+                    value_bytes: 32
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+        // An announcement this worker cannot parse (an unknown field, an unknown kind) still
+        // says how many bytes follow it, so the worker can take them before refusing.
+        let unknown = r#"{"type":"update","session":1,"update":0,"metadata_digest":"00",
+            "info":{"names":[],"dtype_names":[],"shapes":[],"update_kind":"sparse_coo"},
+            "priority":3,"staged":{"index_bytes":8,"value_bytes":16}}"#;
+        assert!(serde_json::from_str::<Control>(unknown).is_err());
+        let sizes = serde_json::from_str::<StagedOnly>(unknown).unwrap().staged;
+        assert_eq!(
+            sizes,
+            Some(Staged {
+                index_bytes: 8,
+                value_bytes: 16
+            })
+        );
+        let end = serde_json::from_str::<StagedOnly>(r#"{"type":"end","session":1,"updates":0}"#);
+        assert_eq!(end.unwrap().staged, None);
     }
 }

@@ -213,6 +213,35 @@ pub struct SendReport {
     pub payload_bytes: usize,
     /// Time from the first announcement to the last acknowledgement.
     pub elapsed: Duration,
+    /// Where that time went, summed over the session's updates.
+    pub phases: Phases,
+}
+
+/// Where a trainer's session spent its time, summed over its updates (see the control
+/// protocol in the crate docs). `elapsed` is about the sum of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Phases {
+    /// Checks before the first announcement (update infos, patches, data lengths) and
+    /// waiting for pending work on the trainer's device.
+    pub prepare: Duration,
+    /// Broadcasting the first announcement (later ones ride on the status round before them).
+    pub announce: Duration,
+    /// Vote rounds (none for updates whose payload travels before the vote).
+    pub vote: Duration,
+    /// Moving the payloads, including any per-chunk rounds of the engine.
+    pub payload: Duration,
+    /// The status round that ends each update (it carries the next announcement, or the
+    /// end of the session).
+    pub status: Duration,
+    /// A separate end marker: only for a session without updates.
+    pub end: Duration,
+}
+
+impl Phases {
+    /// The sum of every phase.
+    pub fn total(&self) -> Duration {
+        self.prepare + self.announce + self.vote + self.payload + self.status + self.end
+    }
 }
 
 /// The sending side of an engine.

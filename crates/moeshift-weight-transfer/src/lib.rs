@@ -29,18 +29,38 @@
 //!   trainer, a refusal, a passed deadline) leaves every worker's weights as they were.
 //! * `nccl` (feature `cuda`): GPU to GPU over a dedicated NCCL group (trainer rank 0,
 //!   workers `rank_offset + index`): dense broadcasts straight into the live parameters,
-//!   packed chunks with headers through two pipelined chunk buffers, and sparse patches
-//!   staged, checked with one kernel and one device-to-host copy per update, then scattered
-//!   in place. Each payload kind documents what a failure leaves behind.
+//!   grouped into few NCCL launches; packed chunks with headers through two pipelined chunk
+//!   buffers; sparse updates staged whole (all indices, then all values, in one grouped
+//!   broadcast), checked with one kernel and one device-to-host copy, then scattered in
+//!   place with one kernel. Each payload kind documents what a failure leaves behind.
 //! * `ipc` (feature `cuda`): one node; the trainer exports a packed buffer through CUDA
 //!   IPC and the workers copy straight out of it.
 //! * `device` (feature `cuda`): `DeviceStorage` (device parameters), `DevicePatch`,
 //!   `DeviceDiff` (the trainer-side diff on the GPU) and `device_digest`.
 //!
+//! # The control protocol
+//!
 //! Every engine shares one control protocol over a
-//! [`HostGroup`](moeshift_device_comm::HostGroup) whose rank 0 is the trainer: per update an
-//! announcement (the info and a metadata digest), a vote (a refusal anywhere moves no
-//! payload), the payload, and a status round; every blocking step has a deadline.
+//! [`HostGroup`](moeshift_device_comm::HostGroup) whose rank 0 is the trainer; every
+//! blocking step has a deadline. Per update:
+//!
+//! 1. **announcement**: the info and a metadata digest. The first update of a session is
+//!    announced in a broadcast of its own; every later one rides on the status round of
+//!    the update before it, and the last status round carries the end of the session (a
+//!    session without updates sends its end marker alone);
+//! 2. **vote**: an all-gather in which each worker accepts or refuses with its reason; a
+//!    refusal anywhere moves no payload;
+//! 3. **payload**, the engine's own way;
+//! 4. **status**: an all-gather in which each rank says "ok" or "failed: reason". What is
+//!    still staged is applied only when every rank said ok.
+//!
+//! A payload that lands in the workers' staging areas rather than in live parameters may
+//! travel right after the announcement, with no vote: the status round then is the vote and
+//! the check of the payload at once (the NCCL engine's sparse updates). A worker takes such
+//! a payload whatever it then decides, so the transfer always matches, and refuses in the
+//! status round. Either way a worker that cannot take an update makes it fail on every rank
+//! with an error naming that rank and its reason, and a dead peer is an error before the
+//! deadline. [`SendReport::phases`] tells where a trainer's session spent its time.
 //!
 //! # Example
 //!
@@ -109,6 +129,7 @@ pub mod meta;
 pub mod nccl;
 pub mod packing;
 pub mod patch;
+mod progress;
 pub mod registry;
 pub mod sparse_layout;
 
@@ -121,8 +142,8 @@ pub use device::{
 };
 pub use digest::{Digest, Hasher};
 pub use engine::{
-    Announcement, AutoParam, Capabilities, DenseParam, Outgoing, PreparedUpdate, SendReport,
-    SparseParam, TrainerEngine, UpdateReport, WorkerEngine,
+    Announcement, AutoParam, Capabilities, DenseParam, Outgoing, Phases, PreparedUpdate,
+    SendReport, SparseParam, TrainerEngine, UpdateReport, WorkerEngine,
 };
 pub use error::TransferError;
 pub use host::{HostConfig, HostTrainer, HostWorker, Progress};

@@ -3,7 +3,7 @@
 //!
 //! Same conventions as `nccl_gpu.rs`: a `rank_` test starts copies of this binary as ranks,
 //! skips with a printed reason without 2 GPUs, and checks digests of independently generated
-//! versions.
+//! versions. `ipc_trainer_dies_mid_update` kills the trainer in the middle of an update.
 //!
 //! Run on a GPU machine: `cargo test -p moeshift-weight-transfer --features cuda --test ipc_gpu`.
 #![cfg(feature = "cuda")]
@@ -179,4 +179,68 @@ fn rank_ipc_engine() {
     } else {
         worker(&world);
     }
+}
+
+/// The fail point of the kill test.
+const KILLED: &str = "trainer-killed-mid-update";
+
+/// Not `rank_`-prefixed: it kills a rank on purpose. The trainer dies during an update, after
+/// the vote and before the first chunk notice: the worker fails within its deadline and
+/// keeps version 1 byte for byte.
+#[test]
+fn ipc_trainer_dies_mid_update() {
+    const NAME: &str = "ipc_trainer_dies_mid_update";
+    if skipped(NAME, false) {
+        return;
+    }
+    let Some(world) = kill_test(NAME, KILLED) else {
+        return;
+    };
+    let device = world.local_rank();
+    let rank = world.rank();
+    let metas = model();
+    if rank == TRAINER_RANK {
+        let mut t = IpcTrainer::new(connect(&world), device, config(BUFFER)).expect("trainer");
+        let v1 = upload(device, &metas, 1);
+        let params: Vec<DeviceDenseParam<'_>> = metas
+            .iter()
+            .zip(&v1)
+            .map(|(meta, b)| DeviceDenseParam { meta, data: b })
+            .collect();
+        t.send_device_dense(&params, deadline())
+            .expect("the first session");
+        let w = world.clone();
+        t.set_progress(move |p| {
+            if p.messages == 0 {
+                testing::fail_point(&w, KILLED);
+            }
+        });
+        let v2 = upload(device, &metas, 2);
+        let params: Vec<DeviceDenseParam<'_>> = metas
+            .iter()
+            .zip(&v2)
+            .map(|(meta, b)| DeviceDenseParam { meta, data: b })
+            .collect();
+        let _ = t.send_device_dense(&params, deadline());
+        panic!("the fail point should have killed the trainer");
+    }
+    let engine: IpcWorker<CudaBuffer> =
+        IpcWorker::new(connect(&world), device, config(BUFFER)).expect("worker");
+    let mut w = WeightReceiver::new(engine, device_registry(device));
+    w.receive_session(deadline()).expect("the first session");
+    let digest = |w: &WeightReceiver<IpcWorker<CudaBuffer>>| {
+        w.registry().device_digest().expect("device digest")
+    };
+    assert_eq!(
+        digest(&w),
+        expected_digest(1),
+        "rank {rank} before the kill"
+    );
+    expect_failure_in_time(rank, |d| w.receive_session(d));
+    assert!(!w.is_active());
+    assert_eq!(
+        digest(&w),
+        expected_digest(1),
+        "rank {rank}: the previous weights must be kept"
+    );
 }

@@ -8,6 +8,9 @@
 //! compares the SHA-256 digest of its device parameters with the digest of what it
 //! generated.
 //!
+//! The `*_dies_*` tests kill the trainer in the middle of an update and check that the
+//! worker fails within its deadline and keeps its previous weights byte for byte.
+//!
 //! Run on a GPU machine: `cargo test -p moeshift-weight-transfer --features cuda --test nccl_gpu`.
 #![cfg(feature = "cuda")]
 
@@ -281,4 +284,132 @@ fn rank_nccl_engine() {
     } else {
         worker(&world);
     }
+}
+
+/// The fail point of the kill tests.
+const KILLED: &str = "trainer-killed-mid-update";
+
+/// A worker of the kill tests: receives version `v` in one session, then the session its
+/// trainer dies in, which must fail in time and leave version `v` in place byte for byte.
+fn kill_test_worker(world: &World, v: u64) {
+    let device = world.local_rank();
+    let rank = world.rank();
+    let engine: NcclWorker<CudaBuffer> = NcclWorker::new(
+        connect(world),
+        rank - 1,
+        device,
+        NcclConfig::default(),
+        deadline(),
+    )
+    .expect("worker");
+    let mut w = WeightReceiver::new(engine, device_registry(device));
+    w.receive_session(deadline()).expect("the first session");
+    let digest = |w: &WeightReceiver<NcclWorker<CudaBuffer>>| {
+        w.registry().device_digest().expect("device digest")
+    };
+    assert_eq!(
+        digest(&w),
+        expected_digest(v),
+        "rank {rank} before the kill"
+    );
+    expect_failure_in_time(rank, |d| w.receive_session(d));
+    assert!(!w.is_active());
+    assert_eq!(
+        digest(&w),
+        expected_digest(v),
+        "rank {rank}: the previous weights must be kept"
+    );
+}
+
+/// Not `rank_`-prefixed: it kills a rank on purpose. The trainer dies during a packed
+/// update that fits one chunk, once the chunk was broadcast: the worker holds the whole
+/// payload in its chunk buffer but unpacks it only after the status round, which never
+/// comes, so it keeps version 1.
+#[test]
+fn nccl_trainer_dies_mid_packed_update() {
+    const NAME: &str = "nccl_trainer_dies_mid_packed_update";
+    if skipped(NAME, true) {
+        return;
+    }
+    let Some(world) = kill_test(NAME, KILLED) else {
+        return;
+    };
+    if world.rank() != TRAINER_RANK {
+        kill_test_worker(&world, 1);
+        return;
+    }
+    let device = world.local_rank();
+    let metas = model();
+    // The default 1 GiB chunk holds the whole model.
+    let config = NcclConfig {
+        packed: true,
+        ..NcclConfig::default()
+    };
+    let mut t = NcclTrainer::new(connect(&world), device, config, deadline()).expect("trainer");
+    let v1 = upload(device, &metas, 1);
+    t.send_device_dense(&device_dense(&metas, &v1), deadline())
+        .expect("the first session");
+    let w = world.clone();
+    t.set_progress(move |p| {
+        if p.messages == 1 {
+            // Give the worker time to finish receiving the chunk, so it waits in the
+            // status round rather than in the broadcast.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            testing::fail_point(&w, KILLED);
+        }
+    });
+    let v2 = upload(device, &metas, 2);
+    let _ = t.send_device_dense(&device_dense(&metas, &v2), deadline());
+    panic!("the fail point should have killed the trainer");
+}
+
+/// Not `rank_`-prefixed: it kills a rank on purpose. The trainer dies during a sparse
+/// update right after announcing it, before the staged broadcast: the worker waits in that
+/// broadcast until its deadline (NCCL then aborts the communicator), and keeps version 2.
+#[test]
+fn nccl_trainer_dies_mid_sparse_update() {
+    const NAME: &str = "nccl_trainer_dies_mid_sparse_update";
+    if skipped(NAME, true) {
+        return;
+    }
+    let Some(world) = kill_test(NAME, KILLED) else {
+        return;
+    };
+    if world.rank() != TRAINER_RANK {
+        kill_test_worker(&world, 2);
+        return;
+    }
+    let device = world.local_rank();
+    let metas = model();
+    let mut t = NcclTrainer::new(connect(&world), device, NcclConfig::default(), deadline())
+        .expect("trainer");
+    let v2 = upload(device, &metas, 2);
+    t.send_device_session(
+        &[DeviceOutgoing::Dense {
+            params: &device_dense(&metas, &v2),
+            packed: false,
+        }],
+        deadline(),
+    )
+    .expect("the first session");
+    // Version 3 changes about 5 % of each tensor of version 2.
+    let (host_v2, host_v3) = (all_versions(&metas, 2), all_versions(&metas, 3));
+    let patches: Vec<SparsePatch> = metas
+        .iter()
+        .zip(host_v2.iter().zip(&host_v3))
+        .map(|(m, (a, b))| diff(m.name(), a, b, m.dtype()).expect("diff"))
+        .collect();
+    let sparse: Vec<SparseParam<'_>> = metas
+        .iter()
+        .zip(&patches)
+        .map(|(meta, patch)| SparseParam { meta, patch })
+        .collect();
+    let w = world.clone();
+    t.set_progress(move |p| {
+        if p.messages == 0 {
+            testing::fail_point(&w, KILLED);
+        }
+    });
+    let _ = t.send_sparse(&sparse, deadline());
+    panic!("the fail point should have killed the trainer");
 }

@@ -16,6 +16,12 @@
 //! its parameters afterwards (SHA-256 over names and bytes) and rank 0 compares them with
 //! the trainer's version 1.
 //!
+//! `phases` splits the trainer's session time as the engine reports it
+//! ([`SendReport::phases`]): for each phase (`prepare`, `announce`, `vote`, `payload`,
+//! `status`, `end`) the median over the timed sessions, in seconds. The sessions of
+//! `dense`, `packed` and `sparse` hold one update, so these are per-update times; `auto`
+//! sends up to two updates (one dense, one sparse) per session.
+//!
 //! Rank 0 prints one JSON object on stdout.
 
 use std::process::ExitCode;
@@ -28,8 +34,8 @@ use moeshift_sync::Deadline;
 use moeshift_tensor::DType;
 use moeshift_weight_transfer::{
     diff, AutoParam, AutoPolicy, DenseParam, Digest, Hasher, HostConfig, HostTrainer, HostWorker,
-    Outgoing, ParamMeta, ParamRegistry, SendReport, SparseParam, SparsePatch, TrainerEngine,
-    TransferError, WeightReceiver,
+    Outgoing, ParamMeta, ParamRegistry, Phases, SendReport, SparseParam, SparsePatch,
+    TrainerEngine, TransferError, WeightReceiver,
 };
 use serde_json::json;
 
@@ -247,30 +253,83 @@ fn agree(group: &HostGroup, mine: Digest, deadline: Deadline) -> anyhow::Result<
     Ok(all.iter().all(|d| d.as_slice() == mine.as_bytes()))
 }
 
+/// What the timed sessions of [`timed`] gave: each session's time, each session's phases,
+/// and the last report.
+struct Timed {
+    times: Vec<f64>,
+    phases: Vec<Phases>,
+    report: SendReport,
+}
+
 /// Sends one warm-up and `reps` timed sessions.
 fn timed(
     reps: usize,
     args: &Args,
     mut send: impl FnMut(Deadline) -> Result<SendReport, TransferError>,
-) -> anyhow::Result<(Vec<f64>, SendReport)> {
+) -> anyhow::Result<Timed> {
     send(args.deadline()?).context("warm-up send")?;
-    let mut times = Vec::with_capacity(reps);
-    let mut last = SendReport::default();
+    let mut t = Timed {
+        times: Vec::with_capacity(reps),
+        phases: Vec::with_capacity(reps),
+        report: SendReport::default(),
+    };
     for rep in 0..reps {
         let started = Instant::now();
-        last = send(args.deadline()?).with_context(|| format!("send {rep}"))?;
-        times.push(started.elapsed().as_secs_f64());
+        t.report = send(args.deadline()?).with_context(|| format!("send {rep}"))?;
+        t.times.push(started.elapsed().as_secs_f64());
+        t.phases.push(t.report.phases);
     }
-    Ok((times, last))
+    Ok(t)
+}
+
+/// The median of `values` (the upper one of an even count); 0 for none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The median of every phase over `phases`, in seconds, as a JSON object.
+fn phases_json(phases: &[Phases]) -> serde_json::Value {
+    let of =
+        |f: fn(&Phases) -> Duration| median(phases.iter().map(|p| f(p).as_secs_f64()).collect());
+    json!({
+        "prepare": of(|p| p.prepare),
+        "announce": of(|p| p.announce),
+        "vote": of(|p| p.vote),
+        "payload": of(|p| p.payload),
+        "status": of(|p| p.status),
+        "end": of(|p| p.end),
+    })
 }
 
 /// What the trainer measured.
 struct Measured {
     times: Vec<f64>,
+    phases: Vec<Phases>,
     report: SendReport,
     nnz: Option<usize>,
     diff_seconds: Option<f64>,
     verified: Option<bool>,
+}
+
+impl Measured {
+    fn new() -> Self {
+        Self {
+            times: Vec::new(),
+            phases: Vec::new(),
+            report: SendReport::default(),
+            nnz: None,
+            diff_seconds: None,
+            verified: None,
+        }
+    }
+
+    /// Takes the timed sessions' results.
+    fn set(&mut self, t: Timed) {
+        self.times = t.times;
+        self.phases = t.phases;
+        self.report = t.report;
+    }
 }
 
 /// Runs the benchmark.
@@ -292,7 +351,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let m = trainer(&args, &world, &metas, group)?;
     let mut sorted = m.times.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = median(m.times.clone());
     let bytes = m.report.payload_bytes;
     let mut out = json!({
         "engine": format!("{:?}", args.engine).to_lowercase(),
@@ -311,6 +370,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "seconds_max": sorted.last().copied(),
         "dense_params": m.report.dense_params,
         "sparse_params": m.report.sparse_params,
+        "phases": phases_json(&m.phases),
     });
     if matches!(args.mode, Mode::Sparse | Mode::Auto) {
         out["sparse_fraction"] = json!(args.sparse_fraction);
@@ -371,14 +431,8 @@ fn send_host<T: TrainerEngine>(
     v0: Option<&[Vec<u8>]>,
     v1: &[Vec<u8>],
 ) -> anyhow::Result<Measured> {
-    let mut m = Measured {
-        times: Vec::new(),
-        report: SendReport::default(),
-        nnz: None,
-        diff_seconds: None,
-        verified: None,
-    };
-    let (times, report) = match (args.mode, v0) {
+    let mut m = Measured::new();
+    let t = match (args.mode, v0) {
         (Mode::Dense | Mode::Packed, _) => {
             let params: Vec<DenseParam<'_>> = metas
                 .iter()
@@ -423,8 +477,7 @@ fn send_host<T: TrainerEngine>(
         }
         _ => bail!("internal: version 0 missing for {:?}", args.mode),
     };
-    m.times = times;
-    m.report = report;
+    m.set(t);
     Ok(m)
 }
 
@@ -596,14 +649,8 @@ mod gpu {
                     None => None,
                 };
                 drop(v0);
-                let mut m = Measured {
-                    times: Vec::new(),
-                    report: SendReport::default(),
-                    nnz: None,
-                    diff_seconds: None,
-                    verified: None,
-                };
-                let (times, report) = match (args.mode, &d0) {
+                let mut m = Measured::new();
+                let timings = match (args.mode, &d0) {
                     (Mode::Dense | Mode::Packed, _) => {
                         let params: Vec<DeviceDenseParam<'_>> = metas
                             .iter()
@@ -656,8 +703,7 @@ mod gpu {
                     }
                     _ => bail!("internal: version 0 missing for {:?}", args.mode),
                 };
-                m.times = times;
-                m.report = report;
+                m.set(timings);
                 if args.verify {
                     let mine = device_digest_of(metas, &d1)?;
                     m.verified = Some(agree(t.group(), mine, args.deadline()?)?);
@@ -672,20 +718,13 @@ mod gpu {
                     .zip(&d1)
                     .map(|(meta, b)| DeviceDenseParam { meta, data: b })
                     .collect();
-                let (times, report) = timed(args.reps, args, |d| t.send_device_dense(&params, d))?;
-                let verified = if args.verify {
+                let mut m = Measured::new();
+                m.set(timed(args.reps, args, |d| t.send_device_dense(&params, d))?);
+                if args.verify {
                     let mine = device_digest_of(metas, &d1)?;
-                    Some(agree(t.group(), mine, args.deadline()?)?)
-                } else {
-                    None
-                };
-                Ok(Measured {
-                    times,
-                    report,
-                    nnz: None,
-                    diff_seconds: None,
-                    verified,
-                })
+                    m.verified = Some(agree(t.group(), mine, args.deadline()?)?);
+                }
+                Ok(m)
             }
             (Engine::Host, _) => bail!("internal: the host engine is not a GPU engine"),
         }
@@ -770,6 +809,25 @@ mod tests {
         assert_eq!(changed_count(3, 0.5), 2);
         assert_eq!(changed_count(5, 1.0), 5);
         assert_eq!(changed_count(5, 0.0), 0);
+    }
+
+    #[test]
+    fn phase_medians() {
+        let ms = |v: u64| Duration::from_millis(v);
+        let phases: Vec<Phases> = [(1, 5), (3, 7), (2, 9)]
+            .into_iter()
+            .map(|(vote, payload)| Phases {
+                vote: ms(vote),
+                payload: ms(payload),
+                ..Phases::default()
+            })
+            .collect();
+        let j = phases_json(&phases);
+        assert_eq!(j["vote"], json!(0.002));
+        assert_eq!(j["payload"], json!(0.007));
+        assert_eq!(j["status"], json!(0.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert_eq!(median(Vec::new()), 0.0);
     }
 
     #[test]

@@ -88,6 +88,49 @@ extern "C" __global__ void msh_scatter(const int* __restrict__ idx,
     }
 }
 
+// Gathers sparse patches into one staged update: parameter p's counts[p] int32 indices at
+// device address src_idx[p] go to idx[idx_starts[p] ..], and its values (elems[p] bytes each:
+// 1, 2, 4 or 8, sources and destinations aligned to it) at src_vals[p] go to byte
+// vals[val_starts[p]] on. One launch stages every device patch of an update.
+extern "C" __global__ void msh_gather(int* __restrict__ idx,
+                                      u8* __restrict__ vals,
+                                      const u64* __restrict__ src_idx,
+                                      const u64* __restrict__ src_vals,
+                                      const u64* __restrict__ idx_starts,
+                                      const u64* __restrict__ counts,
+                                      const u64* __restrict__ val_starts,
+                                      const u64* __restrict__ elems,
+                                      u32 nparams) {
+    for (u32 p = blockIdx.y; p < nparams; p += gridDim.y) {
+        const int* si = (const int*)src_idx[p];
+        const u8* sv = (const u8*)src_vals[p];
+        int* di = idx + idx_starts[p];
+        u8* dv = vals + val_starts[p];
+        const u64 count = counts[p];
+        const u64 e = elems[p];
+        const u64 stride = (u64)gridDim.x * blockDim.x;
+        for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += stride) {
+            di[j] = si[j];
+            switch (e) {
+            case 1:
+                dv[j] = sv[j];
+                break;
+            case 2:
+                ((u16*)dv)[j] = ((const u16*)sv)[j];
+                break;
+            case 4:
+                ((u32*)dv)[j] = ((const u32*)sv)[j];
+                break;
+            case 8:
+                ((u64*)dv)[j] = ((const u64*)sv)[j];
+                break;
+            default:
+                break;
+            }
+        }
+    }
+}
+
 // True when element i of the two buffers differs bit for bit.
 __device__ __forceinline__ bool differs(const u8* a, const u8* b, u64 i, u32 e) {
     switch (e) {

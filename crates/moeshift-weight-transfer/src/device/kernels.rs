@@ -14,9 +14,10 @@ use cudarc::nvrtc::Ptx;
 pub(crate) const PTX: &str = include_str!("kernels.ptx");
 
 /// Entry points the crate loads from [`PTX`].
-pub(crate) const ENTRY_POINTS: [&str; 4] = [
+pub(crate) const ENTRY_POINTS: [&str; 5] = [
     "msh_check_indices",
     "msh_scatter",
+    "msh_gather",
     "msh_diff_count",
     "msh_diff_write",
 ];
@@ -33,6 +34,7 @@ const MAX_GRID_Y: usize = 65_535;
 pub(crate) struct Kernels {
     check: CudaFunction,
     scatter: CudaFunction,
+    gather: CudaFunction,
     diff_count: CudaFunction,
     diff_write: CudaFunction,
 }
@@ -58,8 +60,9 @@ impl Kernels {
         Ok(Arc::new(Self {
             check: module.load_function(ENTRY_POINTS[0])?,
             scatter: module.load_function(ENTRY_POINTS[1])?,
-            diff_count: module.load_function(ENTRY_POINTS[2])?,
-            diff_write: module.load_function(ENTRY_POINTS[3])?,
+            gather: module.load_function(ENTRY_POINTS[2])?,
+            diff_count: module.load_function(ENTRY_POINTS[3])?,
+            diff_write: module.load_function(ENTRY_POINTS[4])?,
         }))
     }
 
@@ -131,6 +134,53 @@ impl Kernels {
             .arg(&vals)
             .arg(&dsts)
             .arg(&starts)
+            .arg(&counts)
+            .arg(&val_starts)
+            .arg(&elems)
+            .arg(&n);
+        // SAFETY: argument types match the kernel's signature; the memory contract is the
+        // caller's.
+        unsafe { b.launch(per_param_grid(max_count, nparams)) }.map(|_| ())
+    }
+
+    /// `msh_gather`. `table` holds `src_idx`, `src_vals`, `idx_starts`, `counts`,
+    /// `val_starts` and `elems`, each `nparams` u64s, back to back.
+    ///
+    /// # Safety
+    /// Every address is device memory usable from `stream`, live until the kernel finished:
+    /// `table` with `6 · nparams` u64s; for every `p`, `src_idx[p]` with `counts[p]` int32s,
+    /// `src_vals[p]` with `counts[p] · elems[p]` bytes aligned to `elems[p]`, `idx` with room
+    /// for `idx_starts[p] + counts[p]` int32s and `vals` for `val_starts[p] + counts[p] ·
+    /// elems[p]` bytes (aligned to `elems[p]` there); the destination ranges of different
+    /// parameters do not overlap.
+    pub(crate) unsafe fn gather(
+        &self,
+        stream: &CudaStream,
+        idx: u64,
+        vals: u64,
+        table: u64,
+        nparams: usize,
+        max_count: usize,
+    ) -> Result<(), DriverError> {
+        if nparams == 0 || max_count == 0 {
+            return Ok(());
+        }
+        let p = nparams as u64 * 8;
+        let (src_idx, src_vals, idx_starts, counts, val_starts, elems) = (
+            table,
+            table + p,
+            table + 2 * p,
+            table + 3 * p,
+            table + 4 * p,
+            table + 5 * p,
+        );
+        let n = nparams as u32;
+        let mut b = stream.launch_builder(&self.gather);
+        b.arg(&idx)
+            .arg(&vals)
+            .arg(&src_idx)
+            .arg(&src_vals)
+            .arg(&idx_starts)
             .arg(&counts)
             .arg(&val_starts)
             .arg(&elems)

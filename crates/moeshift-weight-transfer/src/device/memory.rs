@@ -34,6 +34,17 @@ pub(crate) enum RangeError {
     /// The memory is on another device than the operation.
     #[error("the memory is on cuda:{memory}, the operation runs on cuda:{engine}")]
     WrongDevice { memory: usize, engine: usize },
+    /// Two ranges of one grouped operation overlap.
+    #[error(
+        "device ranges {first:#x}+{first_len} and {second:#x}+{second_len} overlap in one \
+         grouped operation"
+    )]
+    Overlap {
+        first: u64,
+        first_len: usize,
+        second: u64,
+        second_len: usize,
+    },
 }
 
 /// A device error of a range operation: refused up front, or failed in the driver or NCCL.
@@ -141,6 +152,28 @@ fn checked(
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(addr + offset as u64),
         _ => Err(RangeError::OutOfBounds { offset, len, size }),
+    }
+}
+
+/// True when the byte ranges `a` and `b` (address, length) share a byte.
+pub(crate) fn overlaps(a: (u64, usize), b: (u64, usize)) -> bool {
+    let end = |(addr, len): (u64, usize)| addr.saturating_add(len as u64);
+    a.1 > 0 && b.1 > 0 && a.0 < end(b) && b.0 < end(a)
+}
+
+/// Checks that no two of `ranges` (address, length) overlap.
+fn disjoint(ranges: &[(CUdeviceptr, usize)]) -> Result<(), RangeError> {
+    let mut sorted: Vec<(CUdeviceptr, usize)> =
+        ranges.iter().copied().filter(|&(_, len)| len > 0).collect();
+    sorted.sort_unstable();
+    match sorted.windows(2).find(|w| overlaps(w[0], w[1])) {
+        Some(w) => Err(RangeError::Overlap {
+            first: w[0].0,
+            first_len: w[0].1,
+            second: w[1].0,
+            second_len: w[1].1,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -390,6 +423,50 @@ pub(crate) fn broadcast_recv(
     Ok(())
 }
 
+/// Grouped broadcast, root side: sends `len` bytes of each `(src, offset, len)` to every
+/// rank, as one NCCL group (one launch, one wait). The receivers pass the same lengths in the
+/// same order. The ranges must not overlap; the caller has ordered earlier writes to them
+/// before `comm`'s stream.
+pub(crate) fn broadcast_many_send(
+    comm: &NcclComm,
+    parts: &[(Span<'_>, usize, usize)],
+    deadline: Deadline,
+) -> Result<(), MemError> {
+    let mut bufs = Vec::with_capacity(parts.len());
+    for (src, offset, len) in parts {
+        same_device(src.ordinal, comm.device_ordinal())?;
+        bufs.push((src.at(*offset, *len)?, *len));
+    }
+    disjoint(&bufs)?;
+    // SAFETY: every range is live device memory of the communicator's GPU, borrowed for the
+    // call (the spans' lifetimes), checked above to lie inside its span and not to overlap
+    // another; on the root NCCL only reads them; the call returns after the GPU finished.
+    unsafe { comm.broadcast_many_raw(&bufs, comm.rank(), deadline) }?;
+    Ok(())
+}
+
+/// Grouped broadcast, receiving side: receives `len` bytes from `root` into each
+/// `(dst, offset, len)`, as one NCCL group, matching the root's [`broadcast_many_send`].
+pub(crate) fn broadcast_many_recv(
+    comm: &NcclComm,
+    parts: &mut [(SpanMut<'_>, usize, usize)],
+    root: usize,
+    deadline: Deadline,
+) -> Result<(), MemError> {
+    let mut bufs = Vec::with_capacity(parts.len());
+    for (dst, offset, len) in parts.iter() {
+        same_device(dst.ordinal, comm.device_ordinal())?;
+        bufs.push((dst.at(*offset, *len)?, *len));
+    }
+    disjoint(&bufs)?;
+    // SAFETY: every range is live device memory of the communicator's GPU, borrowed
+    // exclusively for the call (`parts` holds the only writable spans), checked above to lie
+    // inside its span and not to overlap another; the call returns after the GPU finished
+    // writing them.
+    unsafe { comm.broadcast_many_raw(&bufs, root, deadline) }?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +486,22 @@ mod tests {
         );
         assert!(checked(0x1000, 64, usize::MAX, 2).is_err());
         assert!(same_device(1, 1).is_ok());
+        // Overlap: touching ranges and empty ranges do not overlap.
+        assert!(overlaps((0x1000, 16), (0x100f, 1)));
+        assert!(overlaps((0x1008, 4), (0x1000, 64)));
+        assert!(!overlaps((0x1000, 16), (0x1010, 16)));
+        assert!(!overlaps((0x1000, 0), (0x1000, 16)));
+        assert!(!overlaps((0x1004, 16), (0x1008, 0)));
+        assert_eq!(disjoint(&[(0x2000, 8), (0x1000, 16), (0x1010, 8)]), Ok(()));
+        assert_eq!(
+            disjoint(&[(0x2000, 8), (0x1000, 16), (0x100c, 8)]),
+            Err(RangeError::Overlap {
+                first: 0x1000,
+                first_len: 16,
+                second: 0x100c,
+                second_len: 8
+            })
+        );
         assert_eq!(
             same_device(0, 1),
             Err(RangeError::WrongDevice {

@@ -9,10 +9,11 @@
 //! that records, per parameter, the first entry that is out of range or not larger than the
 //! entry before it, and copies those few numbers to the host: **one device-to-host
 //! synchronisation per update**, not one per patch. Only when every parameter passed does a
-//! second kernel scatter the values in place. Indices must strictly increase within a
-//! patch, which makes the scatter race-free; host patches are brought into that form by
-//! [`SparsePatch::to_strictly_increasing`] (same effect on apply), and [`DeviceDiff`]
-//! produces it directly.
+//! second kernel scatter the values in place. On the trainer, a third kernel gathers every
+//! device patch of an update into its staging area in one launch. Indices must strictly
+//! increase within a patch, which makes the scatter race-free; host patches are brought into
+//! that form by [`SparsePatch::to_strictly_increasing`] (same effect on apply), and
+//! [`DeviceDiff`] produces it directly.
 //!
 //! Kernels ship as PTX text (ISA 8.0, `sm_80`) embedded in the crate and JIT-compiled by the
 //! driver when an engine starts; no CUDA toolkit or NVRTC is needed at build or run time.

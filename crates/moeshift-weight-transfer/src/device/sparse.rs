@@ -15,6 +15,9 @@ const NO_BAD: u64 = u64::MAX;
 /// u64 arrays in the per-update table: starts, counts, numels, dsts, val_starts, elems,
 /// first_bad.
 const TABLE_ARRAYS: usize = 7;
+/// u64 arrays the trainer's gather puts in the same table: src_idx, src_vals, idx_starts,
+/// counts, val_starts, elems (fewer than [`TABLE_ARRAYS`]).
+const GATHER_ARRAYS: usize = 6;
 
 /// Device buffers for one sparse update at a time (grown as needed, reused across updates).
 #[derive(Debug)]
@@ -64,11 +67,37 @@ impl SparseStage {
         }
     }
 
-    /// Makes room for an update laid out as `layout`.
-    pub(crate) fn prepare(&mut self, layout: SparseLayout) -> Result<(), MemError> {
+    /// Makes room for `index_bytes` of indices and `value_bytes` of values, for receiving a
+    /// staged update before its layout is known; forgets the layout and any check.
+    pub(crate) fn reserve(
+        &mut self,
+        index_bytes: usize,
+        value_bytes: usize,
+    ) -> Result<(), MemError> {
         self.checked = false;
-        grow(&mut self.indices, &self.stream, layout.index_bytes())?;
-        grow(&mut self.values, &self.stream, layout.value_bytes)?;
+        self.layout = SparseLayout::default();
+        grow(&mut self.indices, &self.stream, index_bytes)?;
+        grow(&mut self.values, &self.stream, value_bytes)?;
+        Ok(())
+    }
+
+    /// Sets the layout of what the buffers hold (they must be large enough for it, see
+    /// [`SparseStage::reserve`]); forgets any check.
+    pub(crate) fn set_layout(&mut self, layout: SparseLayout) -> Result<(), MemError> {
+        self.checked = false;
+        let held = |a: &Option<DeviceAlloc>| a.as_ref().map_or(0, DeviceAlloc::len);
+        for (need, have) in [
+            (layout.index_bytes(), held(&self.indices)),
+            (layout.value_bytes, held(&self.values)),
+        ] {
+            if need > have {
+                return Err(MemError::Range(RangeError::OutOfBounds {
+                    offset: 0,
+                    len: need,
+                    size: have,
+                }));
+            }
+        }
         grow(
             &mut self.table,
             &self.stream,
@@ -78,21 +107,111 @@ impl SparseStage {
         Ok(())
     }
 
-    /// The index array, for receiving into (invalidates an earlier check).
-    pub(crate) fn indices_mut(&mut self) -> Result<SpanMut<'_>, MemError> {
-        self.checked = false;
-        self.indices
-            .as_mut()
-            .map(|a| a.span_mut())
-            .ok_or_else(missing)
+    /// Makes room for an update laid out as `layout` (the trainer's staging).
+    pub(crate) fn prepare(&mut self, layout: SparseLayout) -> Result<(), MemError> {
+        self.reserve(layout.index_bytes(), layout.value_bytes)?;
+        self.set_layout(layout)
     }
 
-    /// The value array, for receiving into.
-    pub(crate) fn values_mut(&mut self) -> Result<SpanMut<'_>, MemError> {
-        self.values
-            .as_mut()
-            .map(|a| a.span_mut())
-            .ok_or_else(missing)
+    /// The index array and the value array, for writing into (invalidates an earlier
+    /// check).
+    pub(crate) fn buffers_mut(&mut self) -> Result<(SpanMut<'_>, SpanMut<'_>), MemError> {
+        self.checked = false;
+        match (self.indices.as_mut(), self.values.as_mut()) {
+            (Some(i), Some(v)) => Ok((i.span_mut(), v.span_mut())),
+            _ => Err(missing()),
+        }
+    }
+
+    /// Queues, on the stage's stream, one kernel that copies device patches into the staged
+    /// arrays at their places in the layout set by [`SparseStage::prepare`]. Each source is
+    /// `(entry, indices, values)`: the layout entry it fills (strictly increasing over the
+    /// sources), and its patch's index and value arrays, which must stay allocated until the
+    /// stream ran the copy.
+    pub(crate) fn gather(
+        &mut self,
+        sources: &[(usize, Span<'_>, Span<'_>)],
+    ) -> Result<(), MemError> {
+        self.checked = false;
+        let n = sources.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let engine = self.stream.context().ordinal();
+        let mut host: Vec<u64> = vec![0; n * GATHER_ARRAYS];
+        let mut max_count = 0;
+        let mut previous: Option<usize> = None;
+        for (k, (entry, indices, values)) in sources.iter().enumerate() {
+            let bad = |len: usize, size: usize| {
+                MemError::Range(RangeError::OutOfBounds {
+                    offset: 0,
+                    len,
+                    size,
+                })
+            };
+            if previous.is_some_and(|p| p >= *entry) {
+                return Err(bad(*entry, previous.unwrap_or(0)));
+            }
+            previous = Some(*entry);
+            let Some(e) = self.layout.entries.get(*entry) else {
+                return Err(bad(*entry, self.layout.entries.len()));
+            };
+            for span in [indices, values] {
+                if span.ordinal() != engine {
+                    return Err(MemError::Range(RangeError::WrongDevice {
+                        memory: span.ordinal(),
+                        engine,
+                    }));
+                }
+            }
+            if indices.len() < e.index_bytes() || indices.addr() % 4 != 0 {
+                return Err(bad(e.index_bytes(), indices.len()));
+            }
+            if values.len() < e.value_bytes() || values.addr() % e.elem.max(1) as u64 != 0 {
+                return Err(bad(e.value_bytes(), values.len()));
+            }
+            let row = [
+                indices.addr(),
+                values.addr(),
+                e.index_start as u64,
+                e.count as u64,
+                e.value_start as u64,
+                e.elem as u64,
+            ];
+            for (array, v) in row.into_iter().enumerate() {
+                host[array * n + k] = v;
+            }
+            max_count = max_count.max(e.count);
+        }
+        let bytes: Vec<u8> = host.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let table = self.table.as_mut().ok_or_else(missing)?;
+        let mut table_span = table.span_mut();
+        memory::upload(&self.stream, &mut table_span, 0, &bytes)?;
+        let idx = self.indices.as_ref().ok_or_else(missing)?.span();
+        let vals = self.values.as_ref().ok_or_else(missing)?.span();
+        // The layout's ranges lie inside the buffers, which `prepare` sized for it.
+        if self.layout.index_bytes() > idx.len() || self.layout.value_bytes > vals.len() {
+            return Err(missing());
+        }
+        // SAFETY: the table holds the six arrays just uploaded (it has room for seven per
+        // entry, and the upload checked its bounds); each source was checked above to be on
+        // this device, to hold its entry's indices and values with the alignment the kernel
+        // needs, and the caller keeps it allocated until the stream ran the kernel; each
+        // destination range is its entry's place in the layout, inside the staged buffers
+        // (checked above), and entries are distinct (strictly increasing), so no two
+        // destinations overlap; the staged buffers are borrowed mutably for this call and
+        // stay allocated (freeing them synchronises the context first).
+        unsafe {
+            self.kernels.gather(
+                &self.stream,
+                idx.addr(),
+                vals.addr(),
+                table_span.addr(),
+                n,
+                max_count,
+            )
+        }?;
+        Ok(())
     }
 
     pub(crate) fn indices(&self) -> Result<Span<'_>, MemError> {

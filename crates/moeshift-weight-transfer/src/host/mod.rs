@@ -6,28 +6,36 @@
 //!
 //! # Protocol (one session)
 //!
-//! For each update:
+//! The control protocol every engine shares (see the crate docs). For each update:
 //!
-//! 1. **Announce**: the trainer broadcasts a JSON control message: session and update
-//!    numbers, the [`UpdateInfo`](crate::UpdateInfo) and the [`metadata_digest`](crate::metadata_digest) of the update's parameters.
+//! 1. **Announce**: the trainer's JSON control message: session and update numbers, the
+//!    [`UpdateInfo`](crate::UpdateInfo) and the [`metadata_digest`](crate::metadata_digest)
+//!    of the update's parameters. The first update's announcement is broadcast; every later
+//!    one rides on the status round of the update before it.
 //! 2. **Vote**: every rank all-gathers "accept" or "refuse: reason". A worker refuses when
 //!    the info is invalid, the metadata digest differs from its own resolution, or the
 //!    update does not match its registry. One refusal and every rank abandons the update
-//!    ([`TransferError::PeersFailed`](crate::TransferError::PeersFailed) names who refused and why); nothing is sent.
+//!    ([`TransferError::PeersFailed`](crate::TransferError::PeersFailed) names who refused
+//!    and why); nothing is sent.
 //! 3. **Payload**: the trainer sends to each worker, in update order:
 //!    * dense: one message per parameter (its bytes);
-//!    * packed: per chunk, the encoded [`ChunkHeader`](crate::ChunkHeader) then the chunk payload; the worker
-//!      checks each header against its own plan (its own `packed_buffer_size_bytes`);
+//!    * packed: per chunk, the encoded [`ChunkHeader`](crate::ChunkHeader) then the chunk
+//!      payload; the worker checks each header against its own plan (its own
+//!      `packed_buffer_size_bytes`);
 //!    * sparse: one message per parameter, its int32 indices (little-endian) then its
 //!      values.
 //!
 //!    Workers stage everything. A worker that finds a problem here (a chunk header that
 //!    differs from its plan, a patch index out of range) keeps receiving, discarding, so
 //!    that the stream stays in step, and reports the problem in the next phase.
-//! 4. **Commit**: every rank all-gathers "ready" or "failed: reason". Only if every rank is
-//!    ready do the workers apply what they staged; otherwise no worker applies anything.
+//! 4. **Status**: every rank all-gathers "ready" or "failed: reason" (the trainer's status
+//!    carries the next announcement, or the end of the session after the last update).
+//!    Only if every rank is ready do the workers apply what they staged; otherwise no
+//!    worker applies anything.
 //!
-//! Then the trainer broadcasts an end marker.
+//! A refusal moves no payload, so this engine keeps the vote before the payload: per
+//! update, two host rounds (vote and status) plus the payload messages, and one broadcast
+//! per session for the first announcement.
 //!
 //! # Staging and memory
 //!
@@ -48,7 +56,8 @@ mod trainer;
 mod worker;
 
 pub use crate::control::TRAINER_RANK;
-pub use trainer::{HostTrainer, Progress};
+pub use crate::progress::Progress;
+pub use trainer::HostTrainer;
 pub use worker::HostWorker;
 
 /// Settings of the host engine, on both sides.

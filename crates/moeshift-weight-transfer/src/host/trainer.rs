@@ -12,29 +12,13 @@ use crate::error::TransferError;
 use crate::info::UpdateInfo;
 use crate::meta::ParamMeta;
 use crate::packing::{pack_chunk, plan_chunks, PackError};
-
-/// Where a trainer's update stands, reported after every payload message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Progress {
-    /// Session number (from 1).
-    pub session: u64,
-    /// Update number within the session (from 0).
-    pub update: u32,
-    /// Payload messages of this update handed to every worker so far.
-    pub messages: usize,
-    /// Payload bytes of this update sent to each worker so far.
-    pub bytes: usize,
-    /// Payload bytes of the whole update, per worker.
-    pub total_bytes: usize,
-}
-
-type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+use crate::progress::{Observer, Progress, Tracker};
 
 /// The trainer side of the host engine: group rank 0.
 pub struct HostTrainer {
     control: TrainerControl,
     config: HostConfig,
-    progress: Option<ProgressFn>,
+    progress: Option<Observer>,
 }
 
 impl std::fmt::Debug for HostTrainer {
@@ -62,8 +46,9 @@ impl HostTrainer {
         })
     }
 
-    /// Calls `observer` after every payload message (for progress bars and metrics on long
-    /// transfers). It runs on the sending thread, so it should be quick.
+    /// Calls `observer` when an update's payload starts and after every payload message
+    /// (see [`Progress`]; for progress bars and metrics on long transfers). It runs on the
+    /// sending thread, so it should be quick.
     pub fn set_progress(&mut self, observer: impl FnMut(&Progress) + Send + 'static) {
         self.progress = Some(Box::new(observer));
     }
@@ -95,20 +80,11 @@ impl TrainerPayload for HostTrainer {
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
         let total_bytes = info.resolve(None)?.payload_bytes();
-        let mut progress = Progress {
-            session: self.control.session,
-            update: index,
-            messages: 0,
-            bytes: 0,
-            total_bytes,
-        };
+        let session = self.control.session;
+        let mut progress = Tracker::start(&mut self.progress, session, index, total_bytes);
         let mut step = |this: &mut Self, data: &[u8], what: &str| -> Result<(), TransferError> {
             this.control.send_all(data, what, deadline)?;
-            progress.messages += 1;
-            progress.bytes += data.len();
-            if let Some(observer) = this.progress.as_mut() {
-                observer(&progress);
-            }
+            progress.step(&mut this.progress, data.len());
             Ok(())
         };
         match *update {
@@ -150,7 +126,7 @@ impl TrainerPayload for HostTrainer {
                 }
             }
         }
-        Ok(progress.bytes)
+        Ok(progress.bytes())
     }
 }
 

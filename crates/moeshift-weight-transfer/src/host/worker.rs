@@ -263,7 +263,7 @@ impl<S: HostStorage> WorkerEngine for HostWorker<S> {
     }
 
     fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {
-        self.control.finish(deadline)
+        crate::control::finish(self, deadline)
     }
 
     fn abort(&mut self) {

@@ -4,9 +4,10 @@
 //!
 //! # Protocol (one session)
 //!
-//! The session shape of the [`host`](crate::host) engine over the control group
-//! (announcement, vote, payload, status round, end marker). The payload of a (packed) dense
-//! update, chunk by chunk:
+//! The control protocol every engine shares (see the crate docs): announcement (the first
+//! one broadcast, later ones carried by the status round before them), vote, payload,
+//! status round (carrying the next announcement or the end of the session). The payload
+//! of a (packed) dense update, chunk by chunk:
 //!
 //! 1. the trainer packs the chunk into its buffer and waits for the copies to finish;
 //! 2. it sends every worker a [`ChunkNotice`]: the buffer's IPC handle and size, and the
@@ -17,7 +18,15 @@
 //!    chunk's tensors into its parameters and waits for the copies;
 //! 4. everyone all-gathers a status: the trainer reuses the buffer only after every worker
 //!    finished reading it, and a failure anywhere (a header mismatch, a handle that cannot
-//!    be opened) ends the update on every rank at the same chunk.
+//!    be opened) ends the update on every rank at the same chunk. After the last chunk this
+//!    round is the update's status round itself.
+//!
+//! Per update that is the vote and one round per chunk (before, the last chunk had a round
+//! of its own, then came the status round, and the session closed with one more broadcast).
+//!
+//! Opening the mapping is the expensive part of a session with a large buffer: about 9.5 ms
+//! for a 1 GiB buffer between two H200s, against 2.5 ms to copy 988 MB out of it (the copy
+//! engines reach about 374 GB/s from one stream there).
 //!
 //! The buffer has exactly `packed_buffer_size_bytes` and is never exceeded: chunks are
 //! planned with [`plan_chunks_within`](crate::plan_chunks_within) (flush before

@@ -19,6 +19,7 @@ use crate::error::TransferError;
 use crate::info::UpdateInfo;
 use crate::meta::ParamMeta;
 use crate::packing::{plan_chunks_within, ChunkHeader};
+use crate::progress::{Observer, Progress, Tracker};
 
 /// The trainer side of the CUDA-IPC engine: control rank 0, one GPU, one exported buffer of
 /// exactly `packed_buffer_size_bytes`.
@@ -29,6 +30,7 @@ pub struct IpcTrainer {
     stream: Arc<CudaStream>,
     buffer: DeviceAlloc,
     handle: [u8; 64],
+    progress: Option<Observer>,
 }
 
 impl std::fmt::Debug for IpcTrainer {
@@ -37,6 +39,7 @@ impl std::fmt::Debug for IpcTrainer {
             .field("control", &self.control)
             .field("config", &self.config)
             .field("device", &self.device)
+            .field("progress", &self.progress.is_some())
             .finish()
     }
 }
@@ -72,7 +75,15 @@ impl IpcTrainer {
             stream,
             buffer,
             handle,
+            progress: None,
         })
+    }
+
+    /// Calls `observer` when an update's payload starts and after every chunk the workers
+    /// were told about (see [`Progress`]). It runs on the sending thread, so it should be
+    /// quick.
+    pub fn set_progress(&mut self, observer: impl FnMut(&Progress) + Send + 'static) {
+        self.progress = Some(Box::new(observer));
     }
 
     /// The control group.
@@ -168,9 +179,11 @@ impl IpcTrainer {
         plan: &[ChunkHeader],
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
+        let total: usize = plan.iter().map(|h| h.payload_len as usize).sum();
+        let session = self.control.session;
+        let mut tracker = Tracker::start(&mut self.progress, session, index, total);
         let mut next = 0usize;
-        let mut bytes = 0usize;
-        for header in plan {
+        for (k, header) in plan.iter().enumerate() {
             let what = format!("chunk {} of {}", header.seq, header.total);
             let entries = params.get(next..next + header.entries.len()).unwrap_or(&[]);
             next += header.entries.len();
@@ -190,11 +203,14 @@ impl IpcTrainer {
             };
             self.control
                 .send_all(&notice.encode(), &format!("the notice of {what}"), deadline)?;
-            // Every worker copied the chunk out (or failed) before the buffer is reused.
-            self.control.status_round(index, &what, deadline)?;
-            bytes += header.payload_len as usize;
+            tracker.step(&mut self.progress, header.payload_len as usize);
+            // Every worker copied the chunk out (or failed) before the buffer is reused. The
+            // status round of the update does this for the last chunk.
+            if k + 1 < plan.len() {
+                self.control.status_round(index, &what, deadline)?;
+            }
         }
-        Ok(bytes)
+        Ok(tracker.bytes())
     }
 }
 

@@ -214,26 +214,21 @@ impl<S: DeviceStorage> WorkerPayload for IpcWorker<S> {
         let mut seq = 0u32;
         let mut next_param = 0usize;
         while seq < total {
-            let what = format!("chunk {seq}");
-            match self.copy_chunk(
+            // A refusal is reported in the round that follows this chunk on the trainer: the
+            // chunk's own round, or the update's status round after the last chunk. Either
+            // way it is the one round this worker still takes part in.
+            total = self.copy_chunk(
                 update,
                 registry,
                 seq,
                 plan.get(seq as usize),
                 &mut next_param,
                 deadline,
-            ) {
-                Ok(t) => {
-                    total = t;
-                    self.control
-                        .status_round(status_ok(), &what, deadline)
-                        .map_err(Failure::Fatal)?;
-                }
-                Err(Failure::Fatal(e)) => return Err(Failure::Fatal(e)),
-                // Reported in this chunk's round: no commit round follows.
-                Err(Failure::Refused(e)) => {
-                    return Err(Failure::Fatal(self.control.fail_round(e, &what, deadline)))
-                }
+            )?;
+            if seq + 1 < total {
+                self.control
+                    .status_round(status_ok(), &format!("chunk {seq}"), deadline)
+                    .map_err(Failure::Fatal)?;
             }
             seq += 1;
         }
@@ -288,7 +283,7 @@ impl<S: DeviceStorage> WorkerEngine for IpcWorker<S> {
         // Close the mappings before the trainer may free its buffer (freeing an exported
         // allocation that another process still has open is undefined behaviour in CUDA).
         self.mappings.clear();
-        self.control.finish(deadline)
+        crate::control::finish(self, deadline)
     }
 
     fn abort(&mut self) {

@@ -8,11 +8,11 @@ use moeshift_device_comm::nccl::NcclComm;
 use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 
-use super::{grow_chunk_buffer, DeviceSide, NcclConfig};
+use super::{dense_groups, describe_params, grow_chunk_buffer, DeviceSide, NcclConfig};
 use crate::auto::{AutoPolicy, Choice};
-use crate::control::{send_session, TrainerControl, TrainerPayload, TRAINER_RANK};
+use crate::control::{send_session, Staged, TrainerControl, TrainerPayload, TRAINER_RANK};
 use crate::device::jobs::{fill, DenseSrc, Job, SparseSrc};
-use crate::device::memory::{self, DeviceAlloc, MemError, Span};
+use crate::device::memory::{self, overlaps, DeviceAlloc, MemError, Span};
 use crate::device::sparse::SparseStage;
 use crate::device::{
     mem_error, DeviceAutoParam, DeviceDenseParam, DeviceDiff, DeviceOutgoing, DevicePatch,
@@ -23,7 +23,11 @@ use crate::error::TransferError;
 use crate::info::UpdateInfo;
 use crate::meta::ParamMeta;
 use crate::packing::plan_chunks;
+use crate::progress::{Observer, Progress, Tracker};
 use crate::sparse_layout::SparseLayout;
+
+/// Alignment of each value staged in the dense staging buffer.
+const STAGE_ALIGN: usize = 256;
 
 /// The trainer side of the NCCL engine: control rank and NCCL rank 0, on one GPU.
 ///
@@ -39,7 +43,10 @@ pub struct NcclTrainer {
     pack_stream: Arc<CudaStream>,
     slots: [Option<DeviceAlloc>; 2],
     packed_events: [CudaEvent; 2],
+    /// Recorded after the staging copies of a sparse update or a dense group.
+    staged_event: CudaEvent,
     stage: SparseStage,
+    progress: Option<Observer>,
 }
 
 impl std::fmt::Debug for NcclTrainer {
@@ -49,6 +56,7 @@ impl std::fmt::Debug for NcclTrainer {
             .field("config", &self.config)
             .field("device", &self.device)
             .field("broken", &self.is_broken())
+            .field("progress", &self.progress.is_some())
             .finish()
     }
 }
@@ -69,6 +77,7 @@ impl NcclTrainer {
             comm,
             stream: pack_stream,
             events: packed_events,
+            staged: staged_event,
             stage,
         } = DeviceSide::open(
             &control.group,
@@ -85,8 +94,17 @@ impl NcclTrainer {
             pack_stream,
             slots: [None, None],
             packed_events,
+            staged_event,
             stage,
+            progress: None,
         })
+    }
+
+    /// Calls `observer` when an update's payload starts and after every payload operation
+    /// (a dense group, a packed chunk, a whole sparse update; see [`Progress`]). It runs on
+    /// the sending thread, so it should be quick.
+    pub fn set_progress(&mut self, observer: impl FnMut(&Progress) + Send + 'static) {
+        self.progress = Some(Box::new(observer));
     }
 
     /// The control group.
@@ -241,34 +259,93 @@ impl NcclTrainer {
             .map_err(self.mem(format!("broadcasting {what}")))
     }
 
+    /// Orders the staging copies queued so far on the packing stream before the next
+    /// broadcast on the communicator's stream.
+    fn order_staging(&self, what: &str) -> Result<(), TransferError> {
+        self.staged_event
+            .record(&self.pack_stream)
+            .and_then(|()| self.comm.stream().wait(&self.staged_event))
+            .map_err(|e| self.mem(format!("ordering {what} after its staging"))(e.into()))
+    }
+
+    /// Unpacked dense: each group of [`dense_groups`] in one grouped broadcast, device
+    /// values in place; host values, and device values overlapping another of the group,
+    /// staged in chunk buffer 0 first.
     fn send_dense(
         &mut self,
         params: &[(&ParamMeta, DenseSrc<'_>)],
+        metas: &[ParamMeta],
+        tracker: &mut Tracker,
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
+        let device = self.device;
         let mut bytes = 0;
-        for (meta, src) in params {
-            let what = format!("the values of '{}'", meta.name());
-            match src {
-                DenseSrc::Device(span) => self.broadcast(span, 0, span.len(), &what, deadline)?,
-                DenseSrc::Host(data) => {
-                    // Host bytes go through a device buffer.
-                    self.slot(0, data.len())?;
-                    let stream = Arc::clone(&self.pack_stream);
-                    let err = self.mem(format!("uploading {what}"));
-                    let Some(slot) = self.slots[0].as_mut() else {
-                        continue;
-                    };
-                    memory::upload(&stream, &mut slot.span_mut(), 0, data)
-                        .and_then(|()| stream.synchronize().map_err(MemError::from))
-                        .map_err(err)?;
-                    let Some(slot) = self.slots[0].as_ref() else {
-                        continue;
-                    };
-                    self.broadcast(&slot.span(), 0, data.len(), &what, deadline)?;
+        for group in dense_groups(metas) {
+            let entries = params.get(group.clone()).unwrap_or(&[]);
+            let what = format!(
+                "the values of {}",
+                describe_params(metas.get(group).unwrap_or(&[]))
+            );
+            // Where each staged value goes in the buffer; `None`: broadcast in place.
+            let mut staged_at: Vec<Option<usize>> = Vec::with_capacity(entries.len());
+            let mut in_place: Vec<(u64, usize)> = Vec::new();
+            let mut staged_len = 0usize;
+            for (meta, src) in entries {
+                let stage = match src {
+                    DenseSrc::Host(_) => true,
+                    DenseSrc::Device(span) => {
+                        let range = (span.addr(), span.len());
+                        let clash = in_place.iter().any(|&r| overlaps(r, range));
+                        if !clash {
+                            in_place.push(range);
+                        }
+                        clash
+                    }
+                };
+                if stage {
+                    staged_at.push(Some(staged_len));
+                    staged_len = meta
+                        .byte_len()
+                        .checked_next_multiple_of(STAGE_ALIGN)
+                        .and_then(|n| staged_len.checked_add(n))
+                        .ok_or_else(|| TransferError::Config {
+                            detail: format!("staging {what}: the size overflows"),
+                        })?;
+                } else {
+                    staged_at.push(None);
                 }
             }
-            bytes += meta.byte_len();
+            if staged_len > 0 {
+                self.slot(0, staged_len)?;
+                let stream = Arc::clone(&self.pack_stream);
+                let Some(buf) = self.slots[0].as_mut() else {
+                    return Err(missing_buffer(device));
+                };
+                let mut span = buf.span_mut();
+                for ((_, src), at) in entries.iter().zip(&staged_at) {
+                    if let Some(at) = at {
+                        fill(&stream, &mut span, *at, src).map_err(|e| {
+                            mem_error(TRAINER_RANK, device, format!("staging {what}"))(e)
+                        })?;
+                    }
+                }
+                self.order_staging(&what)?;
+            }
+            let buffer = self.slots[0].as_ref().map(DeviceAlloc::span);
+            let mut parts: Vec<(Span<'_>, usize, usize)> = Vec::with_capacity(entries.len());
+            for ((meta, src), at) in entries.iter().zip(&staged_at) {
+                let part = match (src, at, buffer) {
+                    (_, Some(at), Some(buf)) => (buf, *at, meta.byte_len()),
+                    (DenseSrc::Device(span), None, _) => (*span, 0, meta.byte_len()),
+                    _ => return Err(missing_buffer(device)),
+                };
+                parts.push(part);
+            }
+            memory::broadcast_many_send(&self.comm, &parts, deadline)
+                .map_err(self.mem(format!("broadcasting {what}")))?;
+            let group_bytes: usize = entries.iter().map(|(m, _)| m.byte_len()).sum();
+            bytes += group_bytes;
+            tracker.step(&mut self.progress, group_bytes);
         }
         Ok(bytes)
     }
@@ -301,6 +378,7 @@ impl NcclTrainer {
         &mut self,
         params: &[(&ParamMeta, DenseSrc<'_>)],
         metas: &[ParamMeta],
+        tracker: &mut Tracker,
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
         let plan = plan_chunks(metas, self.config.packed_buffer_size_bytes)?;
@@ -334,83 +412,101 @@ impl NcclTrainer {
                 .map_err(|e| self.mem(format!("ordering {what} after its packing"))(e.into()))?;
             let len = header.payload_len as usize;
             let Some(buf) = self.slots[slot].as_ref() else {
-                continue;
+                return Err(missing_buffer(self.device));
             };
             self.broadcast(&buf.span(), 0, len, &what, deadline)?;
             bytes += len;
+            tracker.step(&mut self.progress, len);
         }
         Ok(bytes)
     }
 
+    /// Sparse, staged: every patch copied into the staging area on the packing stream (one
+    /// kernel for all device patches), then the index array and the value array in one
+    /// grouped broadcast.
     fn send_sparse(
         &mut self,
         params: &[(&ParamMeta, SparseSrc<'_>)],
         metas: &[ParamMeta],
+        tracker: &mut Tracker,
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
-        // Host patches are staged in device memory first (device patches go as they are).
-        let counts: Vec<usize> = params.iter().map(|(_, s)| s.nnz()).collect();
-        let layout = SparseLayout::new(metas, &counts).ok_or_else(|| TransferError::Config {
-            detail: "the sparse update is too large to stage".into(),
-        })?;
-        if params.iter().any(|(_, s)| matches!(s, SparseSrc::Host(_))) {
-            let err = self.mem("staging the sparse patches");
-            let stream = Arc::clone(&self.pack_stream);
-            let staged: Result<(), MemError> = (|| {
-                self.stage.prepare(layout.clone())?;
-                for ((_, src), e) in params.iter().zip(&layout.entries) {
-                    if let SparseSrc::Host(p) = src {
-                        memory::upload(
-                            &stream,
-                            &mut self.stage.indices_mut()?,
-                            e.index_start * 4,
-                            &p.index_bytes(),
-                        )?;
-                        memory::upload(
-                            &stream,
-                            &mut self.stage.values_mut()?,
-                            e.value_start,
-                            &p.values,
-                        )?;
+        let layout = sparse_layout(params, metas)?;
+        let device = self.device;
+        let stream = Arc::clone(&self.pack_stream);
+        self.stage
+            .prepare(layout.clone())
+            .map_err(self.mem("allocating the sparse staging area"))?;
+        // Host patches are uploaded one by one; device patches are gathered by one kernel.
+        let mut gathered: Vec<(usize, Span<'_>, Span<'_>)> = Vec::new();
+        {
+            let (mut idx, mut vals) = self.stage.buffers_mut().map_err(mem_error(
+                TRAINER_RANK,
+                device,
+                "staging the sparse patches",
+            ))?;
+            for (k, ((meta, src), e)) in params.iter().zip(&layout.entries).enumerate() {
+                match src {
+                    SparseSrc::Host(p) => {
+                        memory::upload(&stream, &mut idx, e.index_start * 4, &p.index_bytes())
+                            .and_then(|()| {
+                                memory::upload(&stream, &mut vals, e.value_start, &p.values)
+                            })
+                            .map_err(|err| {
+                                mem_error(
+                                    TRAINER_RANK,
+                                    device,
+                                    format!("staging the patch of '{}'", meta.name()),
+                                )(err)
+                            })?;
                     }
+                    SparseSrc::Device(p) => gathered.push((k, p.index_span(), p.value_span())),
                 }
-                stream.synchronize()?;
-                Ok(())
-            })();
-            staged.map_err(err)?;
+            }
         }
-        let mut bytes = 0;
-        for ((meta, src), e) in params.iter().zip(&layout.entries) {
-            let (idx, idx_off, vals, val_off) = match src {
-                SparseSrc::Device(p) => (p.index_span(), 0, p.value_span(), 0),
-                SparseSrc::Host(_) => {
-                    let err = |e| self.mem("reading the staged patches")(e);
-                    (
-                        self.stage.indices().map_err(err)?,
-                        e.index_start * 4,
-                        self.stage.values().map_err(err)?,
-                        e.value_start,
-                    )
-                }
-            };
-            let name = meta.name();
-            self.broadcast(
-                &idx,
-                idx_off,
-                e.index_bytes(),
-                &format!("the indices of '{name}'"),
-                deadline,
-            )?;
-            self.broadcast(
-                &vals,
-                val_off,
-                e.value_bytes(),
-                &format!("the values of '{name}'"),
-                deadline,
-            )?;
-            bytes += e.index_bytes() + e.value_bytes();
-        }
+        self.stage.gather(&gathered).map_err(mem_error(
+            TRAINER_RANK,
+            device,
+            format!(
+                "gathering {} device patches into the staging area",
+                gathered.len()
+            ),
+        ))?;
+        let what = format!("the sparse patches of {}", describe_params(metas));
+        self.order_staging(&what)?;
+        let err = self.mem(format!("broadcasting {what}"));
+        let arrays = self
+            .stage
+            .indices()
+            .and_then(|i| Ok((i, self.stage.values()?)))
+            .and_then(|(i, v)| {
+                memory::broadcast_many_send(
+                    &self.comm,
+                    &[(i, 0, layout.index_bytes()), (v, 0, layout.value_bytes)],
+                    deadline,
+                )
+            });
+        arrays.map_err(err)?;
+        let bytes = layout.payload_bytes();
+        tracker.step(&mut self.progress, bytes);
         Ok(bytes)
+    }
+}
+
+/// The staged layout of a sparse update (the same arithmetic on both sides).
+fn sparse_layout(
+    params: &[(&ParamMeta, SparseSrc<'_>)],
+    metas: &[ParamMeta],
+) -> Result<SparseLayout, TransferError> {
+    let counts: Vec<usize> = params.iter().map(|(_, s)| s.nnz()).collect();
+    SparseLayout::new(metas, &counts).ok_or_else(|| TransferError::Config {
+        detail: "the sparse update is too large to stage".into(),
+    })
+}
+
+fn missing_buffer(device: usize) -> TransferError {
+    TransferError::Config {
+        detail: format!("rank {TRAINER_RANK} (cuda:{device}): the staging buffer is missing"),
     }
 }
 
@@ -421,24 +517,40 @@ impl TrainerPayload for NcclTrainer {
         &mut self.control
     }
 
+    fn staged(&self, job: &Job<'_>, metas: &[ParamMeta]) -> Result<Option<Staged>, TransferError> {
+        match job {
+            Job::Sparse { params } => {
+                let layout = sparse_layout(params, metas)?;
+                Ok(Some(Staged {
+                    index_bytes: layout.index_bytes() as u64,
+                    value_bytes: layout.value_bytes as u64,
+                }))
+            }
+            Job::Dense { .. } => Ok(None),
+        }
+    }
+
     fn send_payload(
         &mut self,
-        _index: u32,
+        index: u32,
         job: &Job<'_>,
-        _info: &UpdateInfo,
+        info: &UpdateInfo,
         metas: &[ParamMeta],
         deadline: Deadline,
     ) -> Result<usize, TransferError> {
+        let total = info.resolve(None)?.payload_bytes();
+        let session = self.control.session;
+        let mut tracker = Tracker::start(&mut self.progress, session, index, total);
         match job {
             Job::Dense {
                 params,
                 packed: false,
-            } => self.send_dense(params, deadline),
+            } => self.send_dense(params, metas, &mut tracker, deadline),
             Job::Dense {
                 params,
                 packed: true,
-            } => self.send_packed(params, metas, deadline),
-            Job::Sparse { params } => self.send_sparse(params, metas, deadline),
+            } => self.send_packed(params, metas, &mut tracker, deadline),
+            Job::Sparse { params } => self.send_sparse(params, metas, &mut tracker, deadline),
         }
     }
 }

@@ -9,9 +9,10 @@ use moeshift_device_comm::HostGroup;
 use moeshift_sync::Deadline;
 use moeshift_tensor::CudaBuffer;
 
-use super::{grow_chunk_buffer, DeviceSide, NcclConfig};
+use super::{dense_groups, describe_params, grow_chunk_buffer, DeviceSide, NcclConfig};
 use crate::control::{
-    receive_update, worker_control_methods, Failure, WorkerControl, WorkerPayload, TRAINER_RANK,
+    receive_update, worker_control_methods, Failure, Staged, WorkerControl, WorkerPayload,
+    TRAINER_RANK,
 };
 use crate::device::memory::{self, DeviceAlloc, MemError, SpanMut};
 use crate::device::sparse::SparseStage;
@@ -19,7 +20,7 @@ use crate::device::{check_storages, mem_error, DeviceStorage};
 use crate::engine::{Capabilities, PreparedUpdate, UpdateReport, WorkerEngine};
 use crate::error::TransferError;
 use crate::info::UpdateKind;
-use crate::packing::plan_chunks;
+use crate::packing::{plan_chunks, ChunkHeader};
 use crate::patch::PatchError;
 use crate::registry::ParamRegistry;
 use crate::sparse_layout::SparseLayout;
@@ -72,6 +73,7 @@ impl<S: DeviceStorage> NcclWorker<S> {
             comm,
             stream: copy_stream,
             events: unpacked,
+            staged: _,
             stage,
         } = DeviceSide::open(
             &control.group,
@@ -127,21 +129,72 @@ impl<S: DeviceStorage> NcclWorker<S> {
         )
     }
 
+    /// Unpacked dense: each group of [`dense_groups`] straight into the live parameters, in
+    /// one grouped broadcast.
     fn receive_dense(
         &mut self,
         update: &PreparedUpdate,
         registry: &mut ParamRegistry<S>,
         deadline: Deadline,
     ) -> Result<(), Failure> {
-        for (meta, &slot) in update.update.params.iter().zip(&update.slots) {
-            let err = self.mem(format!("receiving the values of '{}'", meta.name()));
-            let storage = registry
-                .storage_mut(slot)
+        let (rank, device) = (self.rank(), self.device);
+        let params = &update.update.params;
+        for group in dense_groups(params) {
+            let metas = params.get(group.clone()).unwrap_or(&[]);
+            let what = format!("receiving the values of {}", describe_params(metas));
+            let slots = update.slots.get(group).ok_or_else(|| {
+                Failure::Fatal(TransferError::Config {
+                    detail: format!("rank {rank}: {what}: the update lists fewer slots"),
+                })
+            })?;
+            let mut storages = registry
+                .storages_mut(slots)
                 .map_err(|e| Failure::Fatal(e.into()))?;
-            let mut dst = SpanMut::of_storage(storage);
-            let len = dst.len();
-            memory::broadcast_recv(&self.comm, &mut dst, 0, len, TRAINER_RANK, deadline)
-                .map_err(|e| Failure::Fatal(err(e)))?;
+            let mut parts: Vec<(SpanMut<'_>, usize, usize)> = storages
+                .iter_mut()
+                .zip(metas)
+                .map(|(storage, meta)| (SpanMut::of_storage(&mut **storage), 0, meta.byte_len()))
+                .collect();
+            memory::broadcast_many_recv(&self.comm, &mut parts, TRAINER_RANK, deadline)
+                .map_err(|e| Failure::Fatal(mem_error(rank, device, what)(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Queues the copies of chunk buffer `b` (holding `header`, whose entries are the
+    /// update's parameters from position `first`) into the parameters, on the copy stream.
+    fn unpack(
+        &self,
+        b: usize,
+        header: &ChunkHeader,
+        first: usize,
+        update: &PreparedUpdate,
+        registry: &mut ParamRegistry<S>,
+    ) -> Result<(), TransferError> {
+        let (rank, device) = (self.rank(), self.device);
+        let what = format!("unpacking chunk {} of {}", header.seq, header.total);
+        let Some(buf) = self.slots.get(b).and_then(Option::as_ref) else {
+            return Err(TransferError::Config {
+                detail: format!("rank {rank}: {what}: chunk buffer {b} missing"),
+            });
+        };
+        let src = buf.span();
+        for (k, entry) in header.entries.iter().enumerate() {
+            let Some(&slot) = update.slots.get(first + k) else {
+                return Err(TransferError::Config {
+                    detail: format!("rank {rank}: {what}: more tensors than the update has"),
+                });
+            };
+            let mut dst = SpanMut::of_storage(registry.storage_mut(slot)?);
+            memory::copy(
+                &self.copy_stream,
+                &mut dst,
+                0,
+                &src,
+                entry.offset as usize,
+                entry.len as usize,
+            )
+            .map_err(mem_error(rank, device, what.clone()))?;
         }
         Ok(())
     }
@@ -151,13 +204,14 @@ impl<S: DeviceStorage> NcclWorker<S> {
         update: &PreparedUpdate,
         registry: &mut ParamRegistry<S>,
         deadline: Deadline,
-    ) -> Result<usize, Failure> {
+    ) -> Result<Received, Failure> {
         let plan = plan_chunks(&update.update.params, self.config.packed_buffer_size_bytes)
             .map_err(|e| Failure::Fatal(e.into()))?;
         let mut problem: Option<TransferError> = None;
         let mut total = plan.len() as u32;
         let mut seq = 0u32;
         let mut next_param = 0usize;
+        let mut last = None;
         while seq < total {
             let during = format!("receiving the header of chunk {seq}");
             let header =
@@ -191,33 +245,24 @@ impl<S: DeviceStorage> NcclWorker<S> {
             .map_err(|e| Failure::Fatal(err(e)))?;
             if problem.is_none() {
                 // The header matched the plan: its entries are this update's next
-                // parameters, in order. Unpack on the copy stream while the next chunk
-                // arrives.
-                let src = buf.span();
-                let (rank, device) = (self.control.rank(), self.device);
-                let err = |e| mem_error(rank, device, format!("unpacking {what}"))(e);
-                for entry in &header.entries {
-                    let Some(&slot) = update.slots.get(next_param) else {
-                        break;
-                    };
-                    next_param += 1;
-                    let storage = registry
-                        .storage_mut(slot)
-                        .map_err(|e| Failure::Fatal(e.into()))?;
-                    let mut dst = SpanMut::of_storage(storage);
-                    memory::copy(
-                        &self.copy_stream,
-                        &mut dst,
-                        0,
-                        &src,
-                        entry.offset as usize,
-                        entry.len as usize,
-                    )
-                    .map_err(|e| Failure::Fatal(err(e)))?;
+                // parameters, in order.
+                let first = next_param;
+                next_param += header.entries.len();
+                if seq + 1 == total {
+                    // The last chunk waits in its buffer for the status round (`commit`).
+                    last = Some(LastChunk {
+                        buffer: b,
+                        first,
+                        header,
+                    });
+                } else {
+                    // Unpack on the copy stream while the next chunk arrives.
+                    self.unpack(b, &header, first, update, registry)
+                        .map_err(Failure::Fatal)?;
+                    self.unpacked[b].record(&self.copy_stream).map_err(|e| {
+                        Failure::Fatal(self.mem(format!("recording {what}"))(e.into()))
+                    })?;
                 }
-                self.unpacked[b]
-                    .record(&self.copy_stream)
-                    .map_err(|e| Failure::Fatal(self.mem(format!("recording {what}"))(e.into())))?;
             }
             seq += 1;
         }
@@ -226,57 +271,76 @@ impl<S: DeviceStorage> NcclWorker<S> {
             .map_err(|e| Failure::Fatal(self.mem("finishing the unpacking")(e.into())))?;
         match problem {
             Some(e) => Err(Failure::Refused(e)),
-            None => Ok(plan.len()),
+            None => Ok(Received {
+                chunks: plan.len(),
+                last,
+            }),
         }
     }
 
-    /// Receives every patch into the staging area and checks all indices; returns the
-    /// first problem as a refusal.
-    fn receive_sparse(
-        &mut self,
-        update: &PreparedUpdate,
-        deadline: Deadline,
-    ) -> Result<(), Failure> {
-        let r = &update.update;
-        let layout = SparseLayout::new(&r.params, &r.num_updates).ok_or_else(|| {
-            Failure::Fatal(TransferError::Config {
-                detail: format!(
-                    "rank {}: the sparse update is too large to stage",
-                    self.rank()
-                ),
-            })
-        })?;
-        self.stage
-            .prepare(layout.clone())
-            .map_err(|e| Failure::Fatal(self.mem("allocating the sparse staging area")(e)))?;
+    /// Receives the arrays of a staged sparse update into the staging area (see
+    /// [`WorkerPayload::receive_staged`]).
+    fn receive_arrays(&mut self, staged: Staged, deadline: Deadline) -> Result<(), TransferError> {
         let (rank, device) = (self.rank(), self.device);
-        for (meta, e) in r.params.iter().zip(&layout.entries) {
-            let name = meta.name();
-            let during = format!("receiving the indices of '{name}'");
-            let fatal = |e| Failure::Fatal(mem_error(rank, device, during.clone())(e));
-            let mut idx = self.stage.indices_mut().map_err(fatal)?;
-            memory::broadcast_recv(
-                &self.comm,
-                &mut idx,
-                e.index_start * 4,
-                e.index_bytes(),
-                TRAINER_RANK,
-                deadline,
-            )
-            .map_err(fatal)?;
-            let during = format!("receiving the values of '{name}'");
-            let fatal = |e| Failure::Fatal(mem_error(rank, device, during.clone())(e));
-            let mut vals = self.stage.values_mut().map_err(fatal)?;
-            memory::broadcast_recv(
-                &self.comm,
-                &mut vals,
-                e.value_start,
-                e.value_bytes(),
-                TRAINER_RANK,
-                deadline,
-            )
-            .map_err(fatal)?;
+        let size = |n: u64| {
+            usize::try_from(n).map_err(|_| TransferError::Protocol {
+                rank,
+                peer: TRAINER_RANK,
+                detail: format!("a staged sparse payload of {n} bytes does not fit this machine"),
+            })
+        };
+        let (index_bytes, value_bytes) = (size(staged.index_bytes)?, size(staged.value_bytes)?);
+        self.stage
+            .reserve(index_bytes, value_bytes)
+            .map_err(mem_error(
+                rank,
+                device,
+                format!("allocating a {index_bytes} + {value_bytes}-byte sparse staging area"),
+            ))?;
+        let err = mem_error(rank, device, "receiving the staged sparse patches");
+        let (idx, vals) = match self.stage.buffers_mut() {
+            Ok(b) => b,
+            Err(e) => return Err(err(e)),
+        };
+        let mut parts = [(idx, 0, index_bytes), (vals, 0, value_bytes)];
+        memory::broadcast_many_recv(&self.comm, &mut parts, TRAINER_RANK, deadline).map_err(err)
+    }
+
+    /// Checks the staged sparse update against its announcement: the sizes, then every
+    /// index with one kernel and one device-to-host copy; the first problem is a refusal.
+    fn check_staged(&mut self, update: &PreparedUpdate) -> Result<(), Failure> {
+        let r = &update.update;
+        let rank = self.rank();
+        let refuse = |detail: String| {
+            Failure::Refused(TransferError::Protocol {
+                rank,
+                peer: TRAINER_RANK,
+                detail,
+            })
+        };
+        let Some(staged) = self.control.staged else {
+            return Err(refuse(
+                "a sparse update arrived without its staged payload".into(),
+            ));
+        };
+        let Some(layout) = SparseLayout::new(&r.params, &r.num_updates) else {
+            return Err(refuse("the sparse update is too large to stage".into()));
+        };
+        if layout.index_bytes() as u64 != staged.index_bytes
+            || layout.value_bytes as u64 != staged.value_bytes
+        {
+            return Err(refuse(format!(
+                "the trainer staged {} + {} bytes of indices and values; the announced update \
+                 lays out as {} + {}",
+                staged.index_bytes,
+                staged.value_bytes,
+                layout.index_bytes(),
+                layout.value_bytes
+            )));
         }
+        self.stage
+            .set_layout(layout.clone())
+            .map_err(|e| Failure::Fatal(self.mem("allocating the sparse check table")(e)))?;
         let err = self.mem("checking the sparse indices");
         let firsts = self.stage.check().map_err(|e| Failure::Fatal(err(e)))?;
         let bad = firsts
@@ -330,13 +394,34 @@ impl<S: DeviceStorage> NcclWorker<S> {
     }
 }
 
+/// The last chunk of a packed update, received and waiting in its buffer for the status
+/// round.
+struct LastChunk {
+    buffer: usize,
+    /// Position in the update of the chunk's first parameter.
+    first: usize,
+    header: ChunkHeader,
+}
+
+/// What the NCCL worker's payload step hands its commit step.
+pub(crate) struct Received {
+    /// Chunks received (packed updates).
+    chunks: usize,
+    /// A packed update's last chunk, still to unpack.
+    last: Option<LastChunk>,
+}
+
 impl<S: DeviceStorage> WorkerPayload for NcclWorker<S> {
     type Plan = ();
-    /// The number of chunks received; a sparse update is still staged.
-    type Received = usize;
+    /// A sparse update is still staged, and a packed one's last chunk still in its buffer.
+    type Received = Received;
 
     fn control(&mut self) -> &mut WorkerControl {
         &mut self.control
+    }
+
+    fn receive_staged(&mut self, staged: Staged, deadline: Deadline) -> Result<(), TransferError> {
+        self.receive_arrays(staged, deadline)
     }
 
     fn check(
@@ -345,7 +430,16 @@ impl<S: DeviceStorage> WorkerPayload for NcclWorker<S> {
         registry: &mut ParamRegistry<S>,
     ) -> Result<(), TransferError> {
         // Every parameter's memory must be usable by this engine.
-        check_storages(self.rank(), self.device, update, registry)
+        check_storages(self.rank(), self.device, update, registry)?;
+        match (update.update.kind, self.control.staged.is_some()) {
+            (UpdateKind::SparseFlat, false) => Err(self
+                .control
+                .protocol("a sparse update was announced without its staged payload".into())),
+            (UpdateKind::Dense, true) => Err(self
+                .control
+                .protocol("a dense update was announced with a staged payload".into())),
+            _ => Ok(()),
+        }
     }
 
     fn receive_payload(
@@ -354,28 +448,41 @@ impl<S: DeviceStorage> WorkerPayload for NcclWorker<S> {
         _plan: (),
         registry: &mut ParamRegistry<S>,
         deadline: Deadline,
-    ) -> Result<usize, Failure> {
+    ) -> Result<Received, Failure> {
+        let nothing_left = Received {
+            chunks: 0,
+            last: None,
+        };
         let r = &update.update;
         match (r.kind, r.packed) {
-            (UpdateKind::Dense, false) => {
-                self.receive_dense(update, registry, deadline).map(|()| 0)
-            }
+            (UpdateKind::Dense, false) => self
+                .receive_dense(update, registry, deadline)
+                .map(|()| nothing_left),
             (UpdateKind::Dense, true) => self.receive_packed(update, registry, deadline),
-            (UpdateKind::SparseFlat, _) => self.receive_sparse(update, deadline).map(|()| 0),
+            (UpdateKind::SparseFlat, _) => self.check_staged(update).map(|()| nothing_left),
         }
     }
 
     fn commit(
         &mut self,
         update: &PreparedUpdate,
-        chunks: usize,
+        received: Received,
         registry: &mut ParamRegistry<S>,
     ) -> Result<usize, TransferError> {
         if update.update.kind == UpdateKind::SparseFlat {
             // Every worker staged and checked its patches: apply.
             self.apply_sparse(update, registry)?;
         }
-        Ok(chunks)
+        if let Some(last) = received.last {
+            // Every rank received the whole update: unpack its last chunk.
+            let unpacked = self.unpack(last.buffer, &last.header, last.first, update, registry);
+            // Wait for what was queued also after a failure: nothing may still write the
+            // parameters once this returns.
+            let waited = self.copy_stream.synchronize();
+            unpacked?;
+            waited.map_err(|e| self.mem("unpacking the last chunk")(e.into()))?;
+        }
+        Ok(received.chunks)
     }
 }
 
@@ -420,7 +527,7 @@ impl<S: DeviceStorage> WorkerEngine for NcclWorker<S> {
     }
 
     fn finish(&mut self, deadline: Deadline) -> Result<(), TransferError> {
-        self.control.finish(deadline)
+        crate::control::finish(self, deadline)
     }
 
     fn abort(&mut self) {

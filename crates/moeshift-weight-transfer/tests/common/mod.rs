@@ -2,15 +2,25 @@
 //! computed independently of any transfer, and the skip rule.
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moeshift_device_comm::nccl::nccl_available;
-use moeshift_device_comm::testing;
+use moeshift_device_comm::testing::{self, RankRole, RankTest, ENV_FAIL_POINT, ENV_FAIL_RANK};
+use moeshift_device_comm::{RankStatus, World};
 use moeshift_tensor::{cuda_available, CudaBuffer, DType};
-use moeshift_weight_transfer::{Digest, Hasher, ParamMeta, ParamRegistry};
+use moeshift_weight_transfer::{
+    Digest, Hasher, ParamMeta, ParamRegistry, TransferError, TRAINER_RANK,
+};
 
 pub const ROUND: Duration = Duration::from_secs(60);
 pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The deadline a worker gives the update its trainer dies in.
+pub const KILL_BUDGET: Duration = Duration::from_secs(10);
+/// What a worker may take beyond [`KILL_BUDGET`] to fail: NCCL's abort of a communicator
+/// stuck on a dead peer and the drain of its stream (the host transport notices a dead
+/// peer at once).
+pub const KILL_SLACK: Duration = Duration::from_secs(17);
 
 /// Why this machine cannot run the 2-GPU tests, if it cannot. Only the parent asks: ranks
 /// are started only when the parent found the GPUs.
@@ -145,4 +155,56 @@ pub fn device_registry(device: usize) -> ParamRegistry<CudaBuffer> {
         reg.register(m, buf).expect("register");
     }
     reg
+}
+
+/// Starts a kill test `name` of 2 ranks whose trainer dies at fail point `point`: in the
+/// parent, checks that the trainer died by SIGKILL and the worker passed, and returns
+/// `None`; in a rank, returns its world.
+pub fn kill_test(name: &str, point: &str) -> Option<World> {
+    let role = RankTest::new(name, 2)
+        .timeout(LAUNCH_TIMEOUT)
+        .keep_going()
+        .env(ENV_FAIL_RANK, &TRAINER_RANK.to_string())
+        .env(ENV_FAIL_POINT, point)
+        .launch()
+        .expect("launch");
+    match role {
+        RankRole::Parent(outcome) => {
+            let report = testing::failure_report(&outcome);
+            let status = |r: usize| outcome.ranks.get(r).map(|x| x.status);
+            assert_eq!(
+                status(TRAINER_RANK),
+                Some(RankStatus::Signaled(9)),
+                "the trainer must die at the fail point\n{report}"
+            );
+            assert_eq!(
+                status(1),
+                Some(RankStatus::Exited(0)),
+                "the worker must pass\n{report}"
+            );
+            None
+        }
+        RankRole::Rank(world) => Some(world),
+    }
+}
+
+/// Runs `receive` (a session the trainer dies in, given a deadline of [`KILL_BUDGET`]) and
+/// checks that it fails with a transport or NCCL error within the budget and its slack.
+pub fn expect_failure_in_time<T: std::fmt::Debug>(
+    rank: usize,
+    receive: impl FnOnce(moeshift_sync::Deadline) -> Result<T, TransferError>,
+) {
+    let started = Instant::now();
+    let err = receive(moeshift_sync::Deadline::after(KILL_BUDGET))
+        .expect_err("the trainer died mid-update");
+    let waited = started.elapsed();
+    eprintln!("rank {rank}: failed as expected after {waited:.2?}: {err}");
+    assert!(
+        matches!(err, TransferError::Comm { .. } | TransferError::Nccl { .. }),
+        "a transport or NCCL error is expected, got {err}"
+    );
+    assert!(
+        waited < KILL_BUDGET + KILL_SLACK,
+        "must fail within the deadline (waited {waited:?})"
+    );
 }
