@@ -14,6 +14,14 @@
 //! weights, 8 bytes per pick) and, on the receiving side, one of the pick metadata that
 //! arrived with the rows. The EPLB load hook counts picks per physical slot with an atomic
 //! add kernel on the manager's stream, with no host synchronisation of its own.
+//!
+//! # Host copies
+//!
+//! Tables go to the GPU and results come back through page-locked buffers that each
+//! manager keeps ([`HostIo`]): a table upload is one copy into the buffer and one
+//! asynchronous host-to-device copy, a download is one or more asynchronous device-to-host
+//! copies and one wait (polled, with the call's deadline). A buffer is refilled only once
+//! the copy that last used it is done (an event recorded after each copy says so).
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,17 +29,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceSlice, DriverError,
+    result, CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    DeviceSlice, DriverError, PinnedHostSlice,
 };
 use moeshift_sync::Deadline;
 use moeshift_tensor::DType;
 
 use super::cuda_error::CudaAll2AllError;
+use super::cuda_plan::{decode_f32s_into, route_picks_into, Outgoing, ParseScratch};
 use super::cuda_wire::{check_headers, DeviceHeader, HeaderErrors};
 use super::error::All2AllError;
 use super::kernels::{Elem, Kernels, LaunchError};
 use super::placement::ExpertPlacement;
-use super::replica::{token_key, MAX_TOP_K};
+use super::replica::MAX_TOP_K;
 use crate::error::RankRef;
 use crate::nccl::{NcclComm, NcclError};
 
@@ -115,6 +125,9 @@ pub(crate) struct Call<'c> {
     pub globals: &'c [usize],
     /// Where the call's steps add their host wall time (see [`Call::mark`]).
     pub clock: Option<&'c PhaseClock>,
+    /// The manager's page-locked copy buffers (without them, copies go through pageable
+    /// memory).
+    pub host: Option<&'c HostIo>,
     /// When the previous step ended.
     pub since: Cell<Instant>,
 }
@@ -150,7 +163,7 @@ impl PhaseClock {
     }
 }
 
-impl Call<'_> {
+impl<'c> Call<'c> {
     /// Ends step `step` of this call: adds the time since the previous step ended (or the
     /// call began) to the manager's total for `step`, as `"<op> <step>"`.
     pub(crate) fn mark(&self, step: &'static str) {
@@ -284,6 +297,16 @@ impl Call<'_> {
         let event = stream
             .record_event(None)
             .map_err(self.cuda("cuEventRecord"))?;
+        self.wait_event(&event, what, deadline)
+    }
+
+    /// Waits (polling, with the deadline) until the work recorded in `event` is done.
+    pub(crate) fn wait_event(
+        &self,
+        event: &CudaEvent,
+        what: &'static str,
+        deadline: Deadline,
+    ) -> Result<(), CudaAll2AllError> {
         let started = Instant::now();
         let mut polls = 0u32;
         loop {
@@ -310,22 +333,77 @@ impl Call<'_> {
         }
     }
 
-    /// Copies `view` to the host once `stream` is idle (waited for with the deadline).
-    pub(crate) fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    /// The manager's dispatch tables, for this call (new ones without a manager, or while
+    /// another call holds them).
+    pub(crate) fn scratch(&self) -> ScratchGuard<'c> {
+        let home = self.host.map(|io| &io.tables);
+        let scratch = home
+            .and_then(|h| h.try_borrow_mut().ok())
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        ScratchGuard { scratch, home }
+    }
+
+    /// Copies the device ranges `srcs` (`(address, bytes)`, after the work queued on
+    /// `stream` so far) to the host, back to back, waits for them (`what`, with the
+    /// deadline) and hands the bytes to `f`. Nothing is copied or waited for when the
+    /// ranges are empty.
+    ///
+    /// # Safety
+    /// Every range is device memory of this context that stays alive, and that no other
+    /// work writes, until this returns.
+    pub(crate) unsafe fn download_with<R>(
         &self,
         stream: &Arc<CudaStream>,
-        view: &CudaView<'_, T>,
+        srcs: &[(u64, usize)],
+        what: &'static str,
         deadline: Deadline,
-    ) -> Result<Vec<T>, CudaAll2AllError> {
-        if view.is_empty() {
-            return Ok(Vec::new());
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, CudaAll2AllError> {
+        let total = srcs
+            .iter()
+            .fold(0usize, |sum, &(_, len)| sum.saturating_add(len));
+        if total > MAX_HOST_BYTES {
+            return Err(self.too_large("bytes to copy to the host", total));
         }
-        self.wait(stream, "the work before a device-to-host copy", deadline)?;
-        let mut out = vec![T::default(); view.len()];
-        stream
-            .memcpy_dtoh(view, &mut out)
-            .map_err(self.cuda("cuMemcpyDtoHAsync"))?;
-        Ok(out)
+        if total == 0 {
+            return Ok(f(&[]));
+        }
+        let pinned = self.host.and_then(|io| io.download.try_borrow_mut().ok());
+        let Some(mut pinned) = pinned else {
+            // Pageable memory: each copy returns once it is done.
+            self.wait(stream, what, deadline)?;
+            let mut out = vec![0u8; total];
+            let mut at = 0usize;
+            for &(src, len) in srcs {
+                if let Some(dst) = out.get_mut(at..at + len) {
+                    // SAFETY: `src..src + len` is live device memory (the caller's
+                    // contract) and `dst` holds `len` bytes.
+                    unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }
+                        .map_err(self.cuda("cuMemcpyDtoHAsync"))?;
+                }
+                at += len;
+            }
+            return Ok(f(&out));
+        };
+        let host = pinned.ready(self, stream, total, deadline)?;
+        let mut at = 0usize;
+        for &(src, len) in srcs {
+            if let Some(dst) = host.get_mut(at..at + len) {
+                // SAFETY: `dst` is page-locked memory of `len` bytes that nothing reads or
+                // writes until the event recorded below completes (`ready` waits for it
+                // before the buffer is used again, and a buffer dropped before it completes
+                // is leaked, never freed); `src..src + len` is live device memory (the
+                // caller's contract).
+                unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }
+                    .map_err(self.cuda("cuMemcpyDtoHAsync"))?;
+            }
+            at += len;
+        }
+        pinned.record(self, stream)?;
+        pinned.wait(self, what, deadline)?;
+        let bytes = pinned.filled(self, total)?;
+        Ok(f(bytes))
     }
 }
 
@@ -368,6 +446,8 @@ pub(crate) struct Engine {
     seq: Cell<u32>,
     /// Host time per step of this manager's calls.
     pub clock: PhaseClock,
+    /// Page-locked buffers of the host copies, and the staging scratch.
+    pub host: HostIo,
 }
 
 impl Engine {
@@ -389,6 +469,7 @@ impl Engine {
             layer: 0,
             globals: &[],
             clock: None,
+            host: None,
             since: Cell::new(Instant::now()),
         };
         keep_freed_memory_in_pool(&ctx).map_err(setup.cuda("cuMemPoolSetAttribute"))?;
@@ -401,6 +482,7 @@ impl Engine {
             globals: Vec::new(),
             seq: Cell::new(0),
             clock: PhaseClock::default(),
+            host: HostIo::default(),
         })
     }
 
@@ -426,6 +508,7 @@ impl Engine {
             layer,
             globals: &self.globals,
             clock: Some(&self.clock),
+            host: Some(&self.host),
             since: Cell::new(Instant::now()),
         }
     }
@@ -609,42 +692,91 @@ pub(crate) struct Section {
     pub len: usize,
 }
 
-/// Host tables gathered into one buffer so that they reach the GPU in one copy.
+/// Host tables gathered into one buffer so that they reach the GPU in one copy. Each
+/// section starts on a 16-byte boundary; values are little-endian.
 #[derive(Debug, Default)]
 pub(crate) struct Staging {
     bytes: Vec<u8>,
 }
 
 impl Staging {
-    fn align(&mut self) {
-        let pad = self.bytes.len().next_multiple_of(16) - self.bytes.len();
-        self.bytes.extend(std::iter::repeat_n(0u8, pad));
+    /// An empty staging area over the manager's scratch (kept between calls, so that its
+    /// memory is reused), or a new one without it.
+    pub(crate) fn new(call: &Call<'_>) -> Self {
+        let mut bytes = call
+            .host
+            .and_then(|io| {
+                io.scratch
+                    .try_borrow_mut()
+                    .ok()
+                    .map(|mut s| std::mem::take(&mut *s))
+            })
+            .unwrap_or_default();
+        bytes.clear();
+        Self { bytes }
+    }
+
+    /// Everything staged so far.
+    #[cfg(test)]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Pads to the next aligned offset and returns it.
+    fn align(&mut self) -> usize {
+        let offset = self.bytes.len().next_multiple_of(16);
+        self.bytes.resize(offset, 0);
+        offset
+    }
+
+    /// A new zeroed section of `len` bytes at the next aligned offset, to be filled in.
+    pub(crate) fn section(&mut self, len: usize) -> (Section, &mut [u8]) {
+        let offset = self.align();
+        self.bytes.resize(offset + len, 0);
+        let out = self.bytes.get_mut(offset..).unwrap_or_default();
+        (Section { offset, len }, out)
     }
 
     pub(crate) fn bytes(&mut self, data: &[u8]) -> Section {
-        self.align();
-        let offset = self.bytes.len();
-        self.bytes.extend_from_slice(data);
-        Section {
-            offset,
-            len: data.len(),
-        }
+        self.byte_parts(&[data])
     }
 
     pub(crate) fn u32s(&mut self, data: &[u32]) -> Section {
-        self.words(data.iter().map(|v| v.to_le_bytes()))
+        let (section, out) = self.section(data.len() * 4);
+        for (o, v) in out.chunks_exact_mut(4).zip(data) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        section
     }
 
     pub(crate) fn f32s(&mut self, data: &[f32]) -> Section {
-        self.words(data.iter().map(|v| v.to_le_bytes()))
+        let (section, out) = self.section(data.len() * 4);
+        for (o, v) in out.chunks_exact_mut(4).zip(data) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+        section
     }
 
-    /// Appends 4-byte words (little-endian values) at the next aligned offset.
-    fn words(&mut self, words: impl Iterator<Item = [u8; 4]>) -> Section {
-        self.align();
-        let offset = self.bytes.len();
-        for w in words {
-            self.bytes.extend_from_slice(&w);
+    /// One section holding `parts` one after another.
+    pub(crate) fn u32_parts(&mut self, parts: &[&[u32]]) -> Section {
+        let len = parts.iter().map(|p| p.len() * 4).sum();
+        let (section, out) = self.section(len);
+        let mut words = out.chunks_exact_mut(4);
+        for part in parts {
+            // The part first: `zip` takes from its first iterator before it finds the
+            // second one ended.
+            for (v, o) in part.iter().zip(words.by_ref()) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        section
+    }
+
+    /// One section holding `parts` one after another.
+    pub(crate) fn byte_parts(&mut self, parts: &[&[u8]]) -> Section {
+        let offset = self.align();
+        for part in parts {
+            self.bytes.extend_from_slice(part);
         }
         Section {
             offset,
@@ -652,19 +784,250 @@ impl Staging {
         }
     }
 
-    /// Copies everything to a new device buffer on `stream` (which must be idle or only
-    /// hold this manager's bounded work: the copy from pageable memory synchronises it).
+    /// Copies everything to a new device buffer on `stream`: one copy into the manager's
+    /// page-locked upload buffer (once the copy that last read it is done, waited for with
+    /// the deadline) and one asynchronous host-to-device copy. Without that buffer, the copy
+    /// goes from pageable memory, which the driver stages and synchronises.
     pub(crate) fn upload(
+        self,
+        call: &Call<'_>,
+        stream: &Arc<CudaStream>,
+        deadline: Deadline,
+    ) -> Result<CudaSlice<u8>, CudaAll2AllError> {
+        let uploaded = self.copy_to_device(call, stream, deadline);
+        if let Some(mut scratch) = call.host.and_then(|io| io.scratch.try_borrow_mut().ok()) {
+            *scratch = self.bytes;
+        }
+        uploaded
+    }
+
+    fn copy_to_device(
         &self,
         call: &Call<'_>,
         stream: &Arc<CudaStream>,
+        deadline: Deadline,
     ) -> Result<CudaSlice<u8>, CudaAll2AllError> {
-        if self.bytes.is_empty() {
+        let len = self.bytes.len();
+        if len == 0 {
             return empty_slice(stream).map_err(call.cuda("cuMemAllocAsync"));
         }
-        stream
-            .clone_htod(&self.bytes)
-            .map_err(call.cuda("cuMemcpyHtoDAsync"))
+        let pinned = call.host.and_then(|io| io.upload.try_borrow_mut().ok());
+        let Some(mut pinned) = pinned else {
+            return stream
+                .clone_htod(&self.bytes)
+                .map_err(call.cuda("cuMemcpyHtoDAsync"));
+        };
+        let host = pinned.ready(call, stream, len, deadline)?;
+        host.copy_from_slice(&self.bytes);
+        let mut dst = alloc_bytes(call, stream, len)?;
+        let (ptr, record) = dst.device_ptr_mut(stream);
+        // SAFETY: `dst` is a new device buffer of `len` bytes on `stream`; `host` is
+        // page-locked memory of `len` bytes that nothing writes until the event recorded
+        // below completes (`ready` waits for it before the buffer is refilled, and a buffer
+        // dropped before it completes is leaked, never freed).
+        let copied = unsafe { result::memcpy_htod_async(ptr, &*host, stream.cu_stream()) };
+        drop(record);
+        copied.map_err(call.cuda("cuMemcpyHtoDAsync"))?;
+        pinned.record(call, stream)?;
+        Ok(dst)
+    }
+}
+
+/// The page-locked host buffers a manager copies through, and the staging scratch: reused
+/// call after call (the managers are single-threaded).
+#[derive(Debug)]
+pub(crate) struct HostIo {
+    /// Tables on their way to the GPU (write-combined: the host only writes it).
+    upload: RefCell<Pinned>,
+    /// Results on their way to the host (cached: the host reads it).
+    download: RefCell<Pinned>,
+    /// The bytes of the last [`Staging`], for the next one.
+    scratch: RefCell<Vec<u8>>,
+    /// The host tables of the last dispatch, for the next one.
+    tables: RefCell<Scratch>,
+}
+
+impl Default for HostIo {
+    fn default() -> Self {
+        Self {
+            upload: RefCell::new(Pinned::new(true)),
+            download: RefCell::new(Pinned::new(false)),
+            scratch: RefCell::default(),
+            tables: RefCell::default(),
+        }
+    }
+}
+
+/// Host tables of a dispatch, kept by the engine between calls so that their memory is
+/// reused (each dispatch overwrites them).
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    /// Physical slot of every pick of this rank's batch, `n × top_k` (see [`prepare`]).
+    pub slots: Vec<u32>,
+    /// Router weight of every pick, `n × top_k`.
+    pub weights: Vec<f32>,
+    /// Every destination's share of the batch (all-to-all-v and one-sided).
+    pub outgoing: Vec<Outgoing>,
+    /// Segment lists of the final sum: offsets and rows.
+    pub segments: (Vec<u32>, Vec<u32>),
+    /// Buffers of the received-metadata parse.
+    pub parse: ParseScratch,
+}
+
+/// A call's [`Scratch`], taken from the engine; handed back when dropped.
+pub(crate) struct ScratchGuard<'c> {
+    scratch: Scratch,
+    home: Option<&'c RefCell<Scratch>>,
+}
+
+impl std::ops::Deref for ScratchGuard<'_> {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
+}
+
+impl std::ops::DerefMut for ScratchGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Scratch {
+        &mut self.scratch
+    }
+}
+
+impl Drop for ScratchGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mut home) = self.home.and_then(|h| h.try_borrow_mut().ok()) {
+            *home = std::mem::take(&mut self.scratch);
+        }
+    }
+}
+
+/// Most bytes one host copy moves (allocators refuse `isize::MAX` bytes and more).
+const MAX_HOST_BYTES: usize = isize::MAX as usize / 2;
+
+/// One page-locked buffer (allocated on first use) and the event recorded after the last
+/// copy that used it.
+#[derive(Debug)]
+struct Pinned {
+    buf: Option<PinnedHostSlice<u8>>,
+    /// Recorded on the copy's stream after every copy to or from `buf`.
+    done: Option<CudaEvent>,
+    /// Write-combined memory: fast for the host to write and the GPU to read, very slow for
+    /// the host to read (uploads only).
+    write_combined: bool,
+}
+
+impl Pinned {
+    /// Smallest buffer allocated.
+    const MIN_BYTES: usize = 64 << 10;
+
+    fn new(write_combined: bool) -> Self {
+        Self {
+            buf: None,
+            done: None,
+            write_combined,
+        }
+    }
+
+    /// The first `len` bytes of the buffer, once no copy uses it any more (waited for with
+    /// the deadline); grows it (by half at least) when it is too small.
+    fn ready(
+        &mut self,
+        call: &Call<'_>,
+        stream: &Arc<CudaStream>,
+        len: usize,
+        deadline: Deadline,
+    ) -> Result<&mut [u8], CudaAll2AllError> {
+        self.wait(
+            call,
+            "an earlier copy through the page-locked buffer",
+            deadline,
+        )?;
+        if len > MAX_HOST_BYTES {
+            return Err(call.too_large("bytes of a page-locked buffer", len));
+        }
+        let have = self.buf.as_ref().map_or(0, |b| b.len());
+        if have < len {
+            // At most `MAX_HOST_BYTES` (as `len` is, checked above).
+            let want = len
+                .max(Self::MIN_BYTES)
+                .max((have + have / 2).min(MAX_HOST_BYTES));
+            let flags = if self.write_combined {
+                cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            } else {
+                0
+            };
+            // The old buffer goes first (no copy uses it: waited for above).
+            self.buf = None;
+            let ctx = stream.context();
+            // SAFETY: the bytes are uninitialised; every byte is written (by the host or by
+            // a copy) before it is read.
+            let buf = unsafe { ctx.alloc_pinned_with_flags::<u8>(want, flags) }
+                .map_err(call.cuda("cuMemHostAlloc"))?;
+            self.buf = Some(buf);
+        }
+        self.filled_mut(call, len)
+    }
+
+    /// The first `len` bytes of the buffer (which holds at least that many).
+    fn filled_mut(&mut self, call: &Call<'_>, len: usize) -> Result<&mut [u8], CudaAll2AllError> {
+        let Some(buf) = self.buf.as_mut() else {
+            return Ok(&mut []);
+        };
+        // The slice's own event is never recorded (copies go through `result`), so this
+        // does not block.
+        let all = buf
+            .as_mut_slice()
+            .map_err(call.cuda("cuEventSynchronize"))?;
+        Ok(all.get_mut(..len).unwrap_or_default())
+    }
+
+    /// The first `len` bytes of the buffer, to read.
+    fn filled(&mut self, call: &Call<'_>, len: usize) -> Result<&[u8], CudaAll2AllError> {
+        self.filled_mut(call, len).map(|b| &*b)
+    }
+
+    /// Records that the copies just queued on `stream` use the buffer. If that fails, the
+    /// buffer is given up (leaked): a copy may still use it.
+    fn record(&mut self, call: &Call<'_>, stream: &CudaStream) -> Result<(), CudaAll2AllError> {
+        let recorded = match &self.done {
+            Some(event) => event.record(stream),
+            None => stream.record_event(None).map(|e| {
+                self.done = Some(e);
+            }),
+        };
+        if recorded.is_err() {
+            std::mem::forget(self.buf.take());
+            self.done = None;
+        }
+        recorded.map_err(call.cuda("cuEventRecord"))
+    }
+
+    /// Waits (with the deadline) until the last copy that used the buffer is done.
+    fn wait(
+        &self,
+        call: &Call<'_>,
+        what: &'static str,
+        deadline: Deadline,
+    ) -> Result<(), CudaAll2AllError> {
+        match &self.done {
+            Some(event) => call.wait_event(event, what, deadline),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // Free the buffer only when no copy can still use it; otherwise leak it (waiting
+        // here could block without a deadline).
+        let idle = self
+            .done
+            .as_ref()
+            .is_none_or(|e| matches!(e.try_is_complete(), Ok(true)));
+        if !idle {
+            std::mem::forget(self.buf.take());
+        }
     }
 }
 
@@ -715,7 +1078,20 @@ pub(crate) fn exchange_headers(
     let counts = vec![DeviceHeader::LEN; size];
     comm.all_to_all_v(send, &counts, &mut recv, &counts, deadline)
         .map_err(call.nccl())?;
-    let bytes = call.download(stream, &recv.as_view(), deadline)?;
+    let range = [(addr(&recv, stream), recv.len())];
+    // SAFETY: `recv` is alive until the end of this function and nothing else uses it.
+    unsafe {
+        call.download_with(stream, &range, "the header exchange", deadline, |bytes| {
+            read_headers(call, bytes)
+        })
+    }?
+}
+
+/// The headers in `bytes`, one per rank in rank order.
+pub(crate) fn read_headers(
+    call: &Call<'_>,
+    bytes: &[u8],
+) -> Result<Vec<DeviceHeader>, CudaAll2AllError> {
     bytes
         .chunks_exact(DeviceHeader::LEN)
         .enumerate()
@@ -732,14 +1108,10 @@ pub(crate) fn check_all(
     check_headers(headers, ours, call).map_err(CudaAll2AllError::from)
 }
 
-/// This rank's checked and routed batch.
+/// This rank's checked batch (its routed picks are in the call's [`Scratch`]).
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub n: usize,
-    /// Physical slot of every pick, `n × top_k`.
-    pub slots: Vec<u32>,
-    /// Router weight of every pick, `n × top_k`.
-    pub weights: Vec<f32>,
     pub elem: Elem,
     pub dtype_code: u8,
     pub row_bytes: usize,
@@ -770,14 +1142,16 @@ pub(crate) fn row_format(
 }
 
 /// Checks `tokens` against `placement` and the communicator, copies the router output to
-/// the host (the one device-to-host copy of a dispatch) and routes every pick to its
-/// physical slot with [`replica_index`](super::replica_index).
+/// the host (the one device-to-host copy of a dispatch: ids and weights behind one wait)
+/// and routes every pick to its physical slot with [`replica_index`](super::replica_index),
+/// into `scratch.slots` and `scratch.weights`.
 pub(crate) fn prepare(
     call: &Call<'_>,
     tokens: &CudaTokens<'_>,
     placement: &ExpertPlacement,
     load_len: Option<usize>,
     deadline: Deadline,
+    scratch: &mut Scratch,
 ) -> Result<Prepared, CudaAll2AllError> {
     let comm = call.comm;
     if placement.ep_size() != comm.world_size() {
@@ -860,32 +1234,41 @@ pub(crate) fn prepare(
             stream.join(s).map_err(call.cuda("cuStreamWaitEvent"))?;
         }
     }
-    let ids = call.download(stream, &tokens.topk_ids, deadline)?;
-    let weights = call.download(stream, &tokens.topk_weights, deadline)?;
-    call.mark("router output to host");
-
+    // Ids and weights land in one host buffer, behind one wait.
+    let bytes = ids_len * 4;
+    let ranges = [
+        (addr(&tokens.topk_ids, stream), bytes),
+        (addr(&tokens.topk_weights, stream), bytes),
+    ];
     let me = comm.rank();
-    let mut slots = Vec::with_capacity(ids_len);
-    for (i, &e) in ids.iter().enumerate() {
-        let (t, k) = (i / top_k, i % top_k);
-        let slot = placement.route(token_key(me, t), k, e as usize).ok_or(
-            All2AllError::UnknownExpert {
-                rank: call.me(),
-                manager: call.manager,
-                layer: call.layer,
-                token: t,
-                k,
-                expert: e,
-                num_logical: placement.num_logical(),
+    // SAFETY: both views hold `ids_len` 4-byte values (checked above) and are borrowed by
+    // `tokens` for the whole call; the stream waits for their streams' work (joined above).
+    let routed = unsafe {
+        call.download_with(
+            stream,
+            &ranges,
+            "the copy of the router output to the host",
+            deadline,
+            |host| {
+                call.mark("router output to host");
+                let (ids, weights) = host.split_at(bytes.min(host.len()));
+                decode_f32s_into(&mut scratch.weights, weights);
+                route_picks_into(&mut scratch.slots, ids, top_k, me, placement)
             },
-        )?;
-        slots.push(slot as u32);
-    }
+        )
+    }?;
+    routed.map_err(|u| All2AllError::UnknownExpert {
+        rank: call.me(),
+        manager: call.manager,
+        layer: call.layer,
+        token: u.token,
+        k: u.k,
+        expert: u.expert,
+        num_logical: placement.num_logical(),
+    })?;
     call.mark("routing");
     Ok(Prepared {
         n,
-        slots,
-        weights,
         elem,
         dtype_code,
         row_bytes,
@@ -909,4 +1292,42 @@ pub(crate) fn count_load(
     let launched = unsafe { kernels.count_slots(stream.cu_stream(), ptr, slots_ptr, count) };
     drop(record);
     launched.map_err(call.launch("count_slots"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_aligns_sections_and_writes_little_endian_values() {
+        let mut st = Staging::default();
+        let a = st.bytes(&[1, 2, 3]);
+        let b = st.u32s(&[0x0403_0201, 7]);
+        let c = st.f32s(&[1.5]);
+        let d = st.u32_parts(&[&[1], &[], &[2, 0x0100_0000]]);
+        let e = st.byte_parts(&[b"ab", b"", b"c"]);
+        let (f, out) = st.section(2);
+        out.copy_from_slice(&[9, 9]);
+        let at = |offset, len| Section { offset, len };
+        assert_eq!(
+            [a, b, c, d, e, f],
+            [
+                at(0, 3),
+                at(16, 8),
+                at(32, 4),
+                at(48, 12),
+                at(64, 3),
+                at(80, 2)
+            ]
+        );
+        let mut expected = vec![0u8; 82];
+        expected[..3].copy_from_slice(&[1, 2, 3]);
+        expected[16..24].copy_from_slice(&[1, 2, 3, 4, 7, 0, 0, 0]);
+        // 1.5 = 0x3fc0_0000.
+        expected[32..36].copy_from_slice(&[0, 0, 0xc0, 0x3f]);
+        expected[48..60].copy_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1]);
+        expected[64..67].copy_from_slice(b"abc");
+        expected[80..82].copy_from_slice(&[9, 9]);
+        assert_eq!(st.bytes, expected);
+    }
 }

@@ -12,10 +12,10 @@ use super::cuda::{
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{split_by_destination, token_segments, Foreign};
+use super::cuda_plan::{split_by_destination_into, token_segments_into, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, gather_rows, outgoing_tables, upload_and_exchange, Arrived, Block,
+    finish_dispatch, gather_rows, stage_outgoing, upload_and_exchange, Arrived, Block,
 };
 use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_A2AV, PICK_BYTES};
 use super::placement::ExpertPlacement;
@@ -63,49 +63,53 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let size = comm.world_size();
         let stream = comm.stream();
         let top_k = tokens.top_k;
+        let mut scratch = call.scratch();
+        let scratch = &mut *scratch;
         let local = prepare(
             &call,
             &tokens,
             placement,
             load.as_ref().map(|l| l.len()),
             deadline,
+            scratch,
         );
 
         // Headers and the send tables, in one upload.
         let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_A2AV, seq);
-        let mut st = Staging::default();
+        let mut st = Staging::new(&call);
         let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
-        let outgoing = match &local {
+        let outgoing = &mut scratch.outgoing;
+        match &local {
             Ok(p) => {
                 ours = dispatch_header(p, &tokens, placement, MANAGER_A2AV, seq);
-                let out = split_by_destination(
-                    &p.slots,
-                    &p.weights,
+                split_by_destination_into(
+                    outgoing,
+                    &scratch.slots,
+                    &scratch.weights,
                     top_k,
                     placement.slots_per_rank(),
                     size,
                 );
-                for o in &out {
+                for o in outgoing.iter() {
                     DeviceHeader {
                         rows: o.tokens.len() as u64,
                         ..ours
                     }
                     .write(&mut header_bytes);
                 }
-                out
             }
             Err(_) => {
+                // No shares (buffers kept for the next call).
+                split_by_destination_into(outgoing, &[], &[], top_k, 1, size);
                 for _ in 0..size {
                     ours.write(&mut header_bytes);
                 }
-                Vec::new()
             }
-        };
+        }
+        let outgoing = &scratch.outgoing;
         let header_sec = st.bytes(&header_bytes);
-        let (send_tokens, send_meta) = outgoing_tables(&outgoing);
-        let idx_sec = st.u32s(&send_tokens);
-        let meta_sec = st.bytes(&send_meta);
-        let (staged, headers) = upload_and_exchange(&call, &st, header_sec, deadline)?;
+        let (idx_sec, meta_sec, send_count) = stage_outgoing(&mut st, outgoing);
+        let (staged, headers) = upload_and_exchange(&call, st, header_sec, deadline)?;
         let p = local?;
         check_all(&call, &headers, &ours)?;
         let mut recv_rows = Vec::with_capacity(size);
@@ -129,7 +133,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
 
         // Pack the rows by destination, then move rows and metadata.
         let staged_base = addr(&staged, stream);
-        // SAFETY: the index section holds `send_tokens`, tokens of this batch; `staged`
+        // SAFETY: the index section holds `send_count` tokens of this batch; `staged`
         // lives until the end of the call.
         let (send, send_base) = unsafe {
             gather_rows(
@@ -137,7 +141,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
                 engine,
                 Some(&tokens),
                 at(staged_base, idx_sec),
-                send_tokens.len(),
+                send_count,
                 row_bytes,
             )
         }?;
@@ -178,21 +182,26 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
             .collect();
         exchange_blocks(&call, engine, &blocks, deadline)?;
         drop(send);
-        let meta = call.download(stream, &recv_meta.as_view(), deadline)?;
-        call.mark("metadata to host");
-        let sent: Vec<Vec<u32>> = outgoing.into_iter().map(|o| o.tokens).collect();
+        token_segments_into(&mut scratch.segments, &scratch.outgoing, p.n);
         let arrived = Arrived {
             rows: recv,
             rows_from: recv_rows.clone(),
-            meta,
+            meta: vec![(recv_meta_base, total * pick_row)],
             foreign: Foreign::Reject,
-            token_segments: token_segments(&sent, p.n),
             route: CudaRoute::AllToAllV {
                 recv_rows,
                 sent_rows,
             },
         };
-        finish_dispatch(&call, engine, placement, &tokens, &p, arrived, load)
+        // SAFETY: `recv_meta` holds the metadata (`total` rows' entries), written by the
+        // exchange on the stream, and lives until the end of the call.
+        let dispatched = unsafe {
+            finish_dispatch(
+                &call, engine, placement, &tokens, &p, arrived, load, deadline, scratch,
+            )
+        };
+        drop(recv_meta);
+        dispatched
     }
 
     fn run_combine(

@@ -13,7 +13,7 @@ use super::cuda::{
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{all_picks, strided_segments, Foreign};
+use super::cuda_plan::{strided_segments_into, write_all_picks, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
     finish_dispatch, upload_and_exchange, Arrived, Block,
@@ -62,12 +62,15 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let size = comm.world_size();
         let stream = comm.stream();
         let top_k = tokens.top_k;
+        let mut scratch = call.scratch();
+        let scratch = &mut *scratch;
         let local = prepare(
             &call,
             &tokens,
             placement,
             load.as_ref().map(|l| l.len()),
             deadline,
+            scratch,
         );
 
         let ours = match &local {
@@ -81,14 +84,17 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         for _ in 0..size {
             ours.write(&mut header_bytes);
         }
-        let meta = match &local {
-            Ok(p) => all_picks(&p.slots, &p.weights),
-            Err(_) => Vec::new(),
-        };
-        let mut st = Staging::default();
+        let mut st = Staging::new(&call);
         let header_sec = st.bytes(&header_bytes);
-        let meta_sec = st.bytes(&meta);
-        let (staged, headers) = upload_and_exchange(&call, &st, header_sec, deadline)?;
+        let meta_sec = match &local {
+            Ok(_) => {
+                let (section, out) = st.section(scratch.slots.len() * PICK_BYTES);
+                write_all_picks(out, &scratch.slots, &scratch.weights);
+                section
+            }
+            Err(_) => st.bytes(&[]),
+        };
+        let (staged, headers) = upload_and_exchange(&call, st, header_sec, deadline)?;
         let p = local?;
         check_all(&call, &headers, &ours)?;
         let mut counts = Vec::with_capacity(size);
@@ -133,16 +139,23 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
             })
             .collect();
         exchange_blocks(&call, engine, &blocks, deadline)?;
-        let meta = call.download(stream, &gathered_meta.as_view(), deadline)?;
+        strided_segments_into(&mut scratch.segments, size, p.n);
         let arrived = Arrived {
             rows: gathered,
             rows_from: counts.clone(),
-            meta,
+            meta: vec![(meta_base, total * pick_row)],
             foreign: Foreign::Skip,
-            token_segments: strided_segments(size, p.n),
             route: CudaRoute::AgRs { counts },
         };
-        finish_dispatch(&call, engine, placement, &tokens, &p, arrived, load)
+        // SAFETY: `gathered_meta` holds the metadata (`total` rows' entries), written by
+        // the exchange on the stream, and lives until the end of the call.
+        let dispatched = unsafe {
+            finish_dispatch(
+                &call, engine, placement, &tokens, &p, arrived, load, deadline, scratch,
+            )
+        };
+        drop(gathered_meta);
+        dispatched
     }
 
     fn run_combine(

@@ -9,15 +9,15 @@ use cudarc::driver::{result, CudaSlice, CudaStream, CudaView, DevicePtrMut};
 use moeshift_sync::Deadline;
 
 use super::cuda::{
-    addr, alloc_bytes, check_all, impl_cuda_all2all, prepare, Call, CudaTokens, Engine, Prepared,
-    Staging,
+    addr, alloc_bytes, check_all, impl_cuda_all2all, prepare, read_headers, Call, CudaTokens,
+    Engine, Prepared, Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{split_by_destination, token_segments, Foreign};
+use super::cuda_plan::{split_by_destination_into, token_segments_into, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, check_rows, combine_headers, dispatch_header,
-    finish_dispatch, gather_rows, outgoing_tables, partial_sums, token_sums, Arrived,
+    finish_dispatch, gather_rows, partial_sums, stage_outgoing, token_sums, Arrived,
 };
 use super::cuda_wire::{DeviceHeader, DISPATCH, FLAG_NEEDS_RESIZE, MANAGER_ONE_SIDED, PICK_BYTES};
 use super::ipc::{IpcRegion, PeerRegion};
@@ -425,18 +425,18 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
     ) -> Result<Vec<DeviceHeader>, CudaAll2AllError> {
         let comm = call.comm;
         let (me, size) = (comm.rank(), comm.world_size());
-        let bytes = read(
-            call,
-            comm.stream(),
-            st.base(me, me) + offset as u64,
-            size * DeviceHeader::LEN,
-            deadline,
-        )?;
-        bytes
-            .chunks_exact(DeviceHeader::LEN)
-            .enumerate()
-            .map(|(r, b)| DeviceHeader::read(b).map_err(|d| call.malformed(r, d)))
-            .collect()
+        let range = [(st.base(me, me) + offset as u64, size * DeviceHeader::LEN)];
+        // SAFETY: the header area lies in this rank's region (the layout bounds it), and
+        // the peers' writes into it are complete after the barrier.
+        unsafe {
+            call.download_with(
+                comm.stream(),
+                &range,
+                "the work before reading the workspace",
+                deadline,
+                |bytes| read_headers(call, bytes),
+            )
+        }?
     }
 }
 
@@ -520,27 +520,6 @@ fn copy(
         .map_err(call.cuda("cuMemcpyDtoDAsync"))
 }
 
-/// Copies `len` bytes at device address `src` to the host, after the stream's work.
-fn read(
-    call: &Call<'_>,
-    stream: &CudaStream,
-    src: u64,
-    len: usize,
-    deadline: Deadline,
-) -> Result<Vec<u8>, CudaAll2AllError> {
-    let mut out = vec![0u8; len];
-    if len == 0 {
-        return Ok(out);
-    }
-    call.wait(stream, "the work before reading the workspace", deadline)?;
-    // SAFETY: `src..src + len` lies in this rank's region (the layout bounds it) and the
-    // stream is idle, so the peers' writes before the barrier are complete.
-    unsafe { result::memcpy_dtoh_async(&mut out, src, stream.cu_stream()) }
-        .map_err(call.cuda("cuMemcpyDtoHAsync"))?;
-    call.wait(stream, "a device-to-host copy", deadline)?;
-    Ok(out)
-}
-
 impl_cuda_all2all!(impl[C: Borrow<NcclComm>, G: Borrow<HostGroup>] CudaOneSidedManager<C, G>, NAME);
 
 impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
@@ -559,12 +538,15 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
         let top_k = tokens.top_k;
+        let mut scratch = call.scratch();
+        let scratch = &mut *scratch;
         let local = prepare(
             &call,
             &tokens,
             placement,
             load.as_ref().map(|l| l.len()),
             deadline,
+            scratch,
         )
         .and_then(|p| check_config(&call, &p, top_k, placement, &st.workspace).map(|()| p));
         if st.pending == Some(Area::Dispatch) {
@@ -573,21 +555,26 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
 
         let cap = st.workspace.capacity();
         let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_ONE_SIDED, seq);
-        let (outgoing, fits) = match &local {
+        let fits = match &local {
             Ok(p) => {
                 ours = dispatch_header(p, &tokens, placement, MANAGER_ONE_SIDED, seq);
-                let out = split_by_destination(
-                    &p.slots,
-                    &p.weights,
+                split_by_destination_into(
+                    &mut scratch.outgoing,
+                    &scratch.slots,
+                    &scratch.weights,
                     top_k,
                     placement.slots_per_rank(),
                     size,
                 );
-                let fits = p.n <= cap.max_tokens_per_rank && tokens.hidden_size <= cap.hidden_size;
-                (out, fits)
+                p.n <= cap.max_tokens_per_rank && tokens.hidden_size <= cap.hidden_size
             }
-            Err(_) => (Vec::new(), false),
+            Err(_) => {
+                // No shares (buffers kept for the next call).
+                split_by_destination_into(&mut scratch.outgoing, &[], &[], top_k, 1, size);
+                false
+            }
         };
+        let outgoing = &scratch.outgoing;
         let sent_rows: Vec<usize> = outgoing.iter().map(|o| o.tokens.len()).collect();
         let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
         let mut combine_at = 0u64;
@@ -604,18 +591,16 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             combine_at += h.rows;
             h.write(&mut header_bytes);
         }
-        let (send_tokens, send_meta) = outgoing_tables(&outgoing);
-        let mut staging = Staging::default();
+        let mut staging = Staging::new(&call);
         let header_sec = staging.bytes(&header_bytes);
-        let idx_sec = staging.u32s(&send_tokens);
-        let meta_sec = staging.bytes(&send_meta);
-        let staged = staging.upload(&call, stream)?;
+        let (idx_sec, meta_sec, send_count) = stage_outgoing(&mut staging, outgoing);
+        let staged = staging.upload(&call, stream, deadline)?;
         let staged_base = addr(&staged, stream);
 
         // Pack the rows by destination; write them now if they fit.
         let row_bytes = local.as_ref().map_or(0, |p| p.row_bytes);
         let pick_row = top_k * PICK_BYTES;
-        // SAFETY: the index section holds `send_tokens`, tokens of this batch; `staged`
+        // SAFETY: the index section holds `send_count` tokens of this batch; `staged`
         // lives until the end of the call.
         let (send, send_base) = unsafe {
             gather_rows(
@@ -623,7 +608,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                 engine,
                 local.is_ok().then_some(&tokens),
                 at(staged_base, idx_sec),
-                send_tokens.len(),
+                send_count,
                 row_bytes,
             )
         }?;
@@ -690,7 +675,6 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let total: usize = recv_rows.iter().sum();
         let mut rows = alloc_bytes(&call, stream, total * row_bytes)?;
         let own = st.base(me, me);
-        let mut meta = Vec::with_capacity(total * pick_row);
         {
             let (dst, record) = rows.device_ptr_mut(stream);
             let offsets = block_offsets(&recv_rows, row_bytes);
@@ -701,25 +685,35 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             drop(record);
         }
         call.mark("copy rows out of the workspace (alloc + launch)");
-        for (s, &r) in recv_rows.iter().enumerate() {
-            let src = own + (l.dispatch_area + s * l.sub + l.meta_offset) as u64;
-            meta.extend(read(&call, stream, src, r * pick_row, deadline)?);
-        }
-        call.mark("metadata to host");
-        let sent: Vec<Vec<u32>> = outgoing.into_iter().map(|o| o.tokens).collect();
+        // Every source's metadata, read in one go after the rows' copies.
+        let meta = recv_rows
+            .iter()
+            .enumerate()
+            .map(|(s, &r)| {
+                let src = own + (l.dispatch_area + s * l.sub + l.meta_offset) as u64;
+                (src, r * pick_row)
+            })
+            .collect();
+        token_segments_into(&mut scratch.segments, &scratch.outgoing, p.n);
         let arrived = Arrived {
             rows,
             rows_from: recv_rows.clone(),
             meta,
             foreign: Foreign::Reject,
-            token_segments: token_segments(&sent, p.n),
             route: CudaRoute::OneSided {
                 recv_rows,
                 sent_rows,
                 combine_offsets,
             },
         };
-        finish_dispatch(&call, engine, placement, &tokens, &p, arrived, load)
+        // SAFETY: each source's metadata lies in its sub-region of this rank's region (the
+        // row count was checked against the layout above), complete after the barrier,
+        // and no peer writes the dispatch area again before this rank's next call.
+        unsafe {
+            finish_dispatch(
+                &call, engine, placement, &tokens, &p, arrived, load, deadline, scratch,
+            )
+        }
     }
 
     fn run_combine(
@@ -763,9 +757,9 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                 .ok()
                 .map(|(recv_rows, _, _)| recv_rows.as_slice()),
         );
-        let mut staging = Staging::default();
+        let mut staging = Staging::new(&call);
         let header_sec = staging.bytes(&header_bytes);
-        let staged = staging.upload(&call, stream)?;
+        let staged = staging.upload(&call, stream, deadline)?;
         let row_bytes = dispatched.row_bytes;
         let l = st.layout;
         let mut partial_buf = None;

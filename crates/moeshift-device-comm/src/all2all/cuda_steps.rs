@@ -10,11 +10,11 @@ use moeshift_sync::Deadline;
 
 use super::cuda::{
     addr, alloc_bytes, check_all, count_load, elem_of, exchange_headers, Call, CudaTokens, Engine,
-    Prepared, Section, Staging,
+    Prepared, Scratch, Section, Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute, Tables};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{parse_received, Foreign, Outgoing, Received};
+use super::cuda_plan::{Foreign, Outgoing, Received};
 use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH};
 use super::error::All2AllError;
 use super::placement::ExpertPlacement;
@@ -101,18 +101,22 @@ pub(crate) struct Arrived {
     /// The received rows, `rows_from` rows per source in rank order.
     pub rows: CudaSlice<u8>,
     pub rows_from: Vec<usize>,
-    /// Their pick metadata, on the host.
-    pub meta: Vec<u8>,
+    /// Where their pick metadata is on this rank's GPU: `(address, bytes)`, in rank order.
+    pub meta: Vec<(u64, usize)>,
     pub foreign: Foreign,
-    /// Segment lists of the final sum (offsets, rows of the returned block).
-    pub token_segments: (Vec<u32>, Vec<u32>),
     pub route: CudaRoute,
 }
 
-/// Parses the metadata into work items, uploads the tables combine needs, queues the load
-/// hook (counting `p`'s picks), and builds the result of dispatching `tokens` (checked and
-/// routed as `p`) with `placement`.
-pub(crate) fn finish_dispatch(
+/// Copies the received pick metadata to the host and turns it into work items, uploads the
+/// tables combine needs (with the segment lists of the final sum in `scratch.segments`),
+/// queues the load hook (counting the picks in `scratch.slots`), and builds the result of
+/// dispatching `tokens` (checked as `p`) with `placement`.
+///
+/// # Safety
+/// The metadata ranges of `arrived` are device memory of this rank's GPU, ordered on the
+/// communicator's stream, alive and unchanged until this returns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn finish_dispatch(
     call: &Call<'_>,
     engine: &Engine,
     placement: &ExpertPlacement,
@@ -120,25 +124,46 @@ pub(crate) fn finish_dispatch(
     p: &Prepared,
     arrived: Arrived,
     load: Option<&mut CudaSlice<i64>>,
+    deadline: Deadline,
+    scratch: &mut Scratch,
 ) -> Result<CudaDispatched, CudaAll2AllError> {
     let stream = call.comm.stream();
-    let num_rows: usize = arrived.rows_from.iter().sum();
-    let items = parse_received(
-        &arrived.meta,
-        &arrived.rows_from,
-        tokens.top_k,
-        placement,
-        call.comm.rank(),
-        arrived.foreign,
-    )
-    .map_err(|(src, detail)| call.malformed(src, detail))?;
-    if u32::try_from(items.len()).is_err() {
-        return Err(call.too_large("work items", items.len()));
+    // Row indices travel as `u32` in the tables.
+    let num_rows = arrived
+        .rows_from
+        .iter()
+        .fold(0usize, |sum, &r| sum.saturating_add(r));
+    if u32::try_from(num_rows).is_err() {
+        return Err(call.too_large("received rows", num_rows));
     }
-    let received = Received::organize(items, num_rows, placement.slots_per_rank());
+    // SAFETY: the caller's contract.
+    let mut received = unsafe {
+        call.download_with(
+            stream,
+            &arrived.meta,
+            "the copy of the received pick metadata to the host",
+            deadline,
+            |meta| {
+                call.mark("metadata to host");
+                Received::parse_with(
+                    &mut scratch.parse,
+                    meta,
+                    &arrived.rows_from,
+                    tokens.top_k,
+                    placement,
+                    call.comm.rank(),
+                    arrived.foreign,
+                )
+            },
+        )
+    }?
+    .map_err(|(src, detail)| call.malformed(src, detail))?;
+    if u32::try_from(received.items.len()).is_err() {
+        return Err(call.too_large("work items", received.items.len()));
+    }
     call.mark("work items");
-    let mut st = Staging::default();
-    let (token_offsets, token_rows) = &arrived.token_segments;
+    let mut st = Staging::new(call);
+    let (token_offsets, token_rows) = &scratch.segments;
     let sections = Tables {
         row_offsets: st.u32s(&received.row_offsets),
         row_items: st.u32s(&received.row_items),
@@ -147,8 +172,11 @@ pub(crate) fn finish_dispatch(
         token_offsets: st.u32s(token_offsets),
         token_rows: st.u32s(token_rows),
     };
-    let load_slots = load.as_ref().map(|_| st.u32s(&p.slots));
-    let tables = st.upload(call, stream)?;
+    let load_slots = load.as_ref().map(|_| st.u32s(&scratch.slots));
+    let items = std::mem::take(&mut received.items);
+    let slot_offsets = std::mem::take(&mut received.slot_offsets);
+    scratch.parse.keep_tables(received);
+    let tables = st.upload(call, stream, deadline)?;
     call.mark("table upload");
     if let (Some(counter), Some(section)) = (load, load_slots) {
         let base = addr(&tables, stream);
@@ -157,7 +185,7 @@ pub(crate) fn finish_dispatch(
             &engine.kernels,
             counter,
             base + section.offset as u64,
-            p.slots.len(),
+            scratch.slots.len(),
         )?;
     }
     Ok(CudaDispatched {
@@ -172,8 +200,8 @@ pub(crate) fn finish_dispatch(
         row_bytes: p.row_bytes,
         rows: arrived.rows,
         num_rows,
-        items: received.items,
-        slot_offsets: received.slot_offsets,
+        items,
+        slot_offsets,
         tables,
         sections,
         num_local_tokens: p.n,
@@ -208,19 +236,14 @@ pub(crate) fn dispatch_header(
     }
 }
 
-/// The token indices and pick metadata of every destination's share, concatenated in rank
-/// order (the gather kernel's index table and the metadata that travels with the rows).
-pub(crate) fn outgoing_tables(outgoing: &[Outgoing]) -> (Vec<u32>, Vec<u8>) {
-    let tokens = outgoing
-        .iter()
-        .flat_map(|o| o.tokens.iter().copied())
-        .collect();
-    let meta = outgoing
-        .iter()
-        .map(|o| o.meta.as_slice())
-        .collect::<Vec<_>>()
-        .concat();
-    (tokens, meta)
+/// Stages the token indices and the pick metadata of every destination's share, each
+/// concatenated in rank order (the gather kernel's index table and the metadata that
+/// travels with the rows). Returns their sections and the number of tokens.
+pub(crate) fn stage_outgoing(st: &mut Staging, outgoing: &[Outgoing]) -> (Section, Section, usize) {
+    let tokens: Vec<&[u32]> = outgoing.iter().map(|o| o.tokens.as_slice()).collect();
+    let meta: Vec<&[u8]> = outgoing.iter().map(|o| o.meta.as_slice()).collect();
+    let count = tokens.iter().map(|t| t.len()).sum();
+    (st.u32_parts(&tokens), st.byte_parts(&meta), count)
 }
 
 /// Packs this rank's rows by destination: row `index[i]` of `tokens` becomes row `i` of a
@@ -266,11 +289,11 @@ pub(crate) unsafe fn gather_rows(
 /// caller's tables) and the header received from every rank.
 pub(crate) fn upload_and_exchange(
     call: &Call<'_>,
-    st: &Staging,
+    st: Staging,
     headers: Section,
     deadline: Deadline,
 ) -> Result<(CudaSlice<u8>, Vec<DeviceHeader>), CudaAll2AllError> {
-    let staged = st.upload(call, call.comm.stream())?;
+    let staged = st.upload(call, call.comm.stream(), deadline)?;
     call.mark("split + table upload");
     let received = exchange_headers(
         call,
@@ -390,9 +413,9 @@ pub(crate) fn combine_over_nccl(
         size,
         route.as_ref().ok().map(|(recv_rows, _)| *recv_rows),
     );
-    let mut st = Staging::default();
+    let mut st = Staging::new(call);
     let header_sec = st.bytes(&header_bytes);
-    let (_staged, headers) = upload_and_exchange(call, &st, header_sec, deadline)?;
+    let (_staged, headers) = upload_and_exchange(call, st, header_sec, deadline)?;
     let (recv_rows, sent_rows) = route?;
     check_all(call, &headers, &ours)?;
     check_rows(call, &headers, &sent_rows)?;
@@ -520,4 +543,29 @@ pub(crate) fn block_offsets(rows: &[usize], row_bytes: usize) -> Vec<usize> {
 /// A section's device address in `buf`.
 pub(crate) fn at(base: u64, section: Section) -> u64 {
     base + section.offset as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outgoing_shares_are_staged_back_to_back_in_rank_order() {
+        let share = |tokens: &[u32], meta: &[u8]| Outgoing {
+            tokens: tokens.to_vec(),
+            meta: meta.to_vec(),
+        };
+        let outgoing = [
+            share(&[1, 2], &[1, 2, 3]),
+            share(&[], &[]),
+            share(&[0x0100_0000], &[4]),
+        ];
+        let mut st = Staging::default();
+        let (idx, meta, count) = stage_outgoing(&mut st, &outgoing);
+        assert_eq!(count, 3);
+        let bytes = st.as_bytes();
+        let section = |s: Section| &bytes[s.offset..s.offset + s.len];
+        assert_eq!(section(idx), [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(section(meta), [1, 2, 3, 4]);
+    }
 }

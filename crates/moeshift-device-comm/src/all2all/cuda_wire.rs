@@ -174,7 +174,15 @@ pub(crate) trait HeaderErrors {
     fn mismatch(&self, peer: usize, field: &'static str, ours: u64, theirs: u64) -> All2AllError;
 }
 
+/// The bytes of one pick entry.
+#[inline]
+pub(crate) fn pick_entry(slot: u32, weight: f32) -> [u8; PICK_BYTES] {
+    let (s, w) = (slot.to_le_bytes(), weight.to_le_bytes());
+    [s[0], s[1], s[2], s[3], w[0], w[1], w[2], w[3]]
+}
+
 /// Appends one pick entry.
+#[cfg(test)]
 pub(crate) fn push_pick(out: &mut Vec<u8>, slot: u32, weight: f32) {
     out.extend_from_slice(&slot.to_le_bytes());
     out.extend_from_slice(&weight.to_le_bytes());
