@@ -108,7 +108,7 @@ run_benches() {
   # NIXL with each peer's READs on one UCX worker (one CUDA stream), against the default.
   bench eplb_nixl_1_stream $L moeshift bench eplb-comm --backend nixl --nixl-read-streams 1 $layer
   # 494M bf16 parameters, 1 trainer + 1 worker: dense, packed, sparse at 0.1 %, CUDA IPC.
-  local ws="--params 494000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 5"
+  local ws="--params 494000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 9"
   bench ws_nccl_dense $L moeshift bench weight-sync --engine nccl --mode dense $ws
   bench ws_nccl_packed $L moeshift bench weight-sync --engine nccl --mode packed $ws
   bench ws_nccl_sparse $L moeshift bench weight-sync --engine nccl --mode sparse --sparse-fraction 0.001 $ws

@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -692,7 +693,7 @@ impl HostGroup {
                 }
             }
         }
-        self.shared.changed.notify_all();
+        self.shared.notify();
 
         for part in sends {
             // A peer that is gone cannot take this frame. (Other peers that are gone may
@@ -707,6 +708,8 @@ impl HostGroup {
         let mut out: Vec<Option<Vec<u8>>> = recvs.iter().map(|_| None).collect();
         let mut done = vec![false; recvs.len()];
         let mut inboxes = self.shared.inboxes.lock();
+        // Whether the last wait already watched for news without sleeping.
+        let mut spun = false;
         loop {
             let mut pending = Vec::new();
             for (i, r) in recvs.iter_mut().enumerate() {
@@ -790,6 +793,17 @@ impl HostGroup {
                     waited: started.elapsed(),
                 });
             }
+            if !spun {
+                // Watch for news briefly with the lock released, then look again (under the
+                // lock, so a change in between is never missed) before sleeping.
+                spun = true;
+                let seen = self.shared.generation.load(Ordering::Acquire);
+                parking_lot::MutexGuard::unlocked(&mut inboxes, || {
+                    self.shared.spin_for_news(seen, deadline.instant())
+                });
+                continue;
+            }
+            spun = false;
             let _ = self
                 .shared
                 .changed
@@ -1256,10 +1270,8 @@ impl std::fmt::Debug for HostGroup {
 
 impl Drop for HostGroup {
     fn drop(&mut self) {
-        self.shared
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.shared.changed.notify_all();
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.notify();
         for w in self.writers.iter().flatten() {
             let _ = w.shutdown(Shutdown::Both);
         }

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,11 @@ pub(crate) struct Shared {
     pub group_id: u64,
     /// One inbox per group rank (this rank's own entry stays unused).
     pub inboxes: Mutex<Vec<Inbox>>,
-    /// Signalled whenever any inbox changes.
+    /// Signalled whenever any inbox changes (through [`Shared::notify`]).
     pub changed: Condvar,
+    /// Bumped (after the change, outside the lock) whenever any inbox changes, so a waiter
+    /// can watch for news for a few microseconds without sleeping on [`Shared::changed`].
+    pub generation: AtomicU64,
     /// Set when the group is dropped: readers stop waiting and exit.
     pub closing: AtomicBool,
 }
@@ -100,6 +103,7 @@ impl Shared {
             group_id,
             inboxes: Mutex::new((0..size).map(|_| Inbox::new()).collect()),
             changed: Condvar::new(),
+            generation: AtomicU64::new(0),
             closing: AtomicBool::new(false),
         }
     }
@@ -112,9 +116,36 @@ impl Shared {
             }
         }
         drop(inboxes);
+        self.notify();
+    }
+
+    /// Tells waiters that an inbox changed (call after releasing the lock).
+    pub fn notify(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
         self.changed.notify_all();
     }
+
+    /// Watches, without the lock, for a change after `seen` (a [`Shared::generation`]
+    /// value) for at most [`SPIN_BEFORE_SLEEP`] or until `deadline`; true if one came. A
+    /// message usually follows its sender's previous one within microseconds in the
+    /// collectives' request/answer rounds, and waking from the condition variable would
+    /// cost more than that.
+    pub fn spin_for_news(&self, seen: u64, deadline: Instant) -> bool {
+        let until = (Instant::now() + SPIN_BEFORE_SLEEP).min(deadline);
+        loop {
+            if self.generation.load(Ordering::Acquire) != seen {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
 }
+
+/// How long a waiting operation watches for news before sleeping on the condition variable.
+pub(crate) const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
 /// Fills `buf`; `Ok(false)` when the stream ended cleanly before the first byte.
 fn read_header(stream: &mut TcpStream, buf: &mut [u8; HEADER_LEN]) -> io::Result<bool> {
@@ -206,7 +237,7 @@ pub(crate) fn reader_loop(shared: Arc<Shared>, peer: usize, mut stream: TcpStrea
                     }
                 }
                 drop(inboxes);
-                shared.changed.notify_all();
+                shared.notify();
                 return;
             }
             OpKind::Hello | OpKind::HelloAck => {
@@ -287,7 +318,7 @@ pub(crate) fn reader_loop(shared: Arc<Shared>, peer: usize, mut stream: TcpStrea
                 }
             }
             drop(inboxes);
-            shared.changed.notify_all();
+            shared.notify();
             match failure {
                 None => continue,
                 Some(_) => return,
@@ -301,7 +332,7 @@ pub(crate) fn reader_loop(shared: Arc<Shared>, peer: usize, mut stream: TcpStrea
                     inbox.queue.push_back(Message { header, payload });
                 }
                 drop(inboxes);
-                shared.changed.notify_all();
+                shared.notify();
             }
             Err(detail) => break detail,
         }
