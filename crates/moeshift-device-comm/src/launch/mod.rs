@@ -3,8 +3,11 @@
 //!
 //! Each rank gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (= `RANK`), `LOCAL_WORLD_SIZE`
 //! (= `WORLD_SIZE`), `MASTER_ADDR` and `MASTER_PORT` (a free port unless one is given), the
-//! extra variables set with [`Launcher::env`] (which may override those), and always
-//! `NCCL_NVLS_ENABLE=0`. Every line a rank prints comes out prefixed with `[rank K] `.
+//! extra variables set with [`Launcher::env`] (which may override those), always
+//! `NCCL_NVLS_ENABLE=0`, and `NCCL_RUNTIME_CONNECT=0` unless the launcher's environment or
+//! [`Launcher::env`] gives another value (NCCL then opens its collective connections when a
+//! communicator is created, where moeshift's deadlines cover them; see
+//! `nccl::NcclComm`). Every line a rank prints comes out prefixed with `[rank K] `.
 //!
 //! Each rank runs in its own process group and is killed by the kernel if the launcher dies.
 //! On the first failure (a non-zero exit or a signal) the launcher sends SIGTERM to every
@@ -13,6 +16,10 @@
 
 mod output;
 pub(crate) mod sys;
+
+/// NCCL's switch between opening collective connections lazily (`1`, its default) and at
+/// communicator creation (`0`).
+const ENV_NCCL_RUNTIME_CONNECT: &str = "NCCL_RUNTIME_CONNECT";
 
 pub use output::{OutputLine, OutputMode, Stream};
 
@@ -409,6 +416,9 @@ impl Launcher {
             .env(ENV_LOCAL_WORLD_SIZE, self.nproc.to_string())
             .env(ENV_MASTER_ADDR, &self.master_addr)
             .env(ENV_MASTER_PORT, port.to_string());
+        if std::env::var_os(ENV_NCCL_RUNTIME_CONNECT).is_none() {
+            cmd.env(ENV_NCCL_RUNTIME_CONNECT, "0");
+        }
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
@@ -655,6 +665,21 @@ mod tests {
             .expect("launch");
         assert_eq!(texts(&outcome.ranks[0]), vec!["bar 0"]);
         assert_eq!(outcome.master_port, 12345);
+    }
+
+    #[test]
+    fn nccl_connects_at_creation_unless_told_otherwise() {
+        let outcome = sh(1, "echo \"$NCCL_RUNTIME_CONNECT\"")
+            .run()
+            .expect("launch");
+        // The launcher's own environment wins over the default.
+        let inherited = std::env::var(ENV_NCCL_RUNTIME_CONNECT).unwrap_or_else(|_| "0".into());
+        assert_eq!(texts(&outcome.ranks[0]), vec![inherited]);
+        let outcome = sh(1, "echo \"$NCCL_RUNTIME_CONNECT\"")
+            .env(ENV_NCCL_RUNTIME_CONNECT, "1")
+            .run()
+            .expect("launch");
+        assert_eq!(texts(&outcome.ranks[0]), vec!["1"]);
     }
 
     #[test]
