@@ -242,6 +242,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .all_gather(&mine, Deadline::after(deadline_for))
         .context("gathering the ranks' results")?;
     if let Some(e) = &report.error {
+        // Most errors name their rank already.
+        if e.starts_with(&format!("rank {rank}")) {
+            bail!("{e}");
+        }
         bail!("rank {rank}: {e}");
     }
     let reports = gathered
