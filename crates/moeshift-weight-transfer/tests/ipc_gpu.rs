@@ -16,8 +16,8 @@ use moeshift_device_comm::{HostGroup, StoreClient, World};
 use moeshift_sync::Deadline;
 use moeshift_tensor::{CudaBuffer, DType};
 use moeshift_weight_transfer::{
-    diff, DenseParam, DeviceDenseParam, IpcConfig, IpcTrainer, IpcWorker, PackError, ParamMeta,
-    SparseParam, TrainerEngine, TransferError, WeightReceiver, TRAINER_RANK,
+    diff, DenseParam, IpcConfig, IpcTrainer, IpcWorker, PackError, ParamMeta, SparseParam,
+    TrainerEngine, TransferError, WeightReceiver, TRAINER_RANK,
 };
 
 const WORLD: usize = 2;
@@ -58,11 +58,7 @@ fn trainer(world: &World) {
 
     // 2. From device memory.
     let v2 = upload(device, &metas, 2);
-    let params: Vec<DeviceDenseParam<'_>> = metas
-        .iter()
-        .zip(&v2)
-        .map(|(meta, b)| DeviceDenseParam { meta, data: b })
-        .collect();
+    let params = device_dense(&metas, &v2);
     t.send_device_dense(&params, deadline()).expect("round 2");
 
     // 3. A tensor larger than the exported buffer: a typed error before anything is sent.
@@ -110,11 +106,7 @@ fn trainer(world: &World) {
     //    nothing is copied.
     let mut t = IpcTrainer::new(t.into_group(), device, config(700_000)).expect("trainer 2");
     let v3 = upload(device, &metas, 3);
-    let params: Vec<DeviceDenseParam<'_>> = metas
-        .iter()
-        .zip(&v3)
-        .map(|(meta, b)| DeviceDenseParam { meta, data: b })
-        .collect();
+    let params = device_dense(&metas, &v3);
     let err = t
         .send_device_dense(&params, deadline())
         .expect_err("mismatched chunk plans");
@@ -202,11 +194,7 @@ fn ipc_trainer_dies_mid_update() {
     if rank == TRAINER_RANK {
         let mut t = IpcTrainer::new(connect(&world), device, config(BUFFER)).expect("trainer");
         let v1 = upload(device, &metas, 1);
-        let params: Vec<DeviceDenseParam<'_>> = metas
-            .iter()
-            .zip(&v1)
-            .map(|(meta, b)| DeviceDenseParam { meta, data: b })
-            .collect();
+        let params = device_dense(&metas, &v1);
         t.send_device_dense(&params, deadline())
             .expect("the first session");
         let w = world.clone();
@@ -216,11 +204,7 @@ fn ipc_trainer_dies_mid_update() {
             }
         });
         let v2 = upload(device, &metas, 2);
-        let params: Vec<DeviceDenseParam<'_>> = metas
-            .iter()
-            .zip(&v2)
-            .map(|(meta, b)| DeviceDenseParam { meta, data: b })
-            .collect();
+        let params = device_dense(&metas, &v2);
         let _ = t.send_device_dense(&params, deadline());
         panic!("the fail point should have killed the trainer");
     }

@@ -22,9 +22,9 @@ use moeshift_device_comm::{HostGroup, StoreClient, World};
 use moeshift_sync::Deadline;
 use moeshift_tensor::CudaBuffer;
 use moeshift_weight_transfer::{
-    diff, AutoPolicy, DenseParam, DeviceAutoParam, DeviceDenseParam, DeviceDiff, DeviceOutgoing,
-    DevicePatch, DeviceSparseParam, NcclConfig, NcclTrainer, NcclWorker, Outgoing, ParamMeta,
-    SparseParam, SparsePatch, TrainerEngine, TransferError, WeightReceiver, TRAINER_RANK,
+    diff, AutoPolicy, DenseParam, DeviceAutoParam, DeviceDiff, DeviceOutgoing, DevicePatch,
+    DeviceSparseParam, NcclConfig, NcclTrainer, NcclWorker, Outgoing, ParamMeta, SparseParam,
+    SparsePatch, TrainerEngine, TransferError, WeightReceiver, TRAINER_RANK,
 };
 
 const WORLD: usize = 2;
@@ -46,14 +46,6 @@ fn config() -> NcclConfig {
         packed: false,
         ..NcclConfig::default()
     }
-}
-
-fn device_dense<'a>(metas: &'a [ParamMeta], bufs: &'a [CudaBuffer]) -> Vec<DeviceDenseParam<'a>> {
-    metas
-        .iter()
-        .zip(bufs)
-        .map(|(meta, b)| DeviceDenseParam { meta, data: b })
-        .collect()
 }
 
 fn trainer(world: &World) {

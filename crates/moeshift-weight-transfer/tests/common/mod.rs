@@ -9,7 +9,7 @@ use moeshift_device_comm::testing::{self, RankRole, RankTest, ENV_FAIL_POINT, EN
 use moeshift_device_comm::{RankStatus, World};
 use moeshift_tensor::{cuda_available, CudaBuffer, DType};
 use moeshift_weight_transfer::{
-    Digest, Hasher, ParamMeta, ParamRegistry, TransferError, TRAINER_RANK,
+    DeviceDenseParam, Digest, Hasher, ParamMeta, ParamRegistry, TransferError, TRAINER_RANK,
 };
 
 pub const ROUND: Duration = Duration::from_secs(60);
@@ -207,4 +207,16 @@ pub fn expect_failure_in_time<T: std::fmt::Debug>(
         waited < KILL_BUDGET + KILL_SLACK,
         "must fail within the deadline (waited {waited:?})"
     );
+}
+
+/// The dense parameters of `metas` held in `bufs` (one buffer per parameter, same order).
+pub fn device_dense<'a>(
+    metas: &'a [ParamMeta],
+    bufs: &'a [CudaBuffer],
+) -> Vec<DeviceDenseParam<'a>> {
+    metas
+        .iter()
+        .zip(bufs)
+        .map(|(meta, b)| DeviceDenseParam { meta, data: b })
+        .collect()
 }
