@@ -107,6 +107,14 @@ run_benches() {
   done
   # NIXL with each peer's READs on one UCX worker (one CUDA stream), against the default.
   bench eplb_nixl_1_stream $L moeshift bench eplb-comm --backend nixl --nixl-read-streams 1 $layer
+  # A rearrangement of 8 such layers: one at a time, and in one pipelined `rearrange` call
+  # (each layer's commit overlapping the next layer's transfer; nixl with 2 landing slots).
+  local model="--layers 8 --experts-per-rank 32 --moved-per-rank 8 --tensors 2 --tensor-bytes 58720256,29360128 --device cuda --verify"
+  bench eplb_nixl_8_layers $L moeshift bench eplb-comm --backend nixl $model
+  bench eplb_nixl_rearrange $L moeshift bench eplb-comm --backend nixl --rearrange $model
+  bench eplb_nccl_rearrange $L moeshift bench eplb-comm --backend nccl --rearrange $model
+  # 16 layers: the pipeline's fill (first agreement) and drain (last commit) weigh half as much.
+  bench eplb_nixl_rearrange_16 $L moeshift bench eplb-comm --backend nixl --rearrange ${model/--layers 8/--layers 16}
   # 494M bf16 parameters, 1 trainer + 1 worker: dense, packed, sparse at 0.1 %, CUDA IPC.
   local ws="--params 494000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 9"
   bench ws_nccl_dense $L moeshift bench weight-sync --engine nccl --mode dense $ws

@@ -87,6 +87,24 @@ pub fn plan_digest(layer: usize, plan: &LayerPlan) -> u64 {
     truncate(Sha256::digest(w.as_slice()).as_slice())
 }
 
+/// Domain tag of digests over several layers' plans.
+const PLANS_TAG: &[u8] = b"moeshift-eplb-plans-v1";
+
+/// A 64-bit digest of a list of `(layer, plan)`, in order: equal lists give equal digests,
+/// and any difference in a layer, a plan, the order or the length changes it (up to
+/// 64-bit collisions). A list of one is not the [`plan_digest`] of that layer.
+pub fn plans_digest<'p>(plans: impl IntoIterator<Item = (usize, &'p LayerPlan)>) -> u64 {
+    let mut w = Writer::with_capacity(64);
+    w.bytes(PLANS_TAG);
+    let mut count = 0usize;
+    for (layer, plan) in plans {
+        w.u64(plan_digest(layer, plan));
+        count += 1;
+    }
+    w.usize(count);
+    truncate(Sha256::digest(w.as_slice()).as_slice())
+}
+
 fn truncate(hash: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     for (dst, src) in b.iter_mut().zip(hash) {
@@ -254,6 +272,20 @@ mod tests {
             plan_digest(0, &id),
             plan_digest(0, &LayerPlan::new(&old[..4], &old[..4], 4).unwrap())
         );
+    }
+
+    #[test]
+    fn plans_digest_covers_layers_plans_order_and_length() {
+        let a = LayerPlan::new(&[0, 1, 2, 3], &[1, 0, 2, 3], 2).unwrap();
+        let b = LayerPlan::new(&[0, 1, 2, 3], &[1, 0, 3, 2], 2).unwrap();
+        let base = plans_digest([(0, &a), (1, &b)]);
+        assert_eq!(base, plans_digest([(0, &a.clone()), (1, &b.clone())]));
+        assert_ne!(base, plans_digest([(1, &b), (0, &a)]), "order");
+        assert_ne!(base, plans_digest([(0, &a), (2, &b)]), "layer");
+        assert_ne!(base, plans_digest([(0, &a), (1, &a)]), "plan");
+        assert_ne!(base, plans_digest([(0, &a)]), "length");
+        assert_ne!(plans_digest([(0, &a)]), plan_digest(0, &a));
+        assert_ne!(plans_digest([]), plans_digest([(0, &a)]));
     }
 
     #[test]

@@ -24,6 +24,8 @@ use moeshift_sync::Deadline;
 use moeshift_tensor::Device;
 
 use crate::error::EplbCommError;
+use crate::pending::PendingCommit;
+use crate::rearrange::{LayerMove, RearrangeError};
 use crate::staging::{StagedRow, Staging};
 use crate::weights::{LayerLayout, LayerWeights};
 
@@ -296,6 +298,64 @@ impl StagedLayer {
         Ok(self.finish_stats(started))
     }
 
+    /// Starts the commit and returns without waiting for the GPU: the same checks and writes
+    /// as [`commit`](Self::commit), but a device commit's copies are only queued (on the
+    /// staging's own stream), so this rank can go on with the next layer's transfer while
+    /// they run. The returned [`PendingCommit`] mutably borrows `weights` until it is
+    /// waited for or dropped, so the layer can be neither used nor transferred again before
+    /// its new rows are in place; it also keeps the staging (or the landing slot it
+    /// borrows) until the copies finished. Host commits are written before this returns.
+    ///
+    /// On error nothing was written (everything is checked before the first copy is
+    /// queued), except when the driver fails while queueing, in which case the copies
+    /// already queued are waited for before the error is returned.
+    pub fn commit_async<'w>(
+        self,
+        weights: &'w mut LayerWeights<'_>,
+    ) -> Result<PendingCommit<'w>, EplbCommError> {
+        if let Device::Cuda(_) = self.staging.device() {
+            self.check_commit(weights)?;
+            return self.queue_device(weights);
+        }
+        let (rank, layer) = (self.rank, self.layer);
+        let stats = self.commit_within(weights, Deadline::after(DEVICE_COMMIT_WAIT))?;
+        Ok(PendingCommit::finished(rank, layer, stats))
+    }
+
+    /// Queues a device commit (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    fn queue_device<'w>(
+        self,
+        weights: &'w mut LayerWeights<'_>,
+    ) -> Result<PendingCommit<'w>, EplbCommError> {
+        let started = Instant::now();
+        let done = crate::cuda_stage::commit::queue_commit_on_device(
+            self.rank,
+            self.layer,
+            &self.staging,
+            &self.plan,
+            weights,
+        )?;
+        let stats = self.stats_with_fills();
+        Ok(PendingCommit::on_device(
+            self.rank,
+            self.layer,
+            stats,
+            started,
+            done,
+            self.staging,
+        ))
+    }
+
+    /// Without feature `cuda` no layer is staged in device memory.
+    #[cfg(not(feature = "cuda"))]
+    fn queue_device<'w>(
+        self,
+        _weights: &'w mut LayerWeights<'_>,
+    ) -> Result<PendingCommit<'w>, EplbCommError> {
+        Err(self.mismatch("device staging needs feature `cuda`".into()))
+    }
+
     /// Device-to-device copies from device staging (feature `cuda`).
     #[cfg(feature = "cuda")]
     fn commit_device(
@@ -328,11 +388,17 @@ impl StagedLayer {
 
     /// The transfer's statistics plus the duplicate fills and the commit's time.
     fn finish_stats(&self, started: Instant) -> TransferStats {
+        let mut stats = self.stats_with_fills();
+        stats.seconds += started.elapsed().as_secs_f64();
+        stats
+    }
+
+    /// The transfer's statistics plus the duplicate fills.
+    fn stats_with_fills(&self) -> TransferStats {
         let mut stats = self.stats;
         let fills =
             (self.plan.dup_fills.len() as u64).saturating_mul(self.layout.expert_bytes() as u64);
         stats.bytes_copied_locally = stats.bytes_copied_locally.saturating_add(fills);
-        stats.seconds += started.elapsed().as_secs_f64();
         stats
     }
 
@@ -423,6 +489,9 @@ pub trait EplbCommunicator {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
+    /// This rank in the EPLB group.
+    fn rank(&self) -> usize;
+
     /// Moves this rank's part of `plan` for `layer`. Returns once every row this rank needs
     /// has landed in staging **and** every peer finished reading from this rank. The
     /// weights are **not** modified: they stay valid (old placement) until
@@ -448,6 +517,27 @@ pub trait EplbCommunicator {
     ) -> Result<TransferStats, EplbCommError> {
         let staged = self.transfer(layer, plan, weights, deadline)?;
         staged.commit(weights)
+    }
+
+    /// Moves several layers, one rearrangement of the model: every layer's plan is
+    /// transferred and committed, in the order given, and the statistics of each are
+    /// returned in that order. Every rank of the EPLB group calls it with the same layers
+    /// and plans; each layer appears at most once.
+    ///
+    /// Layers are pipelined: a layer's commit ([`StagedLayer::commit_async`]) runs on the
+    /// GPU while the next layer is transferred, and backends may overlap more (the `nixl`
+    /// backend agrees on all plans at once and exchanges a layer's post-read check while
+    /// the next layer's READs run). Each layer keeps the all-or-nothing rule of
+    /// [`transfer`](Self::transfer): its weights change only once every rank has all its
+    /// rows. On error, the layers committed before the failure are named in the
+    /// [`RearrangeError`] (their commits finished); the failing layer and the ones after it
+    /// keep their old weights.
+    fn rearrange(
+        &mut self,
+        moves: &mut [LayerMove<'_, '_>],
+        deadline: Deadline,
+    ) -> Result<Vec<TransferStats>, RearrangeError> {
+        crate::rearrange::in_turn(self, moves, deadline)
     }
 }
 

@@ -741,6 +741,10 @@ impl EplbCommunicator for HostCommunicator {
         Backend::Host
     }
 
+    fn rank(&self) -> usize {
+        HostCommunicator::rank(self)
+    }
+
     fn transfer(
         &mut self,
         layer: usize,

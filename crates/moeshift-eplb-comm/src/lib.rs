@@ -15,6 +15,12 @@
 //!   landed and every peer finished reading; [`StagedLayer::commit`] then writes the rows
 //!   into place, locally, checking everything before the first write. Staging holds only
 //!   the rows that change, never a whole layer.
+//! * [`EplbCommunicator::rearrange`]: a whole rearrangement (several layers) in one call,
+//!   pipelined: each layer's commit is queued on the GPU
+//!   ([`StagedLayer::commit_async`], a [`PendingCommit`] that borrows the layer's weights
+//!   until it finished) while the next layer transfers; the `nixl` backend also agrees on
+//!   every plan at once and runs each layer's post-read check during the next layer's
+//!   READs. Failures name the layers committed before them ([`RearrangeError`]).
 //! * Backends: [`HostCommunicator`] (`host`: host or CUDA weights staged through host
 //!   memory over the host TCP transport, the role of vLLM's `torch_gloo`), [`nixl`]
 //!   (zero-copy one-sided READs from peers' registered weights, host memory or, with feature
@@ -94,16 +100,20 @@ pub mod host;
 pub mod nccl;
 #[allow(unsafe_code)]
 pub mod nixl;
+pub mod pending;
+pub mod rearrange;
 pub mod select;
 pub mod staging;
 pub mod weights;
 mod wire;
 
-pub use agree::{agree_on_layouts, agree_on_plan, plan_digest};
+pub use agree::{agree_on_layouts, agree_on_plan, plan_digest, plans_digest};
 pub use comm::{Backend, BackendChoice, EplbCommunicator, StagedLayer, TransferStats};
 pub use error::EplbCommError;
 pub use factory::{create_communicator, open_communicator};
 pub use host::{eplb_group, HostCommunicator, EPLB_GROUP_NAME};
+pub use pending::PendingCommit;
+pub use rearrange::{LayerMove, RearrangeError};
 pub use select::{
     choose_backend, default_backend, is_built, select_backend, set_log_hook, LogHook, Selection,
     SelectionReason,

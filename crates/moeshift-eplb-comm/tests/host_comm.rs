@@ -18,7 +18,7 @@ use moeshift_device_comm::testing::{self, RankRole, RankTest, ENV_FAIL_POINT, EN
 use moeshift_device_comm::{StoreClient, World};
 use moeshift_eplb_comm::{
     select_backend, Backend, BackendChoice, EplbCommError, EplbCommunicator, HostCommunicator,
-    LayerWeights, SelectionReason,
+    LayerMove, LayerWeights, SelectionReason,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -163,6 +163,128 @@ fn rank_random_plans_4() {
         moved > 60 && fills >= 5 && local_total > 30,
         "{moved} {fills} {local_total}"
     );
+}
+
+/// 60 random layers moved as 12 rearrangements of 5 layers each (the default pipelined
+/// `rearrange`: each commit overlaps the next layer's transfer), in shuffled order: every
+/// row of every layer holds its new expert afterwards, the statistics come back in call
+/// order, and a rearrangement that names a layer twice is refused on every rank before
+/// anything moves.
+#[test]
+fn rank_rearrange_4() {
+    let Some(world) =
+        testing::run_as_ranks("rank_rearrange_4", RANKS, Duration::from_secs(120)).expect("ranks")
+    else {
+        return;
+    };
+    const LAYERS: usize = 60;
+    const PER_CALL: usize = 5;
+    let me = world.rank();
+    let deadline = Deadline::after(Duration::from_secs(90));
+    let store = connect(&world, deadline);
+    let mut rng = StdRng::seed_from_u64(0x2EA2_2A46_E000);
+    let cases: Vec<LayerCase> = (0..LAYERS).map(|_| random_case(&mut rng)).collect();
+    let mut buffers: Vec<Vec<HostBuffer>> = cases
+        .iter()
+        .enumerate()
+        .map(|(l, c)| FILL.host_buffers(l, &c.desc.tensors, c.desc.seg(&c.old, me)))
+        .collect();
+    let mut weights: Vec<LayerWeights<'_>> = buffers
+        .iter_mut()
+        .zip(&cases)
+        .map(|(bufs, c)| host_weights(&c.desc.tensors, c.desc.rows, bufs))
+        .collect();
+    let mut comm =
+        HostCommunicator::new(&store, &MEMBERS, &weights, deadline).expect("communicator");
+    let plans: Vec<LayerPlan> = cases
+        .iter()
+        .map(|c| LayerPlan::new(&c.old, &c.new, RANKS).unwrap())
+        .collect();
+
+    // A layer named twice: refused, nothing written.
+    {
+        let (a, rest) = weights.split_at_mut(1);
+        let mut moves = [
+            LayerMove {
+                layer: 0,
+                plan: &plans[0],
+                weights: &mut a[0],
+            },
+            LayerMove {
+                layer: 0,
+                plan: &plans[0],
+                weights: &mut rest[0],
+            },
+        ];
+        let err = comm
+            .rearrange(&mut moves, Deadline::after(Duration::from_secs(20)))
+            .expect_err("a repeated layer is refused");
+        assert!(err.committed.is_empty(), "{err}");
+        assert_eq!(err.layer, 0);
+        assert!(err.to_string().contains("twice"), "{err}");
+        FILL.check_rows(
+            &weights[0],
+            0,
+            cases[0].desc.seg(&cases[0].old, me),
+            "refused",
+        );
+    }
+
+    let mut order: Vec<usize> = (0..LAYERS).collect();
+    order.shuffle(&mut rng);
+    for (call, chunk) in order.chunks(PER_CALL).enumerate() {
+        let mut picked: Vec<(usize, &mut LayerWeights<'_>)> = weights
+            .iter_mut()
+            .enumerate()
+            .filter(|(l, _)| chunk.contains(l))
+            .collect();
+        // In the shuffled order of the chunk.
+        picked.sort_by_key(|(l, _)| chunk.iter().position(|c| c == l));
+        let mut moves: Vec<LayerMove<'_, '_>> = picked
+            .into_iter()
+            .map(|(l, w)| LayerMove {
+                layer: l,
+                plan: &plans[l],
+                weights: w,
+            })
+            .collect();
+        let stats = comm
+            .rearrange(&mut moves, Deadline::after(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("rank {me}, call {call} (layers {chunk:?}): {e}"));
+        assert_eq!(stats.len(), chunk.len());
+        for (s, &l) in stats.iter().zip(chunk) {
+            let kinds = common::RowKinds::new(
+                cases[l].desc.seg(&cases[l].old, me),
+                cases[l].desc.seg(&cases[l].new, me),
+            );
+            let eb = cases[l].desc.expert_bytes() as u64;
+            kinds.check_commit(s, eb, &format!("call {call}, layer {l}"));
+            assert_eq!(
+                s.bytes_received,
+                kinds.recv.len() as u64 * eb,
+                "call {call}, layer {l}: received"
+            );
+        }
+    }
+    for (l, c) in cases.iter().enumerate() {
+        FILL.check_rows(
+            &weights[l],
+            l,
+            c.desc.seg(&c.new, me),
+            "after the rearrangements",
+        );
+    }
+    drop(comm);
+    drop(weights);
+    for (l, c) in cases.iter().enumerate() {
+        for (t, d) in c.desc.tensors.iter().enumerate() {
+            let want = FILL.buffer(l, t, d, c.desc.seg(&c.new, me));
+            assert!(
+                buffers[l][t].as_slice() == want.as_slice(),
+                "layer {l}, tensor {t}: bytes outside the rows changed, or a row is wrong"
+            );
+        }
+    }
 }
 
 /// Layer 0 of the mismatch scenario: two rows per rank, experts move to the next-but-one

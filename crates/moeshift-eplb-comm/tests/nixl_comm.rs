@@ -22,8 +22,8 @@ use moeshift_device_comm::testing::{
 use moeshift_device_comm::{LaunchOutcome, RankStatus, StoreClient, World};
 use moeshift_eplb_comm::nixl::{probe, NixlCommunicator, NixlConfig, NUM_WORKERS};
 use moeshift_eplb_comm::{
-    agree_on_plan, eplb_group, plan_digest, EplbCommError, EplbCommunicator, LayerWeights,
-    RowSource, StagedLayer, TransferStats,
+    agree_on_plan, eplb_group, plan_digest, plans_digest, EplbCommError, EplbCommunicator,
+    LayerMove, LayerWeights, RowSource, StagedLayer, TransferStats,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -440,6 +440,179 @@ fn rank_nixl_random_plans() {
     check_gaps(&all_specs, &buffers, ROWS);
 }
 
+/// Several layers rearranged per call through the pipelined `nixl` `rearrange`, with one
+/// landing slot (each layer waits for the previous commit) and with two (commits overlap
+/// the next layer's READs): 12 calls each, every call a random subset of the 4 layers in
+/// random order with fresh placements. After each call every row of every layer holds its
+/// new expert, the statistics come back in call order with the staged and received bytes
+/// of each layer's plan, and no landing slot is held. Then plans that differ on one rank
+/// are refused by every rank before any byte moves (nothing committed, weights unchanged,
+/// the communicator still usable), and the bytes between strided rows never change.
+#[test]
+fn rank_nixl_rearrange() {
+    const TEST: &str = "rank_nixl_rearrange";
+    let Some(world) = nixl_ranks(TEST, 4, 1) else {
+        return;
+    };
+    let (me, n) = (world.rank(), world.world_size());
+    const ROWS: usize = 4;
+    const LAYERS: usize = 4;
+    const CALLS: usize = 12;
+    let slots = n * ROWS;
+    let experts = (slots * 3 / 4).max(1);
+    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS)
+        .map(|l| specs_with_large_rows(l, ROWS))
+        .collect();
+    let mut maps: Vec<Vec<usize>> = vec![(0..slots).map(|s| s % experts).collect(); LAYERS];
+    let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
+    let mut weights = make_weights(&all_specs, &mut buffers);
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
+    let mut rng = Rng(0xEA2A);
+    let check_all = |weights: &[LayerWeights<'_>], maps: &[Vec<usize>], what: &str| {
+        for (l, w) in weights.iter().enumerate() {
+            check_layer(w, &all_specs[l], l, &maps[l], me, what);
+        }
+    };
+
+    for landing_slots in [1, 2] {
+        let group = eplb_group(&store, &members, setup_deadline()).expect("group");
+        let config = NixlConfig::default()
+            .landing_slots(landing_slots)
+            .read_streams(2);
+        let mut comm = NixlCommunicator::with_config(group, &weights, config, setup_deadline())
+            .unwrap_or_else(|e| panic!("rank {me}: building with {landing_slots} slots: {e}"));
+        assert_eq!(comm.landing_slots(), landing_slots);
+        let mut crossed = 0usize;
+        for call in 0..CALLS {
+            let what = format!("rank {me}, {landing_slots} slot(s), call {call}");
+            let mut layers: Vec<usize> = (0..LAYERS).collect();
+            rng.shuffle(&mut layers);
+            layers.truncate(1 + rng.below(LAYERS));
+            let news: Vec<Vec<usize>> = layers
+                .iter()
+                .map(|&l| next_map(&mut rng, &maps[l], experts, ROWS))
+                .collect();
+            let plans: Vec<LayerPlan> = layers
+                .iter()
+                .zip(&news)
+                .map(|(&l, new)| LayerPlan::new(&maps[l], new, n).expect("plan"))
+                .collect();
+            crossed += plans.iter().filter(|p| p.num_transfers() > 0).count();
+            let mut picked: Vec<(usize, &mut LayerWeights<'_>)> = weights
+                .iter_mut()
+                .enumerate()
+                .filter(|(l, _)| layers.contains(l))
+                .collect();
+            picked.sort_by_key(|(l, _)| layers.iter().position(|x| x == l));
+            let mut moves: Vec<LayerMove<'_, '_>> = picked
+                .into_iter()
+                .zip(&plans)
+                .map(|((layer, weights), plan)| LayerMove {
+                    layer,
+                    plan,
+                    weights,
+                })
+                .collect();
+            let stats = comm
+                .rearrange(&mut moves, Deadline::after(Duration::from_secs(30)))
+                .unwrap_or_else(|e| panic!("{what}, layers {layers:?}: {e}"));
+            assert_eq!(stats.len(), layers.len(), "{what}");
+            for ((&l, plan), s) in layers.iter().zip(&plans).zip(&stats) {
+                let mine = plan.rank(me).expect("rank plan");
+                let eb: usize = all_specs[l].iter().map(TensorSpec::row_bytes).sum();
+                assert_eq!(
+                    s.staging_bytes as usize,
+                    (mine.recvs.len() + mine.local_copies.len()) * eb,
+                    "{what}, layer {l}: staging"
+                );
+                assert_eq!(
+                    s.bytes_received as usize,
+                    mine.recvs.len() * eb,
+                    "{what}, layer {l}: received"
+                );
+                assert_eq!(
+                    s.bytes_copied_locally as usize,
+                    (mine.local_copies.len() + mine.dup_fills.len()) * eb,
+                    "{what}, layer {l}: local copies and fills"
+                );
+            }
+            for (&l, new) in layers.iter().zip(news) {
+                maps[l] = new;
+            }
+            check_all(&weights, &maps, &format!("after {what}"));
+            assert!(comm.staged_layers_held().is_empty(), "{what}");
+        }
+        assert!(
+            crossed > CALLS || n == 1,
+            "only {crossed} plans crossed ranks"
+        );
+    }
+
+    // Plans that differ on one rank: every rank refuses before any byte moves.
+    if n > 1 {
+        let group = eplb_group(&store, &members, setup_deadline()).expect("group");
+        let config = NixlConfig::default().landing_slots(2);
+        let mut comm = NixlCommunicator::with_config(group, &weights, config, setup_deadline())
+            .expect("communicator");
+        let news: Vec<Vec<usize>> = (0..2).map(|l| shifted(&maps[l])).collect();
+        let mut plans: Vec<LayerPlan> = (0..2)
+            .map(|l| LayerPlan::new(&maps[l], &news[l], n).expect("plan"))
+            .collect();
+        if me == 1 {
+            plans[1] = LayerPlan::new(&maps[1], &shifted(&news[1]), n).expect("plan");
+        }
+        let (w0, w1) = weights.split_at_mut(1);
+        let mut moves = [
+            LayerMove {
+                layer: 0,
+                plan: &plans[0],
+                weights: &mut w0[0],
+            },
+            LayerMove {
+                layer: 1,
+                plan: &plans[1],
+                weights: &mut w1[0],
+            },
+        ];
+        let err = comm
+            .rearrange(&mut moves, Deadline::after(Duration::from_secs(20)))
+            .expect_err("plans differ on rank 1");
+        assert!(err.committed.is_empty(), "rank {me}: {err}");
+        assert!(
+            matches!(*err.source, EplbCommError::PlanDigestMismatch { .. }),
+            "rank {me}: {err}"
+        );
+        assert!(!err.poisons_communicator(), "rank {me}: {err}");
+        check_all(&weights, &maps, "after the refused rearrangement");
+        // Still usable: the agreed plans move.
+        let plans: Vec<LayerPlan> = (0..2)
+            .map(|l| LayerPlan::new(&maps[l], &news[l], n).expect("plan"))
+            .collect();
+        let (w0, w1) = weights.split_at_mut(1);
+        let mut moves = [
+            LayerMove {
+                layer: 0,
+                plan: &plans[0],
+                weights: &mut w0[0],
+            },
+            LayerMove {
+                layer: 1,
+                plan: &plans[1],
+                weights: &mut w1[0],
+            },
+        ];
+        comm.rearrange(&mut moves, Deadline::after(Duration::from_secs(20)))
+            .unwrap_or_else(|e| panic!("rank {me}: after the refusal: {e}"));
+        for (l, new) in news.into_iter().enumerate() {
+            maps[l] = new;
+        }
+        check_all(&weights, &maps, "after the agreed rearrangement");
+    }
+    drop(weights);
+    check_gaps(&all_specs, &buffers, ROWS);
+}
+
 /// How many distinct peers `rank` receives rows from in `plan`.
 fn distinct_sources(plan: &LayerPlan, rank: usize) -> usize {
     let mut sources: Vec<usize> = plan
@@ -708,6 +881,128 @@ fn nixl_peer_killed_mid_transfer() {
     }
     let again = comm
         .transfer(layer, &plan, &weights[layer], deadline)
+        .expect_err("the communicator is unusable after the failure");
+    assert!(
+        matches!(again, EplbCommError::CommunicatorFailed { .. }),
+        "{again}"
+    );
+}
+
+/// Rank 2 of 4 is killed (SIGKILL) after the agreement of a pipelined rearrangement of two
+/// layers in which every other rank READs rows from it. The survivors fail within their
+/// deadline with a [`RearrangeError`] at layer 0 naming rank 2, nothing committed, their
+/// weights as they were, and the communicator refusing further work.
+///
+/// [`RearrangeError`]: moeshift_eplb_comm::RearrangeError
+#[test]
+fn nixl_peer_killed_mid_rearrange() {
+    const TEST: &str = "nixl_peer_killed_mid_rearrange";
+    const POINT: &str = "after_rearrange_agreement";
+    const VICTIM: usize = 2;
+    if !nixl_or_skip(TEST) {
+        return;
+    }
+    let test = RankTest::new(TEST, 4)
+        .env(ENV_FAIL_RANK, &VICTIM.to_string())
+        .env(ENV_FAIL_POINT, POINT)
+        .timeout(LAUNCH_TIMEOUT)
+        .keep_going();
+    if let Some(outcome) = parent_outcome(&test) {
+        let report = testing::failure_report(&outcome);
+        assert_eq!(
+            outcome.ranks[VICTIM].status,
+            RankStatus::Signaled(9),
+            "{report}"
+        );
+        for rank in [0, 1, 3] {
+            assert_eq!(
+                outcome.ranks[rank].status,
+                RankStatus::Exited(0),
+                "{report}"
+            );
+            let out = output_of(&outcome, rank);
+            assert!(out.contains("survivor error:"), "rank {rank}:\n{out}");
+        }
+        return;
+    }
+    let world = World::from_env().expect("rank variables");
+    let (me, n) = (world.rank(), world.world_size());
+    const ROWS: usize = 4;
+    const LAYERS: usize = 2;
+    let all_specs: Vec<Vec<TensorSpec>> = (0..LAYERS)
+        .map(|_| {
+            vec![TensorSpec {
+                name: "w13",
+                dtype: DType::Bf16,
+                shape: vec![ROWS, 512, 1024],
+                narrow: None,
+            }]
+        })
+        .collect();
+    let slots = n * ROWS;
+    let maps: Vec<Vec<usize>> = vec![(0..slots).collect(); LAYERS];
+    let mut buffers = make_buffers(&all_specs, &maps, me, ROWS);
+    let mut weights = make_weights(&all_specs, &mut buffers);
+    let store = StoreClient::connect(&world, setup_deadline()).expect("store");
+    let members: Vec<usize> = (0..n).collect();
+    let group = eplb_group(&store, &members, setup_deadline()).expect("group");
+    let config = NixlConfig::default().landing_slots(2);
+    let mut comm = NixlCommunicator::with_config(group, &weights, config, setup_deadline())
+        .expect("build the communicator");
+
+    // Every rank takes the victim's experts in both layers: all survivors READ from it.
+    let plans: Vec<LayerPlan> = maps
+        .iter()
+        .map(|map| {
+            let victim_rows = &map[VICTIM * ROWS..(VICTIM + 1) * ROWS];
+            let new: Vec<usize> = (0..slots).map(|s| victim_rows[s % ROWS]).collect();
+            LayerPlan::new(map, &new, n).expect("plan")
+        })
+        .collect();
+    let deadline = Deadline::after(Duration::from_secs(20));
+    if fail_point_hit(&world, POINT) {
+        let group = comm.group().expect("the EPLB group");
+        let digest = plans_digest(plans.iter().enumerate());
+        agree_on_plan(group, 0, digest, None, deadline).expect("the plan agreement");
+        fail_point(&world, POINT);
+        unreachable!("the fail point kills this rank");
+    }
+    let started = Instant::now();
+    let (w0, w1) = weights.split_at_mut(1);
+    let mut moves = [
+        LayerMove {
+            layer: 0,
+            plan: &plans[0],
+            weights: &mut w0[0],
+        },
+        LayerMove {
+            layer: 1,
+            plan: &plans[1],
+            weights: &mut w1[0],
+        },
+    ];
+    let err = comm
+        .rearrange(&mut moves, deadline)
+        .expect_err("rank 2 dies during this rearrangement");
+    let text = err.to_string();
+    println!("survivor error: after {:.1?}: {text}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("rank 2"), "{text}");
+    assert_eq!(
+        (err.layer, err.committed.as_slice()),
+        (0, &[][..]),
+        "{text}"
+    );
+    assert!(err.poisons_communicator(), "{text}");
+    for (l, w) in weights.iter().enumerate() {
+        check_layer(w, &all_specs[l], l, &maps[l], me, "after the failure");
+    }
+    let again = comm
+        .transfer(0, &plans[0], &weights[0], deadline)
         .expect_err("the communicator is unusable after the failure");
     assert!(
         matches!(again, EplbCommError::CommunicatorFailed { .. }),

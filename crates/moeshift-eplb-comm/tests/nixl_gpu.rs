@@ -23,7 +23,7 @@ use common::gpu::{device_weights, GpuRank};
 use common::{check_staged, random_map, Churn, Fill, LayerDesc, TensorDesc};
 use moeshift_eplb_comm::nixl::{probe, IpcCudaBuffer, NixlCommunicator, NixlConfig};
 use moeshift_eplb_comm::{
-    eplb_group, Backend, EplbCommError, EplbCommunicator, LayerWeights, RowSource,
+    eplb_group, Backend, EplbCommError, EplbCommunicator, LayerMove, LayerWeights, RowSource,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -286,6 +286,119 @@ fn rank_nixl_random_plans_gpu() {
             assert_eq!(split, 0);
         }
         drop(comm);
+    }
+    drop(weights);
+}
+
+/// Several layers per call through `rearrange` on CUDA weights: the pipelined `nixl` one
+/// with two landing slots (commits queued on the GPU while the next layer's READs run) and
+/// with one, and the `nccl` backend's (each commit queued while the next layer transfers).
+/// 30 calls each, every call a random subset of the four layers in random order with
+/// fresh placements (replicas included); after each call every byte of every layer holds
+/// its new placement, and the statistics come back in call order with each layer's
+/// received bytes and local copies.
+#[test]
+fn rank_rearrange_gpu() {
+    const NAME: &str = "rank_rearrange_gpu";
+    const CALLS: usize = 30;
+    let Some(rank) = start(NAME) else {
+        return;
+    };
+    let (me, store) = (rank.me, &rank.store);
+    let descs = layers();
+    const CHURN: Churn = Churn {
+        fresh: 11,
+        max_moves: 3,
+    };
+    let mut rng = StdRng::seed_from_u64(0x2EA2_6A7E);
+    let experts: Vec<usize> = descs
+        .iter()
+        .map(|l| rng.gen_range(l.rows..=l.rows * RANKS))
+        .collect();
+    let mut maps: Vec<Vec<usize>> = descs
+        .iter()
+        .zip(&experts)
+        .map(|(l, &n)| random_map(&mut rng, n, l.rows * RANKS))
+        .collect();
+    let bufs = upload_layers(&descs, &maps, &rank);
+    let mut weights = layer_weights(&descs, &bufs);
+
+    for backend in ["nixl, 2 slots", "nixl, 1 slot", "nccl"] {
+        let setup = Deadline::after(Duration::from_secs(60));
+        let mut comm: Box<dyn EplbCommunicator> = match backend {
+            "nccl" => Box::new(
+                moeshift_eplb_comm::nccl::NcclCommunicator::new(store, &MEMBERS, &weights, setup)
+                    .expect("nccl communicator"),
+            ),
+            _ => {
+                let slots = if backend.contains('2') { 2 } else { 1 };
+                let group = eplb_group(store, &MEMBERS, setup).expect("group");
+                let config = NixlConfig::default().landing_slots(slots);
+                Box::new(
+                    NixlCommunicator::with_config(group, &weights, config, setup)
+                        .expect("nixl communicator"),
+                )
+            }
+        };
+        let (mut crossing, mut received) = (0usize, 0u64);
+        let started = Instant::now();
+        for call in 0..CALLS {
+            let what = format!("rank {me}, {backend}, call {call}");
+            let mut order: Vec<usize> = (0..descs.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.gen_range(0..=i));
+            }
+            order.truncate(rng.gen_range(1..=descs.len()));
+            let news: Vec<Vec<usize>> = order
+                .iter()
+                .map(|&l| common::next_map(&mut rng, &maps[l], experts[l], CHURN))
+                .collect();
+            let plans: Vec<LayerPlan> = order
+                .iter()
+                .zip(&news)
+                .map(|(&l, new)| LayerPlan::new(&maps[l], new, RANKS).expect("plan"))
+                .collect();
+            crossing += plans.iter().filter(|p| p.num_transfers() > 0).count();
+            let mut picked: Vec<(usize, &mut LayerWeights<'_>)> = weights
+                .iter_mut()
+                .enumerate()
+                .filter(|(l, _)| order.contains(l))
+                .collect();
+            picked.sort_by_key(|(l, _)| order.iter().position(|x| x == l));
+            let mut moves: Vec<LayerMove<'_, '_>> = picked
+                .into_iter()
+                .zip(&plans)
+                .map(|((layer, weights), plan)| LayerMove {
+                    layer,
+                    plan,
+                    weights,
+                })
+                .collect();
+            let stats = comm
+                .rearrange(&mut moves, Deadline::after(Duration::from_secs(30)))
+                .unwrap_or_else(|e| panic!("{what}, layers {order:?}: {e}"));
+            assert_eq!(stats.len(), order.len(), "{what}");
+            for ((&l, new), s) in order.iter().zip(&news).zip(&stats) {
+                let d = &descs[l];
+                let kinds = common::RowKinds::new(d.seg(&maps[l], me), d.seg(new, me));
+                let eb = d.expert_bytes() as u64;
+                kinds.check_commit(s, eb, &format!("{what}, layer {l}"));
+                assert_eq!(s.bytes_received, kinds.recv.len() as u64 * eb, "{what}");
+                received += s.bytes_received;
+            }
+            for (&l, new) in order.iter().zip(news) {
+                maps[l] = new;
+            }
+            for (l, d) in descs.iter().enumerate() {
+                FILL.check_device(&bufs[l], l, &d.tensors, d.seg(&maps[l], me), &what);
+            }
+        }
+        println!(
+            "rank {me}, {backend}: {CALLS} rearrangements ({crossing} layers crossing ranks, \
+             {received} bytes received) in {:.2?}",
+            started.elapsed()
+        );
+        assert!(crossing > CALLS, "only {crossing} layers crossed ranks");
     }
     drop(weights);
 }

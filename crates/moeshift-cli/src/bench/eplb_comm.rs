@@ -45,9 +45,15 @@
 //!   splits its transfer into `agreement` (local checks and the plan agreement),
 //!   `local_copies` (copies not hidden behind the READs), `reads` (posting the READs until
 //!   all completed) and `status_exchange` (the post-read check);
+//! * `mode`: `per_layer` (a transfer then a commit per layer) or `rearrange` (`--rearrange`:
+//!   all layers in one pipelined `rearrange` call; `layer_seconds` are then each layer's own
+//!   time from its transfer's start to its commit's end, which overlap, `phases` is empty
+//!   and `GBps_per_rank_after_first` is `null`);
+//! * `nixl_landing_slots`: the `nixl` backend's landing slots (`--nixl-landing-slots`,
+//!   default 2 with `--rearrange`, else 1), `null` for other backends;
 //! * `nixl_read_streams`: READ requests per peer and layer, each on its own UCX worker
 //!   (`--nixl-read-streams`), and `nixl_read_requests`: per layer, the READ requests all
-//!   ranks posted; both `null` for other backends.
+//!   ranks posted; both `null` for other backends (the requests also with `--rearrange`).
 //!
 //! Any rank's failure makes the command exit non-zero with the error on standard error.
 
@@ -59,7 +65,7 @@ use moeshift_device_comm::{HostGroup, StoreClient, World};
 use moeshift_eplb_comm::nixl::{NixlCommunicator, NixlConfig, DEFAULT_READ_STREAMS};
 use moeshift_eplb_comm::{
     choose_backend, create_communicator, eplb_group, set_log_hook, Backend, BackendChoice,
-    EplbCommunicator, LayerWeights,
+    EplbCommunicator, LayerMove, LayerWeights,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -91,7 +97,8 @@ impl DeviceArg {
 #[command(
     after_help = "Run under `moeshift launch --nproc N -- moeshift bench eplb-comm …`. Rank 0 prints \
 one JSON object: backend, device, ranks, layers, bytes_moved, seconds, GBps_per_rank, layer_seconds, \
-GBps_per_rank_after_first, staging_bytes, verified, phases, nixl_read_streams, nixl_read_requests."
+GBps_per_rank_after_first, staging_bytes, verified, phases, mode, nixl_read_streams, \
+nixl_landing_slots, nixl_read_requests."
 )]
 pub struct Args {
     /// EPLB communicator backend: host, nccl, nixl or auto.
@@ -133,6 +140,22 @@ pub struct Args {
     /// on its own UCX worker (so copies from one peer GPU run on that many CUDA streams).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_READ_STREAMS)]
     nixl_read_streams: usize,
+    /// Move all layers in one pipelined `rearrange` call (each layer's commit overlapping
+    /// the next layer's transfer) instead of a transfer and a commit per layer.
+    #[arg(long)]
+    rearrange: bool,
+    /// For the nixl backend: landing slots (staged layers held at once); default 2 with
+    /// `--rearrange` (so commits overlap the next layer's READs), 1 otherwise.
+    #[arg(long, value_name = "N")]
+    nixl_landing_slots: Option<usize>,
+}
+
+impl Args {
+    /// The nixl backend's landing slots for this run.
+    fn landing_slots(&self) -> usize {
+        self.nixl_landing_slots
+            .unwrap_or(if self.rearrange { 2 } else { 1 })
+    }
 }
 
 fn parse_backend(s: &str) -> Result<BackendChoice, String> {
@@ -175,7 +198,9 @@ impl<'w> Comm<'w> {
         let group = eplb_group(store, members, deadline)?;
         Ok(match selection.backend {
             Backend::Nixl => {
-                let config = NixlConfig::default().read_streams(args.nixl_read_streams);
+                let config = NixlConfig::default()
+                    .read_streams(args.nixl_read_streams)
+                    .landing_slots(args.landing_slots());
                 Comm::Nixl(Box::new(NixlCommunicator::with_config(
                     group, weights, config, deadline,
                 )?))
@@ -304,7 +329,8 @@ fn summary(
                 .sum()
         })
         .collect();
-    let after_first = (args.layers >= 2).then(|| {
+    // Pipelined layers overlap: their own times do not add up to the run's.
+    let after_first = (args.layers >= 2 && !args.rearrange).then(|| {
         rate(
             layer_bytes.iter().skip(1).sum(),
             layer_seconds.iter().skip(1).sum(),
@@ -327,8 +353,10 @@ fn summary(
         "staging_bytes": reports.iter().map(|r| r.staging_peak).max().unwrap_or(0),
         "verified": args.verify && reports.iter().all(|r| r.verified),
         "phases": phases(args.layers, reports),
+        "mode": if args.rearrange { "rearrange" } else { "per_layer" },
         "nixl_read_streams": nixl.then_some(args.nixl_read_streams),
-        "nixl_read_requests": nixl.then(|| {
+        "nixl_landing_slots": nixl.then_some(args.landing_slots()),
+        "nixl_read_requests": (nixl && !args.rearrange).then(|| {
             (0..args.layers)
                 .map(|l| {
                     reports
@@ -622,7 +650,35 @@ fn run_rank(
         comm_barrier(store, setup)?;
 
         let started = Instant::now();
-        for (layer, (plan, w)) in plans.iter().zip(weights.iter_mut()).enumerate() {
+        if args.rearrange {
+            let mut moves: Vec<LayerMove<'_, '_>> = plans
+                .iter()
+                .zip(weights.iter_mut())
+                .enumerate()
+                .map(|(layer, (plan, weights))| LayerMove {
+                    layer,
+                    plan,
+                    weights,
+                })
+                .collect();
+            let stats = comm
+                .get()
+                .rearrange(&mut moves, Deadline::after(deadline_for))
+                .context("rearranging every layer")?;
+            report.seconds = started.elapsed().as_secs_f64();
+            for s in &stats {
+                report.layer_seconds.push(s.seconds);
+                report.layer_bytes.push(s.bytes_received);
+                report.bytes_received += s.bytes_received;
+                report.staging_peak = report.staging_peak.max(s.staging_bytes);
+            }
+        }
+        for (layer, (plan, w)) in plans
+            .iter()
+            .zip(weights.iter_mut())
+            .enumerate()
+            .filter(|_| !args.rearrange)
+        {
             let layer_started = Instant::now();
             let staged = comm
                 .get()
@@ -649,7 +705,9 @@ fn run_rank(
             report.bytes_received += stats.bytes_received;
             report.staging_peak = report.staging_peak.max(stats.staging_bytes);
         }
-        report.seconds = started.elapsed().as_secs_f64();
+        if !args.rearrange {
+            report.seconds = started.elapsed().as_secs_f64();
+        }
     }
 
     if args.verify {

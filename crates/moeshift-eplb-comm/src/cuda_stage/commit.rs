@@ -2,10 +2,12 @@
 //! the weights' rows, then duplicate fills from the freshly written rows, on the staging's
 //! commit stream.
 
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
 use moeshift_placement::RankPlan;
 use moeshift_sync::Deadline;
 
-use super::memory::{join_streams, CopyQueue};
+use super::memory::{driver_error, join_streams, wait_event, CopyQueue};
 use crate::error::EplbCommError;
 use crate::staging::{Staging, StagingMemory};
 use crate::weights::LayerWeights;
@@ -20,6 +22,45 @@ pub(crate) fn commit_on_device(
     weights: &mut LayerWeights<'_>,
     deadline: Deadline,
 ) -> Result<(), EplbCommError> {
+    let done = queue_commit_on_device(rank, layer, staging, plan, weights)?;
+    wait_commit(rank, layer, &done, deadline)
+}
+
+/// Waits until the copies of a queued commit finished, or `deadline` passes
+/// ([`EplbCommError::DeviceTimeout`]).
+pub(crate) fn wait_commit(
+    rank: usize,
+    layer: usize,
+    done: &CudaEvent,
+    deadline: Deadline,
+) -> Result<(), EplbCommError> {
+    match wait_event(done, deadline) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(EplbCommError::DeviceTimeout {
+            rank,
+            layer: Some(layer),
+            op: "committing staged rows".into(),
+        }),
+        Err(e) => Err(driver_error(
+            rank,
+            Some(layer),
+            "waiting for the commit's copies".into(),
+            e,
+        )),
+    }
+}
+
+/// Queues the commit's copies (staged rows, then duplicate fills) on the staging's commit
+/// stream and returns an event recorded after them. On error, what was queued is settled
+/// (waited for, bounded) before returning. The caller keeps `staging` alive until the event
+/// completed, and checked the rows and devices.
+pub(crate) fn queue_commit_on_device(
+    rank: usize,
+    layer: usize,
+    staging: &Staging,
+    plan: &RankPlan,
+    weights: &mut LayerWeights<'_>,
+) -> Result<CudaEvent, EplbCommError> {
     let StagingMemory::Device { buf, commit_stream } = staging.memory() else {
         return Err(EplbCommError::CommitMismatch {
             rank,
@@ -52,7 +93,16 @@ pub(crate) fn commit_on_device(
                 queue.row_to_row(weights, t, fill.src_row, fill.dst_row)?;
             }
         }
-        queue.wait(deadline, "committing staged rows")
+        commit_stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| {
+                driver_error(
+                    rank,
+                    Some(layer),
+                    "recording the end of the commit's copies".into(),
+                    e,
+                )
+            })
     })();
     if queued.is_err() {
         queue.settle();
@@ -61,7 +111,7 @@ pub(crate) fn commit_on_device(
     // queued here.
     if let Some(alloc_stream) = buf.stream() {
         join_streams(alloc_stream, commit_stream).map_err(|e| {
-            super::memory::driver_error(
+            driver_error(
                 rank,
                 Some(layer),
                 "ordering the release of device staging after the commit".into(),

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUevent_flags};
-use cudarc::driver::{result, CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError};
+use cudarc::driver::{
+    result, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DriverError,
+};
 use moeshift_sync::Deadline;
 use moeshift_tensor::{CudaError, Device};
 
@@ -615,6 +617,12 @@ impl<'s> CopyQueue<'s> {
 /// passed (`Ok(false)`). Spins briefly, then sleeps a small fraction of the time waited.
 pub(crate) fn wait_stream(stream: &CudaStream, deadline: Deadline) -> Result<bool, DriverError> {
     let event = stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+    wait_event(&event, deadline)
+}
+
+/// Waits until `event` completed (`Ok(true)`), or `deadline` passed (`Ok(false)`). Spins
+/// briefly, then sleeps a small fraction of the time waited.
+pub(crate) fn wait_event(event: &CudaEvent, deadline: Deadline) -> Result<bool, DriverError> {
     let started = Instant::now();
     loop {
         if event.try_is_complete()? {

@@ -264,6 +264,10 @@ impl EplbCommunicator for NcclCommunicator {
         Backend::Nccl
     }
 
+    fn rank(&self) -> usize {
+        NcclCommunicator::rank(self)
+    }
+
     fn transfer(
         &mut self,
         layer: usize,

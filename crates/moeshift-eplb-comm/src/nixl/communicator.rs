@@ -11,8 +11,9 @@ use super::catalog::LayerPlace;
 use super::landing::LandingArea;
 use super::phases::NixlPhases;
 use super::probe::NixlRuntime;
-use crate::comm::{Backend, EplbCommunicator, StagedLayer};
+use crate::comm::{Backend, EplbCommunicator, StagedLayer, TransferStats};
 use crate::error::EplbCommError;
+use crate::rearrange::{LayerMove, RearrangeError};
 use crate::weights::{LayerLayout, LayerWeights};
 
 /// What a peer told about itself, kept for the life of the communicator.
@@ -79,6 +80,16 @@ pub(super) struct Peer {
 ///    error and nobody commits the layer. Layers where nothing crosses ranks skip it.
 ///
 /// [`last_phases`](Self::last_phases) tells how long each step took.
+///
+/// # Several layers
+///
+/// [`rearrange`](EplbCommunicator::rearrange) moves several layers in one call, pipelined:
+/// one agreement covers every layer's plan, a layer's post-read check runs on a helper
+/// thread while the next layer's READs run, and each layer's commit is queued on the GPU as
+/// soon as every rank READ that layer, overlapping the next layer's READs. Every layer still
+/// changes all at once and only after every rank READ its rows of it. With two landing
+/// slots ([`NixlConfig::landing_slots`](super::NixlConfig::landing_slots)) the pipeline stays
+/// full; with one, each layer waits for the previous layer's commit.
 ///
 /// The weights are only read; [`StagedLayer::commit`] writes them later (host weights by the
 /// CPU, CUDA weights by device-to-device copies from the staging on the GPU). Call
@@ -212,6 +223,10 @@ impl EplbCommunicator for NixlCommunicator {
         Backend::Nixl
     }
 
+    fn rank(&self) -> usize {
+        NixlCommunicator::rank(self)
+    }
+
     fn transfer(
         &mut self,
         layer: usize,
@@ -220,6 +235,17 @@ impl EplbCommunicator for NixlCommunicator {
         deadline: Deadline,
     ) -> Result<StagedLayer, EplbCommError> {
         self.transfer_inner(layer, plan, weights, deadline)
+    }
+
+    /// Pipelined: one agreement on every plan, each layer's post-read check exchanged while
+    /// the next layer's READs run, and each commit queued on the GPU as soon as every rank
+    /// READ that layer (see the type's "Several layers" section).
+    fn rearrange(
+        &mut self,
+        moves: &mut [LayerMove<'_, '_>],
+        deadline: Deadline,
+    ) -> Result<Vec<TransferStats>, RearrangeError> {
+        self.rearrange_inner(moves, deadline)
     }
 }
 #[cfg(test)]

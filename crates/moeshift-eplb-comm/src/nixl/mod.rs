@@ -76,6 +76,7 @@ mod cuda;
 mod error;
 mod landing;
 mod phases;
+mod pipeline;
 #[allow(unsafe_code)]
 mod probe;
 mod setup;

@@ -19,7 +19,7 @@ use crate::agree::{agree_on_plan, plan_digest};
 use crate::comm::{Backend, StagedLayer, TransferStats};
 use crate::error::EplbCommError;
 use crate::host::check_rank_plan;
-use crate::staging::{RowSource, Staging, StagingBuilder};
+use crate::staging::{LentMemory, RowSource, Staging, StagingBuilder};
 use crate::weights::{LayerLayout, LayerWeights};
 
 /// The error of an internal inconsistency between the staging laid out and its memory.
@@ -44,13 +44,60 @@ const SPIN: Duration = Duration::from_millis(2);
 const POLL_SLEEP: Duration = Duration::from_micros(50);
 
 impl NixlCommunicator {
-    /// Everything a layer's transfer needs that can be checked and built locally.
+    /// Everything a layer's transfer needs that can be checked and built locally, staged in
+    /// a landing slot lent here. Taking the slot before the agreement makes a busy landing
+    /// area a refusal every rank hears of.
     fn prepare<'p>(
         &self,
         layer: usize,
         plan: &'p LayerPlan,
         weights: &LayerWeights<'_>,
     ) -> Result<Prepared<'p>, EplbCommError> {
+        let (slot_addr, lent) = self.landing.lend(self.me, layer)?;
+        let planned = self.plan_reads(layer, plan, weights)?;
+        self.land(layer, planned, slot_addr, lent)
+    }
+
+    /// Lays a planned layer out in a lent landing slot at `slot_addr`: its READs' local
+    /// addresses become addresses in the slot. Fails (before any READ is posted) if the rows
+    /// do not fit the slot.
+    pub(super) fn land<'p>(
+        &self,
+        layer: usize,
+        planned: Planned<'p>,
+        slot_addr: u64,
+        lent: LentMemory,
+    ) -> Result<Prepared<'p>, EplbCommError> {
+        let Planned {
+            mine,
+            layout,
+            builder,
+            mut reads,
+            local,
+        } = planned;
+        for r in &mut reads {
+            for piece in &mut r.pieces {
+                piece.desc.local = slot_addr.saturating_add(piece.desc.local);
+            }
+        }
+        let staging = builder.build_lent(self.me, layer, lent)?;
+        Ok(Prepared {
+            mine,
+            layout,
+            staging,
+            reads,
+            local,
+        })
+    }
+
+    /// Everything a layer's transfer needs that can be checked and built locally, before a
+    /// landing slot is known: the READs' local addresses are offsets into the slot.
+    pub(super) fn plan_reads<'p>(
+        &self,
+        layer: usize,
+        plan: &'p LayerPlan,
+        weights: &LayerWeights<'_>,
+    ) -> Result<Planned<'p>, EplbCommError> {
         let me = self.me;
         let place = self
             .layers
@@ -90,9 +137,7 @@ impl NixlCommunicator {
         };
 
         // Staging is a lent landing slot: received rows first, each READ straight into its
-        // place, then local copies. Taking the slot here, before the agreement, makes a
-        // busy landing area a refusal every rank hears of.
-        let (slot_addr, lent) = self.landing.lend(me, layer)?;
+        // place, then local copies.
         let expert_bytes = layout.expert_bytes();
         let mut offsets = Vec::with_capacity(layout.tensors.len());
         let mut at = 0usize;
@@ -157,7 +202,7 @@ impl NixlCommunicator {
                 entry.pieces.push(Piece {
                     expert: r.expert,
                     desc: ReadDesc {
-                        local: slot_addr.saturating_add(base.saturating_add(*off) as u64),
+                        local: base.saturating_add(*off) as u64,
                         remote: place.row_addr(src_row),
                         len: spec.row_bytes,
                     },
@@ -170,12 +215,10 @@ impl NixlCommunicator {
                 builder.push_row(c.dst_row, c.expert, RowSource::Local { src_row: c.src_row });
             local.push((index, c.src_row));
         }
-        // Fails (before any READ is posted) if the rows do not fit the slot.
-        let staging = builder.build_lent(me, layer, lent)?;
-        Ok(Prepared {
+        Ok(Planned {
             mine,
             layout: layout.clone(),
-            staging,
+            builder,
             reads: by_peer.into_iter().flatten().collect(),
             local,
         })
@@ -257,7 +300,21 @@ impl NixlCommunicator {
         deadline: Deadline,
         phases: &mut NixlPhases,
     ) -> Result<(), EplbCommError> {
-        let me = self.me;
+        let started = self.start_rows(layer, prepared, weights, phases)?;
+        self.finish_rows(layer, started, deadline, phases)
+    }
+
+    /// The first half of [`move_rows`](Self::move_rows): local copies (host: done by the CPU;
+    /// device: queued) and the READs, posted. On error, nothing it started is left running
+    /// except READs it released (so the landing slot must not be reused: the caller poisons
+    /// the communicator).
+    pub(super) fn start_rows<'s>(
+        &'s self,
+        layer: usize,
+        prepared: &mut Prepared<'_>,
+        weights: &LayerWeights<'_>,
+        phases: &mut NixlPhases,
+    ) -> Result<StartedRows<'s>, EplbCommError> {
         let on_host = self.landing.device() == Device::Host;
         if on_host {
             let copying = Instant::now();
@@ -267,7 +324,7 @@ impl NixlCommunicator {
             self.bind_gpu(Some(layer))?;
         }
         let posting = Instant::now();
-        let mut pending = self.post_reads(layer, prepared)?;
+        let pending = self.post_reads(layer, prepared)?;
         phases.read_requests = pending.len();
         phases.reads += posting.elapsed().as_secs_f64();
         #[cfg(feature = "cuda")]
@@ -275,7 +332,7 @@ impl NixlCommunicator {
             (Some(cuda), false) => {
                 let queueing = Instant::now();
                 let queue = cuda.queue_local_copies(
-                    me,
+                    self.me,
                     layer,
                     weights,
                     &mut prepared.staging,
@@ -286,7 +343,33 @@ impl NixlCommunicator {
             }
             _ => None,
         };
-        let waiting = Instant::now();
+        Ok(StartedRows {
+            pending,
+            #[cfg(feature = "cuda")]
+            copies,
+            #[cfg(not(feature = "cuda"))]
+            _stream: std::marker::PhantomData,
+            posted: Instant::now(),
+        })
+    }
+
+    /// The second half of [`move_rows`](Self::move_rows): waits for the READs (until
+    /// `deadline`) and the local copies.
+    pub(super) fn finish_rows(
+        &self,
+        layer: usize,
+        started: StartedRows<'_>,
+        deadline: Deadline,
+        phases: &mut NixlPhases,
+    ) -> Result<(), EplbCommError> {
+        let me = self.me;
+        let StartedRows {
+            mut pending,
+            #[cfg(feature = "cuda")]
+            copies,
+            posted,
+            ..
+        } = started;
         let waited = self
             .wait_reads(&mut pending, deadline)
             .map_err(|e| match e {
@@ -313,7 +396,7 @@ impl NixlCommunicator {
                     waited,
                 }),
             });
-        phases.reads += waiting.elapsed().as_secs_f64();
+        phases.reads += posted.elapsed().as_secs_f64();
         #[cfg(feature = "cuda")]
         if let Some(queue) = &copies {
             let finishing = Instant::now();
@@ -468,14 +551,8 @@ impl NixlCommunicator {
 
         // 2–4. READs and local copies, keeping a reserve for the post-read check.
         let crosses_ranks = plan.num_transfers() > 0;
-        let reserve = (deadline.remaining() / RESERVE_FRACTION).min(MAX_RESERVE);
-        let read_deadline = Deadline::at(
-            deadline
-                .instant()
-                .checked_sub(reserve)
-                .unwrap_or(deadline.instant()),
-        );
-        let moved = self.move_rows(layer, &mut prepared, weights, read_deadline, &mut phases);
+        let reads_until = read_deadline(deadline);
+        let moved = self.move_rows(layer, &mut prepared, weights, reads_until, &mut phases);
 
         // 5. Post-read check: nobody commits while a peer may still read, and nobody
         //    commits unless everybody got its rows.
@@ -517,8 +594,49 @@ impl NixlCommunicator {
             return Err(self.fail_after_reads(e));
         }
 
-        let mine = prepared.mine;
-        let expert_bytes = prepared.layout.expert_bytes() as u64;
+        let stats = layer_stats(
+            prepared.mine,
+            &prepared.layout,
+            prepared.staging.len(),
+            started.elapsed().as_secs_f64(),
+        );
+        phases.total = stats.seconds;
+        phases.bytes_read = stats.bytes_received;
+        self.last_phases = Some(phases);
+        Ok(StagedLayer::new(
+            layer,
+            me,
+            Backend::Nixl,
+            prepared.mine.clone(),
+            prepared.layout,
+            prepared.staging,
+            stats,
+        ))
+    }
+}
+
+/// The deadline of READs: `deadline` less a reserve for the post-read check, so a rank whose
+/// READs ran out of time can still tell its peers.
+pub(super) fn read_deadline(deadline: Deadline) -> Deadline {
+    let reserve = (deadline.remaining() / RESERVE_FRACTION).min(MAX_RESERVE);
+    Deadline::at(
+        deadline
+            .instant()
+            .checked_sub(reserve)
+            .unwrap_or(deadline.instant()),
+    )
+}
+
+/// What a layer's transfer did on this rank: `mine` moved with `layout`, staging
+/// `staging_bytes`, in `seconds`.
+pub(super) fn layer_stats(
+    mine: &RankPlan,
+    layout: &LayerLayout,
+    staging_bytes: usize,
+    seconds: f64,
+) -> TransferStats {
+    {
+        let expert_bytes = layout.expert_bytes() as u64;
         let mut peers: Vec<usize> = mine
             .sends
             .iter()
@@ -535,27 +653,15 @@ impl NixlCommunicator {
             .collect();
         rounds.sort_unstable();
         rounds.dedup();
-        let stats = TransferStats {
+        TransferStats {
             bytes_sent: expert_bytes.saturating_mul(mine.sends.len() as u64),
             bytes_received: expert_bytes.saturating_mul(mine.recvs.len() as u64),
             bytes_copied_locally: expert_bytes.saturating_mul(mine.local_copies.len() as u64),
             peers: peers.len(),
             rounds: rounds.len(),
-            staging_bytes: prepared.staging.len() as u64,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        phases.total = stats.seconds;
-        phases.bytes_read = stats.bytes_received;
-        self.last_phases = Some(phases);
-        Ok(StagedLayer::new(
-            layer,
-            me,
-            Backend::Nixl,
-            mine.clone(),
-            prepared.layout,
-            prepared.staging,
-            stats,
-        ))
+            staging_bytes: staging_bytes as u64,
+            seconds,
+        }
     }
 }
 
@@ -602,16 +708,39 @@ fn request_label(request: usize, requests: usize) -> String {
     }
 }
 
-/// A layer's transfer, prepared.
-struct Prepared<'p> {
+/// A layer's transfer, checked and laid out, before a landing slot is chosen.
+pub(super) struct Planned<'p> {
     mine: &'p RankPlan,
     layout: LayerLayout,
+    /// The staged rows, laid out: received rows first, then local copies.
+    builder: StagingBuilder,
+    /// The rows to READ, by peer this rank receives from; local addresses are offsets into
+    /// the landing slot.
+    reads: Vec<PeerRead>,
+    /// Local copies: (staged row, source row).
+    local: Vec<(usize, usize)>,
+}
+
+/// A layer's transfer, prepared.
+pub(super) struct Prepared<'p> {
+    pub(super) mine: &'p RankPlan,
+    pub(super) layout: LayerLayout,
     /// Laid out in a lent landing slot: received rows first, then local copies.
-    staging: Staging,
+    pub(super) staging: Staging,
     /// The rows to READ, by peer this rank receives from.
     reads: Vec<PeerRead>,
     /// Local copies: (staged row, source row).
     local: Vec<(usize, usize)>,
+}
+
+/// A layer's rows on their way: READs posted, local copies queued (device weights).
+pub(super) struct StartedRows<'s> {
+    pending: Vec<PendingRead>,
+    #[cfg(feature = "cuda")]
+    copies: Option<crate::cuda_stage::memory::CopyQueue<'s>>,
+    #[cfg(not(feature = "cuda"))]
+    _stream: std::marker::PhantomData<&'s ()>,
+    posted: Instant,
 }
 
 /// The rows this rank READs from one peer: one piece per (expert row, tensor), in plan
