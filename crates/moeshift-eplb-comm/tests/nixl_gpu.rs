@@ -23,7 +23,7 @@ use common::gpu::{device_weights, GpuRank};
 use common::{check_staged, random_map, Churn, Fill, LayerDesc, TensorDesc};
 use moeshift_eplb_comm::nixl::{probe, IpcCudaBuffer, NixlCommunicator, NixlConfig};
 use moeshift_eplb_comm::{
-    eplb_group, Backend, EplbCommError, EplbCommunicator, LayerMove, LayerWeights, RowSource,
+    eplb_group, Backend, EplbCommError, EplbCommunicator, LayerWeights, RowSource,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -359,21 +359,7 @@ fn rank_rearrange_gpu() {
                 .map(|(&l, new)| LayerPlan::new(&maps[l], new, RANKS).expect("plan"))
                 .collect();
             crossing += plans.iter().filter(|p| p.num_transfers() > 0).count();
-            let mut picked: Vec<(usize, &mut LayerWeights<'_>)> = weights
-                .iter_mut()
-                .enumerate()
-                .filter(|(l, _)| order.contains(l))
-                .collect();
-            picked.sort_by_key(|(l, _)| order.iter().position(|x| x == l));
-            let mut moves: Vec<LayerMove<'_, '_>> = picked
-                .into_iter()
-                .zip(&plans)
-                .map(|((layer, weights), plan)| LayerMove {
-                    layer,
-                    plan,
-                    weights,
-                })
-                .collect();
+            let mut moves = common::moves_in_order(&mut weights, &order, &plans);
             let stats = comm
                 .rearrange(&mut moves, Deadline::after(Duration::from_secs(30)))
                 .unwrap_or_else(|e| panic!("{what}, layers {order:?}: {e}"));

@@ -12,7 +12,8 @@
 use std::collections::BTreeSet;
 
 use moeshift_device_comm::{LaunchOutcome, RankStatus};
-use moeshift_eplb_comm::{LayerWeights, RowSource, StagedLayer, TransferStats};
+use moeshift_eplb_comm::{LayerMove, LayerWeights, RowSource, StagedLayer, TransferStats};
+use moeshift_placement::LayerPlan;
 use moeshift_tensor::{DType, HostBuffer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -637,4 +638,28 @@ pub mod gpu {
             store,
         })
     }
+}
+
+/// The moves of one rearrangement: layer `layers[i]` with `plans[i]` and its weights from
+/// `weights` (indexed by layer), in the order of `layers`.
+pub fn moves_in_order<'a, 'w>(
+    weights: &'a mut [LayerWeights<'w>],
+    layers: &[usize],
+    plans: &'a [LayerPlan],
+) -> Vec<LayerMove<'a, 'w>> {
+    let mut picked: Vec<(usize, &'a mut LayerWeights<'w>)> = weights
+        .iter_mut()
+        .enumerate()
+        .filter(|(l, _)| layers.contains(l))
+        .collect();
+    picked.sort_by_key(|(l, _)| layers.iter().position(|x| x == l));
+    picked
+        .into_iter()
+        .zip(plans)
+        .map(|((layer, weights), plan)| LayerMove {
+            layer,
+            plan,
+            weights,
+        })
+        .collect()
 }
