@@ -70,6 +70,40 @@ fn random_tensor(rng: &mut StdRng) -> TensorDesc {
     }
 }
 
+/// This rank's buffers of every case, holding its old placement.
+fn old_buffers(cases: &[LayerCase], me: usize) -> Vec<Vec<HostBuffer>> {
+    cases
+        .iter()
+        .enumerate()
+        .map(|(l, c)| FILL.host_buffers(l, &c.desc.tensors, c.desc.seg(&c.old, me)))
+        .collect()
+}
+
+/// The weights of every case over `buffers`.
+fn case_weights<'a>(
+    cases: &[LayerCase],
+    buffers: &'a mut [Vec<HostBuffer>],
+) -> Vec<LayerWeights<'a>> {
+    buffers
+        .iter_mut()
+        .zip(cases)
+        .map(|(bufs, c)| host_weights(&c.desc.tensors, c.desc.rows, bufs))
+        .collect()
+}
+
+/// Every byte of every case's buffers is as its new placement says (rows and canaries).
+fn check_new_buffers(cases: &[LayerCase], buffers: &[Vec<HostBuffer>], me: usize) {
+    for (l, c) in cases.iter().enumerate() {
+        for (t, d) in c.desc.tensors.iter().enumerate() {
+            let want = FILL.buffer(l, t, d, c.desc.seg(&c.new, me));
+            assert!(
+                buffers[l][t].as_slice() == want.as_slice(),
+                "layer {l}, tensor {t}: bytes outside the rows changed, or a row is wrong"
+            );
+        }
+    }
+}
+
 fn connect(world: &World, deadline: Deadline) -> StoreClient {
     StoreClient::connect(world, deadline).expect("store")
 }
@@ -94,16 +128,8 @@ fn rank_random_plans_4() {
     let mut rng = StdRng::seed_from_u64(0x00E9_1B5E_ED00);
     let cases: Vec<LayerCase> = (0..LAYERS).map(|_| random_case(&mut rng)).collect();
 
-    let mut buffers: Vec<Vec<HostBuffer>> = cases
-        .iter()
-        .enumerate()
-        .map(|(l, c)| FILL.host_buffers(l, &c.desc.tensors, c.desc.seg(&c.old, me)))
-        .collect();
-    let mut weights: Vec<LayerWeights<'_>> = buffers
-        .iter_mut()
-        .zip(&cases)
-        .map(|(bufs, c)| host_weights(&c.desc.tensors, c.desc.rows, bufs))
-        .collect();
+    let mut buffers = old_buffers(&cases, me);
+    let mut weights = case_weights(&cases, &mut buffers);
     let mut comm =
         HostCommunicator::new(&store, &MEMBERS, &weights, deadline).expect("communicator");
     assert_eq!((comm.rank(), comm.num_ranks()), (me, RANKS));
@@ -149,15 +175,7 @@ fn rank_random_plans_4() {
     }
     drop(comm);
     drop(weights);
-    for (l, c) in cases.iter().enumerate() {
-        for (t, d) in c.desc.tensors.iter().enumerate() {
-            let want = FILL.buffer(l, t, d, c.desc.seg(&c.new, me));
-            assert!(
-                buffers[l][t].as_slice() == want.as_slice(),
-                "layer {l}, tensor {t}: bytes outside the rows changed, or a row is wrong"
-            );
-        }
-    }
+    check_new_buffers(&cases, &buffers, me);
     // The random layers really exercised every kind of row.
     assert!(
         moved > 60 && fills >= 5 && local_total > 30,
@@ -184,16 +202,8 @@ fn rank_rearrange_4() {
     let store = connect(&world, deadline);
     let mut rng = StdRng::seed_from_u64(0x2EA2_2A46_E000);
     let cases: Vec<LayerCase> = (0..LAYERS).map(|_| random_case(&mut rng)).collect();
-    let mut buffers: Vec<Vec<HostBuffer>> = cases
-        .iter()
-        .enumerate()
-        .map(|(l, c)| FILL.host_buffers(l, &c.desc.tensors, c.desc.seg(&c.old, me)))
-        .collect();
-    let mut weights: Vec<LayerWeights<'_>> = buffers
-        .iter_mut()
-        .zip(&cases)
-        .map(|(bufs, c)| host_weights(&c.desc.tensors, c.desc.rows, bufs))
-        .collect();
+    let mut buffers = old_buffers(&cases, me);
+    let mut weights = case_weights(&cases, &mut buffers);
     let mut comm =
         HostCommunicator::new(&store, &MEMBERS, &weights, deadline).expect("communicator");
     let plans: Vec<LayerPlan> = cases
@@ -276,15 +286,7 @@ fn rank_rearrange_4() {
     }
     drop(comm);
     drop(weights);
-    for (l, c) in cases.iter().enumerate() {
-        for (t, d) in c.desc.tensors.iter().enumerate() {
-            let want = FILL.buffer(l, t, d, c.desc.seg(&c.new, me));
-            assert!(
-                buffers[l][t].as_slice() == want.as_slice(),
-                "layer {l}, tensor {t}: bytes outside the rows changed, or a row is wrong"
-            );
-        }
-    }
+    check_new_buffers(&cases, &buffers, me);
 }
 
 /// Layer 0 of the mismatch scenario: two rows per rank, experts move to the next-but-one

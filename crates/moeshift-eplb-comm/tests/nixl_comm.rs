@@ -727,6 +727,25 @@ fn rank_nixl_tensor_mismatch() {
 // ---------------------------------------------------------------------------------------
 // A peer killed mid-transfer
 
+/// Runs `test` as 4 ranks where rank `victim` is killed at fail point `point`: this rank's
+/// world, or `None` in the parent (after checking the survivors with [`check_survivors`])
+/// and where NIXL is missing.
+fn killed_peer_rank(test: &str, point: &str, victim: usize) -> Option<World> {
+    if !nixl_or_skip(test) {
+        return None;
+    }
+    let launch = RankTest::new(test, 4)
+        .env(ENV_FAIL_RANK, &victim.to_string())
+        .env(ENV_FAIL_POINT, point)
+        .timeout(LAUNCH_TIMEOUT)
+        .keep_going();
+    if let Some(outcome) = parent_outcome(&launch) {
+        check_survivors(&outcome, victim);
+        return None;
+    }
+    Some(World::from_env().expect("rank variables"))
+}
+
 fn parent_outcome(test: &RankTest) -> Option<LaunchOutcome> {
     match test.launch().unwrap_or_else(|e| panic!("{e}")) {
         RankRole::Rank(_) => None,
@@ -760,22 +779,11 @@ fn output_of(outcome: &LaunchOutcome, rank: usize) -> String {
 /// last committed placement and the communicator refuses further transfers.
 #[test]
 fn nixl_peer_killed_mid_transfer() {
-    const TEST: &str = "nixl_peer_killed_mid_transfer";
     const POINT: &str = "after_plan_agreement";
     const VICTIM: usize = 2;
-    if !nixl_or_skip(TEST) {
+    let Some(world) = killed_peer_rank("nixl_peer_killed_mid_transfer", POINT, VICTIM) else {
         return;
-    }
-    let test = RankTest::new(TEST, 4)
-        .env(ENV_FAIL_RANK, &VICTIM.to_string())
-        .env(ENV_FAIL_POINT, POINT)
-        .timeout(LAUNCH_TIMEOUT)
-        .keep_going();
-    if let Some(outcome) = parent_outcome(&test) {
-        check_survivors(&outcome, VICTIM);
-        return;
-    }
-    let world = World::from_env().expect("rank variables");
+    };
     let (me, n) = (world.rank(), world.world_size());
     const ROWS: usize = 4;
     const LAYERS: usize = 2;
@@ -878,22 +886,11 @@ fn nixl_peer_killed_mid_transfer() {
 /// [`RearrangeError`]: moeshift_eplb_comm::RearrangeError
 #[test]
 fn nixl_peer_killed_mid_rearrange() {
-    const TEST: &str = "nixl_peer_killed_mid_rearrange";
     const POINT: &str = "after_rearrange_agreement";
     const VICTIM: usize = 2;
-    if !nixl_or_skip(TEST) {
+    let Some(world) = killed_peer_rank("nixl_peer_killed_mid_rearrange", POINT, VICTIM) else {
         return;
-    }
-    let test = RankTest::new(TEST, 4)
-        .env(ENV_FAIL_RANK, &VICTIM.to_string())
-        .env(ENV_FAIL_POINT, POINT)
-        .timeout(LAUNCH_TIMEOUT)
-        .keep_going();
-    if let Some(outcome) = parent_outcome(&test) {
-        check_survivors(&outcome, VICTIM);
-        return;
-    }
-    let world = World::from_env().expect("rank variables");
+    };
     let (me, n) = (world.rank(), world.world_size());
     const ROWS: usize = 4;
     const LAYERS: usize = 2;

@@ -100,6 +100,27 @@ fn layers() -> Vec<LayerDesc> {
     ]
 }
 
+/// How far random plans move a layer's placement.
+const CHURN: Churn = Churn {
+    fresh: 11,
+    max_moves: 3,
+};
+
+/// Random expert counts and starting placements of `descs`: every layer has between `rows`
+/// and `2 · rows` experts (so some have replicas).
+fn random_start(rng: &mut StdRng, descs: &[LayerDesc]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let experts: Vec<usize> = descs
+        .iter()
+        .map(|l| rng.gen_range(l.rows..=l.rows * RANKS))
+        .collect();
+    let maps = descs
+        .iter()
+        .zip(&experts)
+        .map(|(l, &n)| random_map(rng, n, l.rows * RANKS))
+        .collect();
+    (experts, maps)
+}
+
 /// Every layer's rows (as `maps` place them) in CUDA-IPC-shareable memory on this rank's GPU.
 fn upload_layers(
     descs: &[LayerDesc],
@@ -144,21 +165,8 @@ fn rank_nixl_random_plans_gpu() {
     };
     let (me, gpu, store) = (rank.me, rank.gpu, &rank.store);
     let descs = layers();
-    const CHURN: Churn = Churn {
-        fresh: 11,
-        max_moves: 3,
-    };
     let mut rng = StdRng::seed_from_u64(0x4E1C_6A7E);
-    // Every layer has between `rows` and `2 · rows` experts (so some have replicas).
-    let experts: Vec<usize> = descs
-        .iter()
-        .map(|l| rng.gen_range(l.rows..=l.rows * RANKS))
-        .collect();
-    let mut maps: Vec<Vec<usize>> = descs
-        .iter()
-        .zip(&experts)
-        .map(|(l, &n)| random_map(&mut rng, n, l.rows * RANKS))
-        .collect();
+    let (experts, mut maps) = random_start(&mut rng, &descs);
     let bufs = upload_layers(&descs, &maps, &rank);
     let mut weights = layer_weights(&descs, &bufs);
     let largest = descs
@@ -306,20 +314,8 @@ fn rank_rearrange_gpu() {
     };
     let (me, store) = (rank.me, &rank.store);
     let descs = layers();
-    const CHURN: Churn = Churn {
-        fresh: 11,
-        max_moves: 3,
-    };
     let mut rng = StdRng::seed_from_u64(0x2EA2_6A7E);
-    let experts: Vec<usize> = descs
-        .iter()
-        .map(|l| rng.gen_range(l.rows..=l.rows * RANKS))
-        .collect();
-    let mut maps: Vec<Vec<usize>> = descs
-        .iter()
-        .zip(&experts)
-        .map(|(l, &n)| random_map(&mut rng, n, l.rows * RANKS))
-        .collect();
+    let (experts, mut maps) = random_start(&mut rng, &descs);
     let bufs = upload_layers(&descs, &maps, &rank);
     let mut weights = layer_weights(&descs, &bufs);
 

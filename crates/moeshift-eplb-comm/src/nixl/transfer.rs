@@ -635,33 +635,31 @@ pub(super) fn layer_stats(
     staging_bytes: usize,
     seconds: f64,
 ) -> TransferStats {
-    {
-        let expert_bytes = layout.expert_bytes() as u64;
-        let mut peers: Vec<usize> = mine
-            .sends
-            .iter()
-            .map(|s| s.dst)
-            .chain(mine.recvs.iter().map(|r| r.src))
-            .collect();
-        peers.sort_unstable();
-        peers.dedup();
-        let mut rounds: Vec<usize> = mine
-            .sends
-            .iter()
-            .map(|s| s.round)
-            .chain(mine.recvs.iter().map(|r| r.round))
-            .collect();
-        rounds.sort_unstable();
-        rounds.dedup();
-        TransferStats {
-            bytes_sent: expert_bytes.saturating_mul(mine.sends.len() as u64),
-            bytes_received: expert_bytes.saturating_mul(mine.recvs.len() as u64),
-            bytes_copied_locally: expert_bytes.saturating_mul(mine.local_copies.len() as u64),
-            peers: peers.len(),
-            rounds: rounds.len(),
-            staging_bytes: staging_bytes as u64,
-            seconds,
-        }
+    let expert_bytes = layout.expert_bytes() as u64;
+    let mut peers: Vec<usize> = mine
+        .sends
+        .iter()
+        .map(|s| s.dst)
+        .chain(mine.recvs.iter().map(|r| r.src))
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    let mut rounds: Vec<usize> = mine
+        .sends
+        .iter()
+        .map(|s| s.round)
+        .chain(mine.recvs.iter().map(|r| r.round))
+        .collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    TransferStats {
+        bytes_sent: expert_bytes.saturating_mul(mine.sends.len() as u64),
+        bytes_received: expert_bytes.saturating_mul(mine.recvs.len() as u64),
+        bytes_copied_locally: expert_bytes.saturating_mul(mine.local_copies.len() as u64),
+        peers: peers.len(),
+        rounds: rounds.len(),
+        staging_bytes: staging_bytes as u64,
+        seconds,
     }
 }
 
