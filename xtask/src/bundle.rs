@@ -4,9 +4,10 @@
 //! folder, `target/gpu-bundle`, holding everything it needs:
 //!
 //! - `bin/moeshift`, built with CUDA/NCCL support (libraries are loaded at run time);
-//! - `tests/*`: the GPU test executables (names containing `gpu`), release-built with all
-//!   features, or every test executable with `--all-tests`; `run.sh gpu` runs the GPU ones,
-//!   `run.sh all` every one in the bundle;
+//! - `tests/*`: the GPU test executables (names containing `gpu`, and the unit tests of the
+//!   crates in `GPU_UNIT_TESTS` as `<crate>_lib_gpu`, of which only the `gpu_` tests run),
+//!   release-built with all features, or every test executable with `--all-tests`;
+//!   `run.sh gpu` runs the GPU ones, `run.sh all` every one in the bundle;
 //! - `examples/*`: benchmark programs, run by `run.sh bench`;
 //! - `nixl-runtime.tar.xz`: the NIXL runtime files, unpacked by `run.sh` at start;
 //! - `torch_peer_baseline.py` and `bench/*.py`: the PyTorch peers measured beside moeshift's
@@ -56,6 +57,10 @@ pub fn test_multigpu(rest: &[String]) -> Result<()> {
     )
 }
 
+/// Crates whose unit tests include GPU tests (named `gpu_…`): their unit-test executable goes
+/// in as `<crate>_lib_gpu`.
+const GPU_UNIT_TESTS: [&str; 1] = ["moeshift_device_comm"];
+
 /// Builds the bundle. Only the GPU test executables (names containing `gpu`) go in unless
 /// `all_tests`: every test executable together is larger than a GPU machine's upload limit.
 fn build_bundle(dir: &Path, all_tests: bool) -> Result<()> {
@@ -81,8 +86,15 @@ fn build_bundle(dir: &Path, all_tests: bool) -> Result<()> {
 
     for exe in util::test_executables(&["--workspace", "--all-features"], Some(profile))? {
         let name = exe.file_name().context("test executable without a name")?;
-        if all_tests || name.to_string_lossy().contains("gpu") {
-            copy(&exe, &dir.join("tests").join(name))?;
+        let name = name.to_string_lossy();
+        if all_tests || name.contains("gpu") {
+            copy(&exe, &dir.join("tests").join(&*name))?;
+        } else if let Some(lib) = GPU_UNIT_TESTS
+            .iter()
+            .find(|lib| name.strip_prefix(**lib).is_some_and(|h| h.starts_with('-')))
+        {
+            // `run.sh` runs only its `gpu_` tests.
+            copy(&exe, &dir.join("tests").join(format!("{lib}_lib_gpu")))?;
         }
     }
 

@@ -1,7 +1,8 @@
-//! The CUDA MoE all-to-all managers across 2 processes with one GPU each (feature `cuda`).
+//! The CUDA MoE all-to-all managers across 2 processes with one GPU each (feature `cuda`);
+//! on a machine with one GPU, one process.
 //!
 //! `rank_*` tests follow the crate's `testing` convention (run by `cargo test` they launch
-//! their own ranks). Each test first checks for NCCL and 2 GPUs and, without them, prints
+//! their own ranks). Each test first checks for NCCL and a GPU and, without them, prints
 //! why and passes without doing anything, so CI machines without GPUs run it too.
 //!
 //! Every round runs a host manager and its CUDA counterpart on the same tokens and checks
@@ -34,7 +35,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-const WORLD: usize = 2;
+/// Most ranks: one per GPU, 2 at most. With one GPU the tests run one rank, which still
+/// runs every kernel and table of the managers (every row then stays on its rank).
+const MAX_WORLD: i32 = 2;
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(240);
 /// Slots per rank and top-k are fixed: the one-sided workspace fixes them at creation.
 const SLOTS_PER_RANK: usize = 4;
@@ -53,10 +56,15 @@ fn skip_reason() -> Option<String> {
         return Some(format!("NCCL is not usable here: {err}"));
     }
     match CudaContext::device_count() {
-        Ok(n) if n >= WORLD as i32 => None,
-        Ok(n) => Some(format!("{n} GPU(s) visible, the test needs {WORLD}")),
+        Ok(n) if n >= 1 => None,
+        Ok(n) => Some(format!("{n} GPU(s) visible, the test needs one")),
         Err(err) => Some(format!("cannot count GPUs: {err}")),
     }
+}
+
+/// The number of ranks (called once the GPUs are known to be usable).
+fn ranks() -> usize {
+    CudaContext::device_count().map_or(1, |n| n.clamp(1, MAX_WORLD) as usize)
 }
 
 fn skipped(test: &str) -> bool {
@@ -163,7 +171,7 @@ struct Setup {
 
 fn setup(seed: u64, layer: usize) -> Setup {
     let mut rng = StdRng::seed_from_u64(seed);
-    let num_physical = WORLD * SLOTS_PER_RANK;
+    let num_physical = ranks() * SLOTS_PER_RANK;
     let num_logical = rng.gen_range(TOP_K..=num_physical);
     let mut phy2log: Vec<i64> = (0..num_logical as i64).collect();
     while phy2log.len() < num_physical {
@@ -171,7 +179,7 @@ fn setup(seed: u64, layer: usize) -> Setup {
     }
     phy2log.shuffle(&mut rng);
     let placement =
-        ExpertPlacement::from_phy2log(layer, &phy2log, num_logical, WORLD).expect("placement");
+        ExpertPlacement::from_phy2log(layer, &phy2log, num_logical, ranks()).expect("placement");
     Setup {
         placement,
         hidden: [1, 3, 8, 33, 64, 130][rng.gen_range(0..6)],
@@ -392,15 +400,15 @@ fn check_cuda<M>(
 
 fn one_sided_workspace(elem_bytes: usize) -> Workspace {
     Workspace::new(
-        WORLD,
+        ranks(),
         EpGroupShape {
-            dp: WORLD,
+            dp: ranks(),
             pcp: 1,
             tp: 1,
         },
         WorkspaceConfig {
             top_k: TOP_K,
-            num_experts: WORLD * SLOTS_PER_RANK,
+            num_experts: ranks() * SLOTS_PER_RANK,
             elem_bytes,
         },
         // Small on purpose: the first rounds make every rank grow it together.
@@ -419,7 +427,7 @@ fn rank_cuda_managers_match_host_managers() {
     if skipped(NAME) {
         return;
     }
-    let Some(world) = testing::run_as_ranks(NAME, WORLD, LAUNCH_TIMEOUT).expect("ranks") else {
+    let Some(world) = testing::run_as_ranks(NAME, ranks(), LAUNCH_TIMEOUT).expect("ranks") else {
         return;
     };
     let rank = world.rank();
@@ -429,7 +437,7 @@ fn rank_cuda_managers_match_host_managers() {
     let comm = NcclComm::from_store(
         &store,
         rank,
-        WORLD,
+        ranks(),
         "all2all_gpu/match",
         world.local_rank(),
         setup_deadline,
@@ -442,7 +450,7 @@ fn rank_cuda_managers_match_host_managers() {
     let agrs = CudaAgRsManager::new(&comm).expect("CUDA agrs");
     let a2av = CudaAllToAllVManager::new(&comm)
         .expect("CUDA all-to-all-v")
-        .with_global_ranks(vec![0, 1])
+        .with_global_ranks((0..ranks()).collect())
         .expect("global ranks");
     let one_sided_16 =
         CudaOneSidedManager::new(&comm, &group, one_sided_workspace(2), setup_deadline)
@@ -452,7 +460,7 @@ fn rank_cuda_managers_match_host_managers() {
             .expect("one-sided (f32)");
     assert_eq!(
         (a2av.ep_rank(), a2av.ep_size()),
-        (rank, WORLD),
+        (rank, ranks()),
         "manager rank"
     );
 
@@ -460,7 +468,7 @@ fn rank_cuda_managers_match_host_managers() {
     for round in 0..rounds {
         let seed = 0xa2a0_0000 + round;
         let s = setup(seed, round as usize);
-        let zero = (round % 4 == 3).then_some(round as usize / 4 % WORLD);
+        let zero = (round % 4 == 3).then_some(round as usize / 4 % ranks());
         let b = batch(seed, &s, rank, zero);
         let tag = |m: &str| {
             format!(
@@ -527,7 +535,7 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
     if skipped(NAME) {
         return;
     }
-    let Some(world) = testing::run_as_ranks(NAME, WORLD, LAUNCH_TIMEOUT).expect("ranks") else {
+    let Some(world) = testing::run_as_ranks(NAME, ranks(), LAUNCH_TIMEOUT).expect("ranks") else {
         return;
     };
     let rank = world.rank();
@@ -537,7 +545,7 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
     let comm = NcclComm::from_store(
         &store,
         rank,
-        WORLD,
+        ranks(),
         "all2all_gpu/fail",
         world.local_rank(),
         setup_deadline,
@@ -565,7 +573,9 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
         ids: b.ids.clone(),
         weights: b.weights.clone(),
     };
-    if rank == 1 {
+    // The last rank has an unknown expert (with one rank, the only one).
+    let culprit = ranks() - 1;
+    if rank == culprit {
         bad.ids[0] = s.placement.num_logical() as u32; // no such expert
     }
     let dev = upload(&stream, &s, &bad);
@@ -584,12 +594,12 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
     ];
     for (what, dispatch) in managers {
         let err = dispatch(&dev).expect_err("a rank has an unknown expert");
-        match (rank, &err) {
-            (1, CudaAll2AllError::Exchange(All2AllError::UnknownExpert { expert, .. })) => {
+        match (rank == culprit, &err) {
+            (true, CudaAll2AllError::Exchange(All2AllError::UnknownExpert { expert, .. })) => {
                 assert_eq!(*expert as usize, s.placement.num_logical(), "{what}")
             }
-            (0, CudaAll2AllError::Exchange(All2AllError::PeerRejected { peer, .. })) => {
-                assert_eq!(peer.local, 1, "{what}")
+            (false, CudaAll2AllError::Exchange(All2AllError::PeerRejected { peer, .. })) => {
+                assert_eq!(peer.local, culprit, "{what}")
             }
             _ => panic!("{what}: rank {rank} got {err}"),
         }

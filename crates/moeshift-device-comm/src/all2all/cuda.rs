@@ -1,19 +1,23 @@
 //! What the CUDA managers share: their input type [`CudaTokens`], the calling context that
 //! names ranks in errors, the per-manager engine (kernels, side stream, call counter), the
 //! one-upload staging of host tables, waits with deadlines, the header exchange over NCCL,
-//! and the routing of a rank's own picks.
+//! the checks of a rank's batch and the host routing of its picks.
 //!
 //! # Data path
 //!
 //! Token rows (bf16, f16 or f32, handled as raw bytes) stay on the GPU: they move between
 //! ranks through NCCL (or, for the one-sided manager, `cuMemcpyDtoDAsync` into CUDA IPC
 //! mappings), are gathered and reduced by this crate's own kernels, and the combined rows
-//! are written by a kernel on the manager's stream. The routing tables (which row goes
-//! where) are computed on the host from the top-k ids, which costs **one small
-//! device-to-host copy per dispatch** of the router output (`tokens × top_k` ids and
-//! weights, 8 bytes per pick) and, on the receiving side, one of the pick metadata that
-//! arrived with the rows. The EPLB load hook counts picks per physical slot with an atomic
-//! add kernel on the manager's stream, with no host synchronisation of its own.
+//! are written by a kernel on the manager's stream. The tables of a dispatch are built on
+//! the GPU ([`super::cuda_tables`]): the all-to-all-v manager routes every pick, splits the
+//! batch by destination and lays out the returned rows with its own kernels, so that only the
+//! per-destination row counts reach the host (with the header exchange); on the receiving
+//! side every manager sorts the received picks into work items on the GPU and copies them to
+//! the host once (for [`CudaDispatched::items`](super::CudaDispatched::items)). The
+//! gather / reduce-scatter and one-sided managers still route their own picks on the host,
+//! after one small copy of the router output (`tokens × top_k` ids and weights). The EPLB load
+//! hook counts picks per physical slot with an atomic add kernel on the manager's stream,
+//! with no host synchronisation of its own.
 //!
 //! # Host copies
 //!
@@ -36,12 +40,13 @@ use moeshift_sync::Deadline;
 use moeshift_tensor::DType;
 
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{decode_f32s_into, route_picks_into, Outgoing, ParseScratch};
+use super::cuda_plan::{decode_f32s_into, route_picks_into, Outgoing};
 use super::cuda_wire::{check_headers, DeviceHeader, HeaderErrors};
 use super::error::All2AllError;
 use super::kernels::{Elem, Kernels, LaunchError};
 use super::placement::ExpertPlacement;
 use super::replica::MAX_TOP_K;
+use super::table_kernels::TableKernels;
 use crate::error::RankRef;
 use crate::nccl::{NcclComm, NcclError};
 
@@ -438,6 +443,8 @@ pub(crate) struct Engine {
     /// The manager's name, in errors.
     pub manager: &'static str,
     pub kernels: Arc<Kernels>,
+    /// The kernels that build dispatch tables.
+    pub tables: TableKernels,
     /// A second stream of the communicator's device, for copies that overlap NCCL.
     pub side: Arc<CudaStream>,
     /// Unique per manager in this process: combine refuses another manager's dispatch.
@@ -462,6 +469,12 @@ impl Engine {
             source: e.source,
             log: e.log,
         })?;
+        let tables = TableKernels::load(&ctx).map_err(|source| CudaAll2AllError::Kernels {
+            device,
+            manager,
+            source,
+            log: "loading the table kernels (tables.ptx)".into(),
+        })?;
         let setup = Call {
             comm,
             manager,
@@ -477,6 +490,7 @@ impl Engine {
         Ok(Self {
             manager,
             kernels: Arc::new(kernels),
+            tables,
             side,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             globals: Vec::new(),
@@ -749,6 +763,7 @@ impl Staging {
         section
     }
 
+    #[cfg(test)]
     pub(crate) fn f32s(&mut self, data: &[f32]) -> Section {
         let (section, out) = self.section(data.len() * 4);
         for (o, v) in out.chunks_exact_mut(4).zip(data) {
@@ -870,8 +885,6 @@ pub(crate) struct Scratch {
     pub outgoing: Vec<Outgoing>,
     /// Segment lists of the final sum: offsets and rows.
     pub segments: (Vec<u32>, Vec<u32>),
-    /// Buffers of the received-metadata parse.
-    pub parse: ParseScratch,
 }
 
 /// A call's [`Scratch`], taken from the engine; handed back when dropped.
@@ -1069,6 +1082,22 @@ pub(crate) fn exchange_headers(
     send: &CudaView<'_, u8>,
     deadline: Deadline,
 ) -> Result<Vec<DeviceHeader>, CudaAll2AllError> {
+    // SAFETY: no extra ranges.
+    unsafe { exchange_headers_with(call, send, &[], deadline) }.map(|(headers, _)| headers)
+}
+
+/// [`exchange_headers`], copying the device ranges `extra` (`(address, bytes)`) to the host
+/// in the same wait: returns their bytes too, back to back.
+///
+/// # Safety
+/// Every range of `extra` is device memory of this context, ordered on the communicator's
+/// stream, alive and not written by other work until this returns.
+pub(crate) unsafe fn exchange_headers_with(
+    call: &Call<'_>,
+    send: &CudaView<'_, u8>,
+    extra: &[(u64, usize)],
+    deadline: Deadline,
+) -> Result<(Vec<DeviceHeader>, Vec<u8>), CudaAll2AllError> {
     let comm = call.comm;
     let size = comm.world_size();
     let stream = comm.stream();
@@ -1078,11 +1107,15 @@ pub(crate) fn exchange_headers(
     let counts = vec![DeviceHeader::LEN; size];
     comm.all_to_all_v(send, &counts, &mut recv, &counts, deadline)
         .map_err(call.nccl())?;
-    let range = [(addr(&recv, stream), recv.len())];
-    // SAFETY: `recv` is alive until the end of this function and nothing else uses it.
+    let mut ranges = vec![(addr(&recv, stream), recv.len())];
+    ranges.extend_from_slice(extra);
+    let header_bytes = recv.len();
+    // SAFETY: `recv` is alive until the end of this function and nothing else uses it; the
+    // extra ranges are the caller's contract.
     unsafe {
-        call.download_with(stream, &range, "the header exchange", deadline, |bytes| {
-            read_headers(call, bytes)
+        call.download_with(stream, &ranges, "the header exchange", deadline, |bytes| {
+            let (headers, rest) = bytes.split_at(header_bytes.min(bytes.len()));
+            read_headers(call, headers).map(|h| (h, rest.to_vec()))
         })
     }?
 }
@@ -1141,10 +1174,10 @@ pub(crate) fn row_format(
     Ok((elem, code, row_bytes))
 }
 
-/// Checks `tokens` against `placement` and the communicator, copies the router output to
-/// the host (the one device-to-host copy of a dispatch: ids and weights behind one wait)
-/// and routes every pick to its physical slot with [`replica_index`](super::replica_index),
-/// into `scratch.slots` and `scratch.weights`.
+/// Checks `tokens` against `placement` and the communicator ([`check_batch`]), copies the
+/// router output to the host (ids and weights behind one wait) and routes every pick to its
+/// physical slot with [`replica_index`](super::replica_index), into `scratch.slots` and
+/// `scratch.weights`.
 pub(crate) fn prepare(
     call: &Call<'_>,
     tokens: &CudaTokens<'_>,
@@ -1152,6 +1185,57 @@ pub(crate) fn prepare(
     load_len: Option<usize>,
     deadline: Deadline,
     scratch: &mut Scratch,
+) -> Result<Prepared, CudaAll2AllError> {
+    let p = check_batch(call, tokens, placement, load_len)?;
+    let top_k = tokens.top_k;
+    let ids_len = p.n * top_k;
+    let comm = call.comm;
+    let stream = comm.stream();
+    // Ids and weights land in one host buffer, behind one wait.
+    let bytes = ids_len * 4;
+    let ranges = [
+        (addr(&tokens.topk_ids, stream), bytes),
+        (addr(&tokens.topk_weights, stream), bytes),
+    ];
+    let me = comm.rank();
+    // SAFETY: both views hold `ids_len` 4-byte values (checked) and are borrowed by
+    // `tokens` for the whole call; the stream waits for their streams' work (joined by
+    // `check_batch`).
+    let routed = unsafe {
+        call.download_with(
+            stream,
+            &ranges,
+            "the copy of the router output to the host",
+            deadline,
+            |host| {
+                call.mark("router output to host");
+                let (ids, weights) = host.split_at(bytes.min(host.len()));
+                decode_f32s_into(&mut scratch.weights, weights);
+                route_picks_into(&mut scratch.slots, ids, top_k, me, placement)
+            },
+        )
+    }?;
+    routed.map_err(|u| All2AllError::UnknownExpert {
+        rank: call.me(),
+        manager: call.manager,
+        layer: call.layer,
+        token: u.token,
+        k: u.k,
+        expert: u.expert,
+        num_logical: placement.num_logical(),
+    })?;
+    call.mark("routing");
+    Ok(p)
+}
+
+/// Checks `tokens` against `placement` and the communicator (shapes, devices, top-k, the
+/// load counter's length) and orders the communicator's stream after the streams of the
+/// batch's buffers.
+pub(crate) fn check_batch(
+    call: &Call<'_>,
+    tokens: &CudaTokens<'_>,
+    placement: &ExpertPlacement,
+    load_len: Option<usize>,
 ) -> Result<Prepared, CudaAll2AllError> {
     let comm = call.comm;
     if placement.ep_size() != comm.world_size() {
@@ -1223,7 +1307,7 @@ pub(crate) fn prepare(
         }
     }
 
-    // The router output reaches the host: one small copy, after the caller's work on it.
+    // The router output is read after the caller's work on it.
     let stream = comm.stream();
     for s in [
         tokens.hidden.stream(),
@@ -1234,39 +1318,6 @@ pub(crate) fn prepare(
             stream.join(s).map_err(call.cuda("cuStreamWaitEvent"))?;
         }
     }
-    // Ids and weights land in one host buffer, behind one wait.
-    let bytes = ids_len * 4;
-    let ranges = [
-        (addr(&tokens.topk_ids, stream), bytes),
-        (addr(&tokens.topk_weights, stream), bytes),
-    ];
-    let me = comm.rank();
-    // SAFETY: both views hold `ids_len` 4-byte values (checked above) and are borrowed by
-    // `tokens` for the whole call; the stream waits for their streams' work (joined above).
-    let routed = unsafe {
-        call.download_with(
-            stream,
-            &ranges,
-            "the copy of the router output to the host",
-            deadline,
-            |host| {
-                call.mark("router output to host");
-                let (ids, weights) = host.split_at(bytes.min(host.len()));
-                decode_f32s_into(&mut scratch.weights, weights);
-                route_picks_into(&mut scratch.slots, ids, top_k, me, placement)
-            },
-        )
-    }?;
-    routed.map_err(|u| All2AllError::UnknownExpert {
-        rank: call.me(),
-        manager: call.manager,
-        layer: call.layer,
-        token: u.token,
-        k: u.k,
-        expert: u.expert,
-        num_logical: placement.num_logical(),
-    })?;
-    call.mark("routing");
     Ok(Prepared {
         n,
         elem,

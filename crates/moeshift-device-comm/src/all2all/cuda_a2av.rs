@@ -7,18 +7,21 @@ use cudarc::driver::{CudaSlice, CudaView};
 use moeshift_sync::Deadline;
 
 use super::cuda::{
-    addr, alloc_bytes, check_all, impl_cuda_all2all, nccl_manager_api, prepare, CudaTokens, Engine,
-    Staging,
+    addr, alloc_bytes, check_all, check_batch, exchange_headers_with, impl_cuda_all2all,
+    nccl_manager_api, CudaTokens, Engine, Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{split_by_destination_into, token_segments_into, Foreign};
+use super::cuda_plan::Foreign;
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, gather_rows, stage_outgoing, upload_and_exchange, Arrived, Block,
+    finish_dispatch, gather_rows, Arrived, Block, SendSide,
 };
+use super::cuda_tables::{PlacementSections, SendTables};
 use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_A2AV, PICK_BYTES};
+use super::error::All2AllError;
 use super::placement::ExpertPlacement;
+use super::wire::STATUS_REJECTED;
 use crate::nccl::NcclComm;
 
 const NAME: &str = "all_to_all_v";
@@ -27,13 +30,16 @@ const NO_ROUTE: &str = "the dispatch has no all-to-all-v route for this group";
 
 /// All-to-all-v on the GPU, over an [`NcclComm`] of the EP group.
 ///
-/// - **dispatch**: the router output is copied to the host once, each pick is routed to its
-///   physical slot ([`replica_index`](super::replica_index)) and each token is sent once to
-///   every rank hosting one of its picks. The ranks first exchange a 64-byte header each
-///   (status, counts, parameters; a rank with bad input makes every rank fail), then a
-///   gather kernel packs the rows by destination and one grouped NCCL exchange moves the
-///   rows and their pick metadata (`top_k × 8` bytes per row); the rank's own share is
-///   copied on a second stream meanwhile.
+/// - **dispatch**: kernels route each pick to its physical slot
+///   ([`replica_index`](super::replica_index)), split the batch by destination (each token
+///   once to every rank hosting one of its picks, in token order) and write the row counts
+///   into the headers; the router output never reaches the host. The ranks exchange a
+///   64-byte header each (status, counts, parameters; a rank with bad input makes every rank
+///   fail) and copy them to the host with their own counts (the one wait before the rows
+///   move), then a gather kernel packs the rows by destination and one grouped NCCL exchange
+///   moves the rows and their pick metadata (`top_k × 8` bytes per row); the rank's own share
+///   is copied on a second stream meanwhile. The received picks become work items on the GPU,
+///   copied to the host once.
 /// - **combine**: a kernel sums each received row's weighted expert outputs (f32, in item
 ///   order), the sums go back to their token's rank in one grouped exchange, and a second
 ///   kernel adds each token's sums in rank order. In f32 the result is bit-for-bit the
@@ -65,53 +71,112 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let top_k = tokens.top_k;
         let mut scratch = call.scratch();
         let scratch = &mut *scratch;
-        let local = prepare(
-            &call,
-            &tokens,
-            placement,
-            load.as_ref().map(|l| l.len()),
-            deadline,
-            scratch,
-        );
 
-        // Headers and the send tables, in one upload.
-        let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_A2AV, seq);
+        // The headers (row counts filled in on the GPU) and the placement's tables, in one
+        // upload.
         let mut st = Staging::new(&call);
+        let local = check_batch(&call, &tokens, placement, load.as_ref().map(|l| l.len()))
+            .and_then(|p| {
+                PlacementSections::stage(&call, &mut st, placement).map(|tables| (p, tables))
+            });
+        let ours = match &local {
+            Ok((p, _)) => dispatch_header(p, &tokens, placement, MANAGER_A2AV, seq),
+            Err(_) => DeviceHeader::rejected(DISPATCH, MANAGER_A2AV, seq),
+        };
         let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
-        let outgoing = &mut scratch.outgoing;
-        match &local {
-            Ok(p) => {
-                ours = dispatch_header(p, &tokens, placement, MANAGER_A2AV, seq);
-                split_by_destination_into(
-                    outgoing,
-                    &scratch.slots,
-                    &scratch.weights,
-                    top_k,
-                    placement.slots_per_rank(),
-                    size,
-                );
-                for o in outgoing.iter() {
-                    DeviceHeader {
-                        rows: o.tokens.len() as u64,
-                        ..ours
-                    }
-                    .write(&mut header_bytes);
-                }
-            }
-            Err(_) => {
-                // No shares (buffers kept for the next call).
-                split_by_destination_into(outgoing, &[], &[], top_k, 1, size);
-                for _ in 0..size {
-                    ours.write(&mut header_bytes);
-                }
-            }
+        for _ in 0..size {
+            ours.write(&mut header_bytes);
         }
-        let outgoing = &scratch.outgoing;
         let header_sec = st.bytes(&header_bytes);
-        let (idx_sec, meta_sec, send_count) = stage_outgoing(&mut st, outgoing);
-        let (staged, headers) = upload_and_exchange(&call, st, header_sec, deadline)?;
-        let p = local?;
+        let staged = st.upload(&call, stream, deadline)?;
+        let staged_base = addr(&staged, stream);
+        let headers_at = at(staged_base, header_sec);
+
+        // Route and split on the GPU; the row counts go into the headers.
+        let routed = match &local {
+            Ok((p, tables)) => {
+                let dev = tables.on_device(staged_base);
+                // SAFETY: the router output holds `n × top_k` values (checked) and is
+                // ordered on this stream (`check_batch`); `dev` lies in `staged`, alive
+                // until the end of the call.
+                let send = unsafe {
+                    SendTables::route(
+                        &call,
+                        engine,
+                        p.n,
+                        top_k,
+                        addr(&tokens.topk_ids, stream),
+                        addr(&tokens.topk_weights, stream),
+                        &dev,
+                    )
+                }?;
+                // SAFETY: the header section holds `size` headers of `LEN` bytes at a
+                // 16-byte aligned offset of `staged`; `send` is the routed batch.
+                unsafe {
+                    engine.tables.fill_headers(
+                        stream,
+                        &send.layout,
+                        send.at(0),
+                        headers_at,
+                        DeviceHeader::LEN,
+                        DeviceHeader::ROWS_AT,
+                        DeviceHeader::STATUS_AT,
+                        STATUS_REJECTED,
+                    )
+                }
+                .map_err(call.launch("msh_fill_headers"))?;
+                Some((send, dev))
+            }
+            Err(_) => None,
+        };
+        call.mark("routing + split (launch)");
+        let extra: Vec<(u64, usize)> = routed
+            .iter()
+            .map(|(send, _)| (send.at(send.layout.err), 8))
+            .chain(
+                routed
+                    .iter()
+                    .map(|(send, _)| (send.at(send.layout.bucket_offsets), (size + 1) * 4)),
+            )
+            .collect();
+        // SAFETY: the extra ranges lie in `send.buf`, alive until the end of the call and
+        // written only by the kernels queued above.
+        let (headers, ours_bytes) = unsafe {
+            exchange_headers_with(
+                &call,
+                &staged.slice(header_sec.offset..header_sec.offset + header_sec.len),
+                &extra,
+                deadline,
+            )
+        }?;
+        call.mark("header exchange (NCCL, to host)");
+        let (p, _) = local?;
+        let Some((send, dev)) = routed else {
+            return Err(call.tokens("the batch was not routed".into()));
+        };
+        let word = |i: usize| {
+            ours_bytes
+                .get(i * 4..i * 4 + 4)
+                .map_or(0, |w| u32::from_le_bytes(w.try_into().unwrap_or([0; 4])))
+        };
+        let err = u64::from(word(0)) | (u64::from(word(1)) << 32);
+        if let Some((token, k, expert)) = send.unknown_pick(err) {
+            return Err(All2AllError::UnknownExpert {
+                rank: call.me(),
+                manager: call.manager,
+                layer: call.layer,
+                token,
+                k,
+                expert,
+                num_logical: placement.num_logical(),
+            }
+            .into());
+        }
         check_all(&call, &headers, &ours)?;
+        // Our per-destination row offsets follow the error word.
+        let sent_rows: Vec<usize> = (0..size)
+            .map(|d| word(3 + d).saturating_sub(word(2 + d)) as usize)
+            .collect();
         let mut recv_rows = Vec::with_capacity(size);
         for (src, h) in headers.iter().enumerate() {
             if h.rows > h.tokens {
@@ -127,20 +192,22 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
                 .map_err(|_| call.malformed(src, format!("{} rows is too many", h.rows)))?;
             recv_rows.push(rows);
         }
-        let sent_rows: Vec<usize> = outgoing.iter().map(|o| o.tokens.len()).collect();
         let row_bytes = p.row_bytes;
         let pick_row = top_k * PICK_BYTES;
+        let send_count: usize = sent_rows.iter().sum();
+        if send_count > send.layout.max_rows {
+            return Err(call.too_large("rows sent", send_count));
+        }
 
         // Pack the rows by destination, then move rows and metadata.
-        let staged_base = addr(&staged, stream);
-        // SAFETY: the index section holds `send_count` tokens of this batch; `staged`
-        // lives until the end of the call.
-        let (send, send_base) = unsafe {
+        // SAFETY: the send index holds `send_count` tokens of this batch; `send` lives until
+        // the end of the call.
+        let (rows_out, send_base) = unsafe {
             gather_rows(
                 &call,
                 engine,
                 Some(&tokens),
-                at(staged_base, idx_sec),
+                send.at(send.layout.send_index),
                 send_count,
                 row_bytes,
             )
@@ -150,6 +217,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let recv_meta = alloc_bytes(&call, stream, total * pick_row)?;
         call.mark("receive buffers (alloc)");
         let (recv_base, recv_meta_base) = (addr(&recv, stream), addr(&recv_meta, stream));
+        let send_meta_base = send.at(send.layout.send_meta);
         let send_off = block_offsets(&sent_rows, row_bytes);
         let send_meta_off = block_offsets(&sent_rows, pick_row);
         let recv_off = block_offsets(&recv_rows, row_bytes);
@@ -169,7 +237,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
                     },
                     Block {
                         send: (
-                            at(staged_base, meta_sec) + send_meta_off[peer] as u64,
+                            send_meta_base + send_meta_off[peer] as u64,
                             sent_rows[peer] * pick_row,
                         ),
                         recv: (
@@ -181,8 +249,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
             })
             .collect();
         exchange_blocks(&call, engine, &blocks, deadline)?;
-        drop(send);
-        token_segments_into(&mut scratch.segments, &scratch.outgoing, p.n);
+        drop(rows_out);
         let arrived = Arrived {
             rows: recv,
             rows_from: recv_rows.clone(),
@@ -194,13 +261,25 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
             },
         };
         // SAFETY: `recv_meta` holds the metadata (`total` rows' entries), written by the
-        // exchange on the stream, and lives until the end of the call.
+        // exchange on the stream, and lives until the end of the call; `dev` lies in
+        // `staged`, alive until then too.
         let dispatched = unsafe {
             finish_dispatch(
-                &call, engine, placement, &tokens, &p, arrived, load, deadline, scratch,
+                &call,
+                engine,
+                placement,
+                &dev,
+                &tokens,
+                &p,
+                arrived,
+                SendSide::Device(send),
+                load,
+                deadline,
+                scratch,
             )
         };
         drop(recv_meta);
+        drop(staged);
         dispatched
     }
 

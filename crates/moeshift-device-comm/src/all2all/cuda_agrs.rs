@@ -16,8 +16,9 @@ use super::cuda_error::CudaAll2AllError;
 use super::cuda_plan::{strided_segments_into, write_all_picks, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, upload_and_exchange, Arrived, Block,
+    finish_dispatch, upload_and_exchange, Arrived, Block, SendSide,
 };
+use super::cuda_tables::PlacementSections;
 use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_AGRS, PICK_BYTES};
 use super::placement::ExpertPlacement;
 use crate::nccl::NcclComm;
@@ -64,6 +65,7 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let top_k = tokens.top_k;
         let mut scratch = call.scratch();
         let scratch = &mut *scratch;
+        let mut st = Staging::new(&call);
         let local = prepare(
             &call,
             &tokens,
@@ -71,10 +73,11 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
             load.as_ref().map(|l| l.len()),
             deadline,
             scratch,
-        );
+        )
+        .and_then(|p| PlacementSections::stage(&call, &mut st, placement).map(|t| (p, t)));
 
         let ours = match &local {
-            Ok(p) => DeviceHeader {
+            Ok((p, _)) => DeviceHeader {
                 rows: p.n as u64,
                 ..dispatch_header(p, &tokens, placement, MANAGER_AGRS, seq)
             },
@@ -84,7 +87,6 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         for _ in 0..size {
             ours.write(&mut header_bytes);
         }
-        let mut st = Staging::new(&call);
         let header_sec = st.bytes(&header_bytes);
         let meta_sec = match &local {
             Ok(_) => {
@@ -95,7 +97,8 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
             Err(_) => st.bytes(&[]),
         };
         let (staged, headers) = upload_and_exchange(&call, st, header_sec, deadline)?;
-        let p = local?;
+        let (p, tables) = local?;
+        let dev = tables.on_device(addr(&staged, stream));
         check_all(&call, &headers, &ours)?;
         let mut counts = Vec::with_capacity(size);
         for (src, h) in headers.iter().enumerate() {
@@ -151,10 +154,21 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         // the exchange on the stream, and lives until the end of the call.
         let dispatched = unsafe {
             finish_dispatch(
-                &call, engine, placement, &tokens, &p, arrived, load, deadline, scratch,
+                &call,
+                engine,
+                placement,
+                &dev,
+                &tokens,
+                &p,
+                arrived,
+                SendSide::Host,
+                load,
+                deadline,
+                scratch,
             )
         };
         drop(gathered_meta);
+        drop(staged);
         dispatched
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use moeshift_tensor::DType;
 
-use super::cuda::{addr, empty_slice, Section};
+use super::cuda::{addr, empty_slice};
 use super::cuda_error::CudaAll2AllError;
 use super::dispatched::{slot_items, ExpertWork};
 use super::kernels::{Elem, Kernels, LaunchError};
@@ -32,18 +32,19 @@ pub(crate) enum CudaRoute {
     },
 }
 
-/// Device sections of the tables combine and the expert-input gather read.
+/// Device addresses of the tables combine and the expert-input gather read (in buffers the
+/// [`CudaDispatched`] keeps).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Tables {
     /// Per received row: offsets (`u32`, rows + 1), item indices (`u32`), weights (`f32`).
-    pub row_offsets: Section,
-    pub row_items: Section,
-    pub row_weights: Section,
+    pub row_offsets: u64,
+    pub row_items: u64,
+    pub row_weights: u64,
     /// `items[i].row` (`u32`).
-    pub item_rows: Section,
+    pub item_rows: u64,
     /// Per local token: offsets (`u32`, tokens + 1) and rows of the returned block (`u32`).
-    pub token_offsets: Section,
-    pub token_rows: Section,
+    pub token_offsets: u64,
+    pub token_rows: u64,
 }
 
 /// The result of a CUDA dispatch on one rank: the token rows its experts must process (on
@@ -76,8 +77,10 @@ pub struct CudaDispatched {
     pub(crate) num_rows: usize,
     pub(crate) items: Vec<ExpertWork>,
     pub(crate) slot_offsets: Vec<usize>,
-    pub(crate) tables: CudaSlice<u8>,
-    pub(crate) sections: Tables,
+    /// The device buffers that hold the tables (kept, never read: `tables` points into them).
+    #[allow(dead_code)]
+    pub(crate) buffers: Vec<CudaSlice<u8>>,
+    pub(crate) tables: Tables,
     pub(crate) num_local_tokens: usize,
     pub(crate) route: CudaRoute,
     pub(crate) kernels: Arc<Kernels>,
@@ -168,7 +171,6 @@ impl CudaDispatched {
             unsafe { stream.alloc::<u8>(len) }.map_err(err("cuMemAllocAsync"))?
         };
         let rows = addr(&self.rows, &stream);
-        let tables = addr(&self.tables, &stream);
         let (dst, record) = out.device_ptr_mut(&stream);
         // SAFETY: `out` holds one row per item, `item_rows` one received-row index per item
         // (each below `num_rows`), and `rows` every received row; all stay alive until the
@@ -178,7 +180,7 @@ impl CudaDispatched {
                 stream.cu_stream(),
                 dst,
                 rows,
-                tables + self.sections.item_rows.offset as u64,
+                self.tables.item_rows,
                 self.items.len(),
                 self.row_bytes,
             )

@@ -17,8 +17,9 @@ use super::cuda_error::CudaAll2AllError;
 use super::cuda_plan::{split_by_destination_into, token_segments_into, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, check_rows, combine_headers, dispatch_header,
-    finish_dispatch, gather_rows, partial_sums, stage_outgoing, token_sums, Arrived,
+    finish_dispatch, gather_rows, partial_sums, stage_outgoing, token_sums, Arrived, SendSide,
 };
+use super::cuda_tables::PlacementSections;
 use super::cuda_wire::{DeviceHeader, DISPATCH, FLAG_NEEDS_RESIZE, MANAGER_ONE_SIDED, PICK_BYTES};
 use super::ipc::{IpcRegion, PeerRegion};
 use super::placement::ExpertPlacement;
@@ -540,6 +541,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let top_k = tokens.top_k;
         let mut scratch = call.scratch();
         let scratch = &mut *scratch;
+        let mut staging = Staging::new(&call);
         let local = prepare(
             &call,
             &tokens,
@@ -548,7 +550,8 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             deadline,
             scratch,
         )
-        .and_then(|p| check_config(&call, &p, top_k, placement, &st.workspace).map(|()| p));
+        .and_then(|p| check_config(&call, &p, top_k, placement, &st.workspace).map(|()| p))
+        .and_then(|p| PlacementSections::stage(&call, &mut staging, placement).map(|t| (p, t)));
         if st.pending == Some(Area::Dispatch) {
             barrier(&call, st, deadline)?;
         }
@@ -556,7 +559,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let cap = st.workspace.capacity();
         let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_ONE_SIDED, seq);
         let fits = match &local {
-            Ok(p) => {
+            Ok((p, _)) => {
                 ours = dispatch_header(p, &tokens, placement, MANAGER_ONE_SIDED, seq);
                 split_by_destination_into(
                     &mut scratch.outgoing,
@@ -591,14 +594,13 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             combine_at += h.rows;
             h.write(&mut header_bytes);
         }
-        let mut staging = Staging::new(&call);
         let header_sec = staging.bytes(&header_bytes);
         let (idx_sec, meta_sec, send_count) = stage_outgoing(&mut staging, outgoing);
         let staged = staging.upload(&call, stream, deadline)?;
         let staged_base = addr(&staged, stream);
 
         // Pack the rows by destination; write them now if they fit.
-        let row_bytes = local.as_ref().map_or(0, |p| p.row_bytes);
+        let row_bytes = local.as_ref().map_or(0, |(p, _)| p.row_bytes);
         let pick_row = top_k * PICK_BYTES;
         // SAFETY: the index section holds `send_count` tokens of this batch; `staged`
         // lives until the end of the call.
@@ -631,7 +633,8 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
 
         let headers = self.read_headers(&call, st, st.layout.dispatch_headers, deadline)?;
         call.mark("headers to host");
-        let p = local?;
+        let (p, tables) = local?;
+        let dev = tables.on_device(staged_base);
         check_all(&call, &headers, &ours)?;
         if headers.iter().any(|h| h.flags & FLAG_NEEDS_RESIZE != 0) {
             let most = headers.iter().map(|h| h.tokens).max().unwrap_or(0);
@@ -711,7 +714,17 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         // and no peer writes the dispatch area again before this rank's next call.
         unsafe {
             finish_dispatch(
-                &call, engine, placement, &tokens, &p, arrived, load, deadline, scratch,
+                &call,
+                engine,
+                placement,
+                &dev,
+                &tokens,
+                &p,
+                arrived,
+                SendSide::Host,
+                load,
+                deadline,
+                scratch,
             )
         }
     }

@@ -10,6 +10,7 @@
 #[cfg(test)]
 use super::cuda_wire::push_pick;
 use super::cuda_wire::{pick_entry, NO_PICK, PICK_BYTES};
+#[cfg(test)]
 use super::dispatched::ExpertWork;
 use super::placement::ExpertPlacement;
 use super::replica::{replica_index, token_key};
@@ -299,13 +300,13 @@ fn word(b: &[u8]) -> [u8; 4] {
 }
 
 /// The slot of one 8-byte pick entry (`chunks_exact` guarantees the length).
-#[inline]
+#[cfg(test)]
 fn entry_slot(e: &[u8]) -> u32 {
     u32::from_le_bytes(word(e))
 }
 
 /// The weight of one 8-byte pick entry.
-#[inline]
+#[cfg(test)]
 fn entry_weight(e: &[u8]) -> f32 {
     f32::from_le_bytes(word(e.get(4..).unwrap_or_default()))
 }
@@ -371,15 +372,16 @@ pub(crate) fn parse_received(
     Ok(items)
 }
 
+#[cfg(test)]
 fn truncated(i: usize, k: usize) -> String {
     format!("row {i} pick {k}: metadata is truncated")
 }
 
-fn no_expert(i: usize, k: usize, slot: usize) -> String {
+pub(crate) fn no_expert(i: usize, k: usize, slot: usize) -> String {
     format!("row {i} pick {k} is routed to slot {slot}, which holds no expert")
 }
 
-fn not_ours(i: usize, k: usize, slot: usize, first_slot: usize, spr: usize) -> String {
+pub(crate) fn not_ours(i: usize, k: usize, slot: usize, first_slot: usize, spr: usize) -> String {
     format!(
         "row {i} pick {k} is routed to slot {slot}, which is not an expert slot of this rank \
          (slots {first_slot}..{})",
@@ -387,62 +389,11 @@ fn not_ours(i: usize, k: usize, slot: usize, first_slot: usize, spr: usize) -> S
     )
 }
 
-/// Sorts a row's few `(position, weight)` pairs by position.
-#[inline]
-fn sort_row(row: &mut [(u32, f32)]) {
-    for i in 1..row.len() {
-        let mut j = i;
-        while j > 0 {
-            match (row.get(j - 1), row.get(j)) {
-                (Some(a), Some(b)) if a.0 > b.0 => row.swap(j - 1, j),
-                _ => break,
-            }
-            j -= 1;
-        }
-    }
-}
-
-/// Spare bins of [`Received::parse_with`]'s first pass.
-const SPARE_BINS: usize = 8;
-
-/// Most 64-bit words of a row's slot mask in [`Received::parse_with`] (4096 slots per
-/// rank); more slots take the sorting path.
-const MASK_WORDS: usize = 64;
-
-/// The row lists being written, row after row.
-struct RowLists<'a> {
-    offsets: &'a mut [u32],
-    items: &'a mut [u32],
-    weights: &'a mut [f32],
-    written: usize,
-}
-
-impl RowLists<'_> {
-    /// Appends an item (its sorted position and weight) to the current row's list.
-    #[inline]
-    fn push(&mut self, pos: u32, weight: f32) {
-        if let (Some(i), Some(w)) = (
-            self.items.get_mut(self.written),
-            self.weights.get_mut(self.written),
-        ) {
-            *i = pos;
-            *w = weight;
-        }
-        self.written += 1;
-    }
-
-    /// Ends row `r`'s list.
-    #[inline]
-    fn end_row(&mut self, r: usize) {
-        if let Some(o) = self.offsets.get_mut(r + 1) {
-            *o = self.written as u32;
-        }
-    }
-}
-
-/// Received work organised for the kernels: items sorted by local slot (stable), the slot
-/// boundaries, and per received row the items that read it (a CSR list of item indices,
-/// ascending, with their weights).
+/// Received work organised as the kernels organise it (the reference form the GPU tables
+/// are checked against): items sorted by local slot (stable), the slot boundaries, and per
+/// received row the items that read it (a CSR list of item indices, ascending, with their
+/// weights).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Received {
     pub items: Vec<ExpertWork>,
@@ -458,43 +409,10 @@ pub(crate) struct Received {
     pub item_rows: Vec<u32>,
 }
 
-/// Buffers [`Received::parse_with`] works in, kept between calls: its own, and the row
-/// tables of an earlier result (see [`keep_tables`](Self::keep_tables)).
-#[derive(Debug, Default)]
-pub(crate) struct ParseScratch {
-    /// Logical expert of each of this rank's slots.
-    logical: Vec<Option<usize>>,
-    /// Per slot + 1: the entry needs no closer look (see `parse_with`).
-    plain: Vec<bool>,
-    /// Next sorted position of each local slot.
-    next: Vec<usize>,
-    /// `(row, weight)` of every item at its sorted position.
-    records: Vec<(u32, f32)>,
-    /// The current row's weight per local slot, and a spare one.
-    slot_weight: Vec<f32>,
-    /// The current row's local slots, a bit each.
-    mask: Vec<u64>,
-    /// The current row's items: `(sorted position, weight)`.
-    row: Vec<(u32, f32)>,
-    row_offsets: Vec<u32>,
-    row_items: Vec<u32>,
-    row_weights: Vec<f32>,
-    item_rows: Vec<u32>,
-}
-
-impl ParseScratch {
-    /// Keeps the row tables of `received` (after they are used) for the next parse.
-    pub(crate) fn keep_tables(&mut self, received: Received) {
-        self.row_offsets = received.row_offsets;
-        self.row_items = received.row_items;
-        self.row_weights = received.row_weights;
-        self.item_rows = received.item_rows;
-    }
-}
-
+#[cfg(test)]
 impl Received {
-    /// [`Received::parse_with`] with buffers of its own.
-    #[cfg(test)]
+    /// [`parse_received`] then [`organize`](Self::organize): the work items of `meta` as
+    /// the kernels organise them.
     pub(crate) fn parse(
         meta: &[u8],
         rows: &[usize],
@@ -503,263 +421,14 @@ impl Received {
         me: usize,
         foreign: Foreign,
     ) -> Result<Self, (usize, String)> {
-        Self::parse_with(
-            &mut ParseScratch::default(),
-            meta,
-            rows,
-            top_k,
-            placement,
-            me,
-            foreign,
-        )
-    }
-
-    /// The work items in the pick metadata received from every rank (`rows[s]` rows from
-    /// group rank `s`, their metadata consecutive in `meta` in rank order, `top_k` entries
-    /// per row), organised for the kernels; items of one local slot keep their receive
-    /// order (source rank, row, pick). On a malformed entry (the first in receive order),
-    /// returns the source rank and what is wrong. Row indices are `u32` in the tables: the
-    /// caller keeps the row count below 2^32.
-    ///
-    /// A counting sort in three passes, with `scratch`'s buffers: the first checks every
-    /// entry and counts each local slot's items; the second places each item's row and
-    /// weight at its sorted position and writes each row's list (rows arrive in order; a
-    /// row's items, in position order, are its picks in slot order, which a bit mask of
-    /// the row's slots gives without sorting); the third expands the items slot by slot.
-    /// Entries of other ranks are counted in spare bins and masked out rather than
-    /// branched over: whether an entry is this rank's is a coin toss the branch predictor
-    /// cannot learn.
-    pub(crate) fn parse_with(
-        scratch: &mut ParseScratch,
-        meta: &[u8],
-        rows: &[usize],
-        top_k: usize,
-        placement: &ExpertPlacement,
-        me: usize,
-        foreign: Foreign,
-    ) -> Result<Self, (usize, String)> {
-        let spr = placement.slots_per_rank();
-        let num_physical = placement.num_physical();
-        let first_slot = me.saturating_mul(spr);
-        // This rank's slots are `first_slot..first_slot + spr`: `slot - first_slot`
-        // (wrapping) is below `spr` exactly for them.
-        let local = |slot: u32| (slot as usize).wrapping_sub(first_slot);
-        let logical = &mut scratch.logical;
-        logical.clear();
-        logical.extend((0..spr).map(|ls| placement.logical_of(first_slot + ls)));
-        // `plain[slot + 1]`: an entry to take as it is: a slot with an expert, this rank's
-        // unless foreign picks are skipped; `plain[0]` is `NO_PICK` (wrapped to 0), the
-        // last entry any slot past the placement's.
-        let plain = &mut scratch.plain;
-        plain.clear();
-        plain.push(true);
-        plain.extend((0..num_physical).map(|s| {
-            placement.logical_of(s).is_some() && (foreign == Foreign::Skip || local(s as u32) < spr)
-        }));
-        plain.push(false);
-        let plain: &[bool] = plain;
-        let is_plain = |slot: u32| {
-            let at = (slot.wrapping_add(1) as usize).min(num_physical + 1);
-            plain.get(at).copied().unwrap_or(false)
-        };
-        let row_bytes = top_k * PICK_BYTES;
-
-        // Pass 1: check every entry, count each local slot's items (`counts[ls + 1]`). The
-        // other entries are counted in `SPARE_BINS` spare bins past them, by pick index,
-        // so that consecutive ones do not wait for each other's count.
-        let mut counts = vec![0usize; spr + 1 + SPARE_BINS];
-        let mut rest = meta;
-        for (src, &count) in rows.iter().enumerate() {
-            for i in 0..count {
-                let (row, tail) = rest.split_at(row_bytes.min(rest.len()));
-                rest = tail;
-                for (k, e) in row.chunks_exact(PICK_BYTES).enumerate() {
-                    let slot = entry_slot(e);
-                    let ls = local(slot);
-                    let bin = if ls < spr { ls } else { spr + k % SPARE_BINS };
-                    if let Some(c) = counts.get_mut(bin + 1) {
-                        *c += 1;
-                    }
-                    if !is_plain(slot) {
-                        let slot = slot as usize;
-                        if placement.logical_of(slot).is_none() {
-                            return Err((src, no_expert(i, k, slot)));
-                        }
-                        if foreign == Foreign::Reject {
-                            return Err((src, not_ours(i, k, slot, first_slot, spr)));
-                        }
-                    }
-                }
-                if row.len() < row_bytes {
-                    return Err((src, truncated(i, row.len() / PICK_BYTES)));
-                }
-            }
-        }
-        let mut slot_offsets = counts;
-        slot_offsets.truncate(spr + 1);
-        for s in 1..slot_offsets.len() {
-            slot_offsets[s] += slot_offsets[s - 1];
-        }
-        let total = slot_offsets.last().copied().unwrap_or(0);
-        // Every row's entries are there (pass 1 returned otherwise).
-        let num_rows = rows.iter().fold(0usize, |sum, &r| sum.saturating_add(r));
-
-        // Pass 2: each item's row and weight at its sorted position, each row's list.
-        let next = &mut scratch.next;
-        next.clear();
-        next.extend(slot_offsets.iter().take(spr));
-        let next: &mut [usize] = next;
-        let records = &mut scratch.records;
-        records.clear();
-        records.resize(total, (0, 0.0));
-        let records: &mut [(u32, f32)] = records;
-        let mut row_offsets = std::mem::take(&mut scratch.row_offsets);
-        let mut row_items = std::mem::take(&mut scratch.row_items);
-        let mut row_weights = std::mem::take(&mut scratch.row_weights);
-        row_offsets.clear();
-        row_offsets.resize(num_rows.saturating_add(1), 0);
-        row_items.clear();
-        row_items.resize(total, 0);
-        row_weights.clear();
-        row_weights.resize(total, 0.0);
-        let mut lists = RowLists {
-            offsets: &mut row_offsets,
-            items: &mut row_items,
-            weights: &mut row_weights,
-            written: 0,
-        };
-        // The weight of the current row's pick in each local slot (and a spare one).
-        let slot_weight = &mut scratch.slot_weight;
-        slot_weight.clear();
-        slot_weight.resize(spr + 1, 0.0);
-        let slot_weight: &mut [f32] = slot_weight;
-        let row = &mut scratch.row;
-        // A bit per local slot.
-        let words = spr.div_ceil(64);
-        let use_mask = words <= MASK_WORDS;
-        let mask = &mut scratch.mask;
-        mask.clear();
-        mask.resize(words, 0);
-        let mask: &mut [u64] = mask;
-        for (r, entries) in meta
-            .chunks_exact(row_bytes.max(1))
-            .take(num_rows)
-            .enumerate()
-        {
-            // A row's items, in sorted-position order, are its picks in local-slot order:
-            // unless the row picks a slot twice, the bits of a mask of its slots give that
-            // order without sorting.
-            let mut mine_count = 0u32;
-            if spr <= 128 {
-                // The mask in a register.
-                let mut bits = 0u128;
-                for e in entries.chunks_exact(PICK_BYTES) {
-                    let ls = local(entry_slot(e));
-                    let mine = ls < spr;
-                    bits |= u128::from(mine) << (ls % 128);
-                    if let Some(w) = slot_weight.get_mut(if mine { ls } else { spr }) {
-                        *w = entry_weight(e);
-                    }
-                    mine_count += u32::from(mine);
-                }
-                for (word, half) in mask.iter_mut().zip([bits as u64, (bits >> 64) as u64]) {
-                    *word = half;
-                }
-            } else if use_mask {
-                mask.fill(0);
-                for e in entries.chunks_exact(PICK_BYTES) {
-                    let ls = local(entry_slot(e));
-                    let mine = ls < spr;
-                    if let Some(word) = mask.get_mut(if mine { ls / 64 } else { 0 }) {
-                        *word |= u64::from(mine) << (ls % 64);
-                    }
-                    if let Some(w) = slot_weight.get_mut(if mine { ls } else { spr }) {
-                        *w = entry_weight(e);
-                    }
-                    mine_count += u32::from(mine);
-                }
-            }
-            let distinct = mask.iter().map(|w| w.count_ones()).sum::<u32>() == mine_count;
-            if use_mask && distinct {
-                for (base, word) in (0..).step_by(64).zip(mask.iter()) {
-                    let mut bits = *word;
-                    while bits != 0 {
-                        let ls = base + bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        let (Some(at), Some(&weight)) = (next.get_mut(ls), slot_weight.get(ls))
-                        else {
-                            continue;
-                        };
-                        let pos = *at;
-                        *at += 1;
-                        if let Some(rec) = records.get_mut(pos) {
-                            *rec = (r as u32, weight);
-                        }
-                        lists.push(pos as u32, weight);
-                    }
-                }
-            } else {
-                // Any slot count, and rows that pick a slot twice: place the picks in pick
-                // order, then sort the row's few positions.
-                row.clear();
-                for e in entries.chunks_exact(PICK_BYTES) {
-                    let ls = local(entry_slot(e));
-                    let Some(at) = next.get_mut(ls).filter(|_| ls < spr) else {
-                        continue;
-                    };
-                    let (pos, weight) = (*at, entry_weight(e));
-                    *at += 1;
-                    if let Some(rec) = records.get_mut(pos) {
-                        *rec = (r as u32, weight);
-                    }
-                    row.push((pos as u32, weight));
-                }
-                sort_row(row);
-                for &(pos, weight) in row.iter() {
-                    lists.push(pos, weight);
-                }
-            }
-            lists.end_row(r);
-        }
-
-        // Pass 3: the items and their rows, slot by slot.
-        let mut item_rows = std::mem::take(&mut scratch.item_rows);
-        item_rows.clear();
-        item_rows.reserve(total);
-        let mut items = Vec::with_capacity(total);
-        for (ls, l) in logical.iter().enumerate() {
-            let (Some(&lo), Some(&hi)) = (slot_offsets.get(ls), slot_offsets.get(ls + 1)) else {
-                continue;
-            };
-            let Some(recs) = records.get(lo..hi) else {
-                continue;
-            };
-            let logical = l.unwrap_or(0);
-            item_rows.extend(recs.iter().map(|&(row, _)| row));
-            items.extend(recs.iter().map(|&(row, weight)| ExpertWork {
-                row: row as usize,
-                slot: first_slot + ls,
-                local_slot: ls,
-                logical,
-                weight,
-            }));
-        }
-        Ok(Self {
-            items,
-            slot_offsets,
-            row_offsets,
-            row_items,
-            row_weights,
-            item_rows,
-        })
+        let items = parse_received(meta, rows, top_k, placement, me, foreign)?;
+        let num_rows = rows.iter().sum();
+        Ok(Self::organize(items, num_rows, placement.slots_per_rank()))
     }
 
     /// Sorts `items` (receive order) by local slot, stably, and builds the row lists for
     /// `num_rows` received rows and `slots_per_rank` slots.
     ///
-    /// With [`parse_received`], the two-step form of [`Received::parse_with`] that the
-    /// single pass is tested against.
-    #[cfg(test)]
     pub(crate) fn organize(items: Vec<ExpertWork>, num_rows: usize, slots_per_rank: usize) -> Self {
         // Counting sort by local slot (stable).
         let mut slot_offsets = vec![0usize; slots_per_rank + 1];
@@ -1246,46 +915,6 @@ mod tests {
     }
 
     #[test]
-    fn one_pass_parse_matches_parse_then_organize() {
-        let mut rng = StdRng::seed_from_u64(0x0ae5_0001);
-        // One scratch for every case: what an earlier parse left must not leak.
-        let mut scratch = ParseScratch::default();
-        let mut ok = 0;
-        for case in 0..400 {
-            let size = rng.gen_range(1..=3);
-            // Up to 64 slots fit one mask word; 4096 is the most a mask covers.
-            let spr = *[1, 2, 5, 63, 64, 65, 130, 4097]
-                .get(rng.gen_range(0..8))
-                .expect("spr");
-            let bad = rng.gen_bool(0.3);
-            let p = random_placement(&mut rng, size, spr, bad);
-            let k = rng.gen_range(1..=8);
-            let me = rng.gen_range(0..size);
-            let rows: Vec<usize> = (0..size).map(|_| rng.gen_range(0..12)).collect();
-            let mut meta = random_meta(&mut rng, &p, me, &rows, k, bad);
-            if bad && rng.gen_bool(0.3) {
-                meta.truncate(rng.gen_range(0..=meta.len()));
-            }
-            let foreign = if rng.gen_bool(0.5) {
-                Foreign::Reject
-            } else {
-                Foreign::Skip
-            };
-            let num_rows = rows.iter().sum();
-            let expected = parse_received(&meta, &rows, k, &p, me, foreign)
-                .map(|items| Received::organize(items, num_rows, spr));
-            let got = Received::parse_with(&mut scratch, &meta, &rows, k, &p, me, foreign);
-            assert_eq!(got, expected, "case {case}");
-            if let Ok(r) = got {
-                ok += 1;
-                scratch.keep_tables(r);
-            }
-        }
-        // Both outcomes were exercised.
-        assert!((50..400).contains(&ok), "{ok} cases parsed");
-    }
-
-    #[test]
     fn a_row_that_picks_a_slot_twice_keeps_pick_order() {
         // 4 slots on 1 rank; row 0 picks slot 2 twice, then slot 0.
         let p = ExpertPlacement::from_phy2log(0, &[0, 1, 2, 3], 4, 1).expect("placement");
@@ -1328,5 +957,268 @@ mod tests {
         assert_eq!(out.0, [0, 1, 3, 4]);
         strided_segments_into(&mut out, 2, 2);
         assert_eq!(out, (vec![0, 2, 4], vec![0, 2, 1, 3]));
+    }
+
+    // ----- the GPU-built tables against the host forms above (need a GPU; skipped without) -----
+
+    mod gpu {
+        use std::sync::Arc;
+
+        use cudarc::driver::{result, CudaContext, CudaSlice, CudaStream, DevicePtr};
+
+        use super::super::super::cuda_tables::{malformed_entry, placement_tables};
+        use super::super::super::table_kernels::{
+            DevicePlacement, ItemLayout, SendLayout, TableKernels,
+        };
+        use super::*;
+
+        struct Gpu {
+            stream: Arc<CudaStream>,
+            kernels: TableKernels,
+        }
+
+        /// The first GPU, or `None` (and why, on stderr) without one.
+        fn gpu(test: &str) -> Option<Gpu> {
+            match moeshift_tensor::cuda_available() {
+                Ok(n) if n > 0 => {}
+                other => {
+                    eprintln!("skipping {test}: no GPU ({other:?})");
+                    return None;
+                }
+            }
+            let ctx = CudaContext::new(0).expect("context");
+            let stream = ctx.default_stream();
+            let kernels = TableKernels::load(&ctx).expect("table kernels");
+            Some(Gpu { stream, kernels })
+        }
+
+        fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+            let (p, record) = s.device_ptr(stream);
+            drop(record);
+            p
+        }
+
+        /// Uploads `data` (at least one element: the driver refuses empty buffers).
+        fn up<T: cudarc::driver::DeviceRepr + Default + Clone>(
+            g: &Gpu,
+            data: &[T],
+        ) -> CudaSlice<T> {
+            let mut v = data.to_vec();
+            v.push(T::default());
+            g.stream.clone_htod(&v).expect("upload")
+        }
+
+        /// A zeroed buffer of `len` bytes with an all-ones error word at `err`.
+        fn buffer(g: &Gpu, len: usize, err: usize) -> CudaSlice<u8> {
+            let buf = g.stream.alloc_zeros::<u8>(len).expect("alloc");
+            let at = ptr(&buf, &g.stream) + err as u64;
+            // SAFETY: `err..err + 8` lies in `buf`.
+            unsafe { result::memset_d8_async(at, 0xff, 8, g.stream.cu_stream()) }.expect("memset");
+            buf
+        }
+
+        fn placement_on(g: &Gpu, p: &ExpertPlacement) -> (DevicePlacement, [CudaSlice<u32>; 3]) {
+            let [a, b, c] = placement_tables(p);
+            let bufs = [up(g, &a), up(g, &b), up(g, &c)];
+            let dev = DevicePlacement {
+                num_logical: p.num_logical() as u32,
+                num_physical: p.num_physical() as u32,
+                slots_per_rank: p.slots_per_rank() as u32,
+                rep_start: ptr(&bufs[0], &g.stream),
+                rep_slots: ptr(&bufs[1], &g.stream),
+                phys_logical: ptr(&bufs[2], &g.stream),
+            };
+            (dev, bufs)
+        }
+
+        fn u32s(bytes: &[u8], at: usize, n: usize) -> Vec<u32> {
+            bytes[at..at + n * 4]
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+                .collect()
+        }
+
+        fn f32s(bytes: &[u8], at: usize, n: usize) -> Vec<f32> {
+            u32s(bytes, at, n).into_iter().map(f32::from_bits).collect()
+        }
+
+        fn u64_at(bytes: &[u8], at: usize) -> u64 {
+            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+        }
+
+        #[test]
+        fn gpu_routing_and_split_match_the_host_tables() {
+            let Some(g) = gpu("gpu_routing_and_split_match_the_host_tables") else {
+                return;
+            };
+            let mut rng = StdRng::seed_from_u64(0x06a0_5e4d);
+            let mut failed_cases = 0;
+            for case in 0..300 {
+                let size = *[1, 2, 3, 5, 8].get(rng.gen_range(0..5)).unwrap();
+                let spr = *[1, 2, 4, 9, 32, 130].get(rng.gen_range(0..6)).unwrap();
+                let p = random_placement(&mut rng, size, spr, false);
+                // Odd top-k values make tokens straddle the kernels' 32-pick windows.
+                let k = *[1, 2, 3, 6, 8, 9].get(rng.gen_range(0..6)).unwrap();
+                let n = if rng.gen_bool(0.1) {
+                    0
+                } else {
+                    rng.gen_range(1..1500)
+                };
+                let me = rng.gen_range(0..size);
+                let mut ids: Vec<u32> = (0..n * k)
+                    .map(|_| rng.gen_range(0..p.num_logical() as u32))
+                    .collect();
+                if n > 0 && rng.gen_bool(0.1) {
+                    let at = rng.gen_range(0..ids.len());
+                    ids[at] = p.num_logical() as u32 + rng.gen_range(0..3);
+                }
+                let weights: Vec<f32> = (0..n * k).map(|_| rng.gen::<f32>()).collect();
+                let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+                let mut want_slots = Vec::new();
+                let routed = route_picks_into(&mut want_slots, &id_bytes, k, me, &p);
+
+                let (dev, _tables) = placement_on(&g, &p);
+                let (d_ids, d_weights) = (up(&g, &ids), up(&g, &weights));
+                let l = SendLayout::new(n, k, size).expect("layout");
+                let buf = buffer(&g, l.len, l.err);
+                let base = ptr(&buf, &g.stream);
+                // SAFETY: buffers sized for the layout, all on this stream.
+                unsafe {
+                    g.kernels.route_and_split(
+                        &g.stream,
+                        &l,
+                        base,
+                        ptr(&d_ids, &g.stream),
+                        ptr(&d_weights, &g.stream),
+                        0,
+                        me,
+                        &dev,
+                    )
+                }
+                .expect("launch");
+                let bytes = g.stream.clone_dtoh(&buf).expect("download");
+                let err = u64_at(&bytes, l.err);
+                match routed {
+                    Err(u) => {
+                        failed_cases += 1;
+                        let pick = (u.token * k + u.k) as u64;
+                        assert_eq!(err, (pick << 32) | u64::from(u.expert), "case {case}");
+                        continue;
+                    }
+                    Ok(()) => assert_eq!(err, u64::MAX, "case {case}"),
+                }
+                assert_eq!(u32s(&bytes, l.slots, n * k), want_slots, "case {case}");
+                let out = split_by_destination(&want_slots, &weights, k, spr, size);
+                let offsets = u32s(&bytes, l.bucket_offsets, size + 1);
+                let mut at = 0u32;
+                for (d, o) in out.iter().enumerate() {
+                    assert_eq!(offsets[d], at, "case {case} destination {d}");
+                    at += o.tokens.len() as u32;
+                }
+                assert_eq!(offsets[size], at, "case {case}");
+                let rows = at as usize;
+                let index: Vec<u32> = out.iter().flat_map(|o| o.tokens.clone()).collect();
+                assert_eq!(u32s(&bytes, l.send_index, rows), index, "case {case}");
+                let meta: Vec<u8> = out.iter().flat_map(|o| o.meta.clone()).collect();
+                let got_meta = &bytes[l.send_meta..l.send_meta + rows * k * PICK_BYTES];
+                assert_eq!(got_meta, &meta[..], "case {case}");
+                let (offsets, rows_of) = token_segments(&out, n);
+                assert_eq!(u32s(&bytes, l.token_offsets, n + 1), offsets, "case {case}");
+                assert_eq!(
+                    u32s(&bytes, l.token_rows, rows_of.len()),
+                    rows_of,
+                    "case {case}"
+                );
+            }
+            assert!(
+                (5..100).contains(&failed_cases),
+                "{failed_cases} cases failed"
+            );
+        }
+
+        #[test]
+        fn gpu_work_items_match_the_host_tables() {
+            let Some(g) = gpu("gpu_work_items_match_the_host_tables") else {
+                return;
+            };
+            let mut rng = StdRng::seed_from_u64(0x0001_7ea5);
+            let mut ok = 0;
+            for case in 0..300 {
+                let size = rng.gen_range(1..=4);
+                let spr = *[1, 2, 5, 33, 130, 700].get(rng.gen_range(0..6)).unwrap();
+                let bad = rng.gen_bool(0.3);
+                let p = random_placement(&mut rng, size, spr, bad);
+                let k = *[1, 2, 3, 6, 8].get(rng.gen_range(0..5)).unwrap();
+                let me = rng.gen_range(0..size);
+                let rows: Vec<usize> = (0..size).map(|_| rng.gen_range(0..400)).collect();
+                let mut meta = random_meta(&mut rng, &p, me, &rows, k, bad);
+                // Now and then a row that picks one slot twice.
+                if rows.iter().sum::<usize>() > 0 && k > 1 && rng.gen_bool(0.3) {
+                    let e = rng.gen_range(0..meta.len() / PICK_BYTES / k) * k * PICK_BYTES;
+                    let first: [u8; 4] = meta[e..e + 4].try_into().unwrap();
+                    meta[e + PICK_BYTES..e + PICK_BYTES + 4].copy_from_slice(&first);
+                }
+                let foreign = if rng.gen_bool(0.5) {
+                    Foreign::Reject
+                } else {
+                    Foreign::Skip
+                };
+                let num_rows: usize = rows.iter().sum();
+                let want = Received::parse(&meta, &rows, k, &p, me, foreign);
+
+                let (dev, _tables) = placement_on(&g, &p);
+                let d_meta = up(&g, &meta);
+                let l = ItemLayout::new(num_rows, k, spr).expect("layout");
+                let buf = buffer(&g, l.len, l.err);
+                // SAFETY: buffers sized for the layout, all on this stream.
+                unsafe {
+                    g.kernels.items(
+                        &g.stream,
+                        &l,
+                        ptr(&buf, &g.stream),
+                        ptr(&d_meta, &g.stream),
+                        me,
+                        &dev,
+                        foreign == Foreign::Skip,
+                    )
+                }
+                .expect("launch");
+                let bytes = g.stream.clone_dtoh(&buf).expect("download");
+                let err = u64_at(&bytes, l.err);
+                let got_err = malformed_entry(err, k, &rows, &p, me);
+                let r = match want {
+                    Err(e) => {
+                        assert_eq!(got_err, Some(e), "case {case}");
+                        continue;
+                    }
+                    Ok(r) => {
+                        assert_eq!(got_err, None, "case {case}");
+                        r
+                    }
+                };
+                ok += 1;
+                let offsets: Vec<usize> = u32s(&bytes, l.slot_offsets, spr + 1)
+                    .into_iter()
+                    .map(|o| o as usize)
+                    .collect();
+                assert_eq!(offsets, r.slot_offsets, "case {case}");
+                let items = r.items.len();
+                assert_eq!(u32s(&bytes, l.item_rows, items), r.item_rows, "case {case}");
+                let weights: Vec<f32> = r.items.iter().map(|w| w.weight).collect();
+                assert_eq!(f32s(&bytes, l.item_weights, items), weights, "case {case}");
+                assert_eq!(
+                    u32s(&bytes, l.row_offsets, num_rows + 1),
+                    r.row_offsets,
+                    "case {case}"
+                );
+                assert_eq!(u32s(&bytes, l.row_items, items), r.row_items, "case {case}");
+                assert_eq!(
+                    f32s(&bytes, l.row_weights, items),
+                    r.row_weights,
+                    "case {case}"
+                );
+            }
+            assert!((50..300).contains(&ok), "{ok} cases parsed");
+        }
     }
 }

@@ -14,10 +14,12 @@ use super::cuda::{
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute, Tables};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{Foreign, Outgoing, Received};
+use super::cuda_plan::{Foreign, Outgoing};
+use super::cuda_tables::{ItemTables, SendTables};
 use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH};
 use super::error::All2AllError;
 use super::placement::ExpertPlacement;
+use super::table_kernels::DevicePlacement;
 use super::wire::STATUS_OK;
 use crate::nccl::P2pOp;
 
@@ -107,87 +109,112 @@ pub(crate) struct Arrived {
     pub route: CudaRoute,
 }
 
-/// Copies the received pick metadata to the host and turns it into work items, uploads the
-/// tables combine needs (with the segment lists of the final sum in `scratch.segments`),
-/// queues the load hook (counting the picks in `scratch.slots`), and builds the result of
-/// dispatching `tokens` (checked as `p`) with `placement`.
+/// Where the send side of a dispatch left the segment lists of the final sum and the
+/// routed picks the load hook counts.
+#[derive(Debug)]
+pub(crate) enum SendSide {
+    /// On the host, in the call's [`Scratch`] (`segments` and `slots`): uploaded here.
+    Host,
+    /// On the GPU.
+    Device(SendTables),
+}
+
+/// Turns the received pick metadata into work items on the GPU (copied to the host once),
+/// keeps the tables combine needs (the segment lists of the final sum from `send`), queues
+/// the load hook, and builds the result of dispatching `tokens` (checked as `p`) with
+/// `placement` (its tables on the GPU: `dev`).
 ///
 /// # Safety
 /// The metadata ranges of `arrived` are device memory of this rank's GPU, ordered on the
-/// communicator's stream, alive and unchanged until this returns.
+/// communicator's stream, alive and unchanged until this returns; `dev` describes live
+/// tables of `placement`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn finish_dispatch(
     call: &Call<'_>,
     engine: &Engine,
     placement: &ExpertPlacement,
+    dev: &DevicePlacement,
     tokens: &CudaTokens<'_>,
     p: &Prepared,
     arrived: Arrived,
+    send: SendSide,
     load: Option<&mut CudaSlice<i64>>,
     deadline: Deadline,
     scratch: &mut Scratch,
 ) -> Result<CudaDispatched, CudaAll2AllError> {
     let stream = call.comm.stream();
+    let top_k = tokens.top_k;
     // Row indices travel as `u32` in the tables.
     let num_rows = arrived
         .rows_from
         .iter()
         .fold(0usize, |sum, &r| sum.saturating_add(r));
-    if u32::try_from(num_rows).is_err() {
-        return Err(call.too_large("received rows", num_rows));
+    if u32::try_from(num_rows.saturating_mul(top_k)).is_err() {
+        return Err(call.too_large("received picks", num_rows.saturating_mul(top_k)));
     }
-    // SAFETY: the caller's contract.
-    let mut received = unsafe {
-        call.download_with(
-            stream,
-            &arrived.meta,
-            "the copy of the received pick metadata to the host",
-            deadline,
-            |meta| {
-                call.mark("metadata to host");
-                Received::parse_with(
-                    &mut scratch.parse,
-                    meta,
-                    &arrived.rows_from,
-                    tokens.top_k,
-                    placement,
-                    call.comm.rank(),
-                    arrived.foreign,
-                )
-            },
-        )
-    }?
-    .map_err(|(src, detail)| call.malformed(src, detail))?;
-    if u32::try_from(received.items.len()).is_err() {
-        return Err(call.too_large("work items", received.items.len()));
-    }
-    call.mark("work items");
-    let mut st = Staging::new(call);
-    let (token_offsets, token_rows) = &scratch.segments;
-    let sections = Tables {
-        row_offsets: st.u32s(&received.row_offsets),
-        row_items: st.u32s(&received.row_items),
-        row_weights: st.f32s(&received.row_weights),
-        item_rows: st.u32s(&received.item_rows),
-        token_offsets: st.u32s(token_offsets),
-        token_rows: st.u32s(token_rows),
+    // The kernels read the metadata as one array.
+    let (meta, _gathered) = match arrived.meta.as_slice() {
+        [(at, _)] => (*at, None),
+        parts => {
+            let len = parts.iter().map(|&(_, l)| l).sum();
+            let buf = alloc_bytes(call, stream, len)?;
+            let base = addr(&buf, stream);
+            let mut at = base;
+            for &(src, l) in parts {
+                if l > 0 {
+                    // SAFETY: `src..src + l` is live device memory (the caller's contract),
+                    // `buf` holds every part; stream order keeps `buf` alive for the copy.
+                    unsafe { result::memcpy_dtod_async(at, src, l, stream.cu_stream()) }
+                        .map_err(call.cuda("cuMemcpyDtoDAsync"))?;
+                }
+                at += l as u64;
+            }
+            (base, Some(buf))
+        }
     };
-    let load_slots = load.as_ref().map(|_| st.u32s(&scratch.slots));
-    let items = std::mem::take(&mut received.items);
-    let slot_offsets = std::mem::take(&mut received.slot_offsets);
-    scratch.parse.keep_tables(received);
-    let tables = st.upload(call, stream, deadline)?;
-    call.mark("table upload");
-    if let (Some(counter), Some(section)) = (load, load_slots) {
-        let base = addr(&tables, stream);
-        count_load(
-            call,
-            &engine.kernels,
-            counter,
-            base + section.offset as u64,
-            scratch.slots.len(),
-        )?;
+    // SAFETY: `meta` holds `num_rows × top_k` entries (the caller's contract, or gathered
+    // above), alive until this returns; `dev` is the caller's contract.
+    let items =
+        unsafe { ItemTables::build(call, engine, meta, num_rows, top_k, dev, arrived.foreign) }?;
+    call.mark("work items (launch)");
+
+    // The segment lists and the picks to count.
+    let picks = p.n * top_k;
+    let (mut buffers, token_offsets, token_rows, slots) = match send {
+        SendSide::Host => {
+            let mut st = Staging::new(call);
+            let (offsets, rows) = &scratch.segments;
+            let offsets_sec = st.u32s(offsets);
+            let rows_sec = st.u32s(rows);
+            let slots_sec = load.as_ref().map(|_| st.u32s(&scratch.slots));
+            let up = st.upload(call, stream, deadline)?;
+            let base = addr(&up, stream);
+            let slots = slots_sec.map_or(0, |s| at(base, s));
+            (vec![up], at(base, offsets_sec), at(base, rows_sec), slots)
+        }
+        SendSide::Device(send) => {
+            let l = &send.layout;
+            let addrs = (
+                send.at(l.token_offsets),
+                send.at(l.token_rows),
+                send.at(l.slots),
+            );
+            (vec![send.buf], addrs.0, addrs.1, addrs.2)
+        }
+    };
+    if let Some(counter) = load {
+        count_load(call, &engine.kernels, counter, slots, picks)?;
     }
+    let host = items.to_host(call, placement, &arrived.rows_from, deadline)?;
+    let tables = Tables {
+        row_offsets: items.at(items.layout.row_offsets),
+        row_items: items.at(items.layout.row_items),
+        row_weights: items.at(items.layout.row_weights),
+        item_rows: items.at(items.layout.item_rows),
+        token_offsets,
+        token_rows,
+    };
+    buffers.push(items.buf);
     Ok(CudaDispatched {
         manager: call.manager,
         manager_id: engine.id,
@@ -200,10 +227,10 @@ pub(crate) unsafe fn finish_dispatch(
         row_bytes: p.row_bytes,
         rows: arrived.rows,
         num_rows,
-        items,
-        slot_offsets,
+        items: host.items,
+        slot_offsets: host.slot_offsets,
+        buffers,
         tables,
-        sections,
         num_local_tokens: p.n,
         route: arrived.route,
         kernels: engine.kernels.clone(),
@@ -469,9 +496,8 @@ pub(crate) fn partial_sums(
 ) -> Result<CudaSlice<u8>, CudaAll2AllError> {
     let stream = call.comm.stream();
     let mut partial = alloc_bytes(call, stream, dispatched.num_rows * dispatched.row_bytes)?;
-    let tables = addr(&dispatched.tables, stream);
     let inp = addr(outputs, stream);
-    let s = &dispatched.sections;
+    let s = &dispatched.tables;
     let (out, record) = partial.device_ptr_mut(stream);
     // SAFETY: `partial` holds one row per received row; the row lists index items below
     // `items.len()`, whose rows `outputs` holds (its length was checked); the tables and
@@ -482,9 +508,9 @@ pub(crate) fn partial_sums(
             dispatched.elem,
             out,
             inp,
-            tables + s.row_offsets.offset as u64,
-            tables + s.row_items.offset as u64,
-            Some(tables + s.row_weights.offset as u64),
+            s.row_offsets,
+            s.row_items,
+            Some(s.row_weights),
             dispatched.num_rows,
             dispatched.hidden_size,
         )
@@ -505,8 +531,7 @@ pub(crate) fn token_sums(
     let stream: &Arc<CudaStream> = call.comm.stream();
     let n = dispatched.num_local_tokens;
     let mut out = alloc_bytes(call, stream, n * dispatched.row_bytes)?;
-    let tables = addr(&dispatched.tables, stream);
-    let s = &dispatched.sections;
+    let s = &dispatched.tables;
     let (dst, record) = out.device_ptr_mut(stream);
     // SAFETY: `out` holds one row per local token; the token lists index rows of the block
     // at `back`, which the caller keeps alive until the kernel is done (stream order).
@@ -516,8 +541,8 @@ pub(crate) fn token_sums(
             dispatched.elem,
             dst,
             back,
-            tables + s.token_offsets.offset as u64,
-            tables + s.token_rows.offset as u64,
+            s.token_offsets,
+            s.token_rows,
             None,
             n,
             dispatched.hidden_size,

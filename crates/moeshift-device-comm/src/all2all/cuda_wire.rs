@@ -54,6 +54,10 @@ pub(crate) struct DeviceHeader {
 
 impl DeviceHeader {
     pub(crate) const LEN: usize = 64;
+    /// Byte offset of `status` (a u32) in the encoded header.
+    pub(crate) const STATUS_AT: usize = 4;
+    /// Byte offset of `rows` (a u64) in the encoded header.
+    pub(crate) const ROWS_AT: usize = 16;
 
     /// The header of a rank that rejected its own input.
     pub(crate) fn rejected(magic: u32, manager: u8, seq: u32) -> Self {
@@ -230,6 +234,10 @@ mod tests {
         assert_eq!(&bytes[..4], b"MgDp");
         assert!(DeviceHeader::read(&bytes[..63]).is_err());
         assert!(DeviceHeader::read(&[0u8; 64]).is_err());
+        // The GPU writes the row count and the status at these offsets.
+        let at = |i: usize, n: usize| bytes[i..i + n].to_vec();
+        assert_eq!(at(DeviceHeader::ROWS_AT, 8), 4079u64.to_le_bytes());
+        assert_eq!(at(DeviceHeader::STATUS_AT, 4), STATUS_OK.to_le_bytes());
     }
 
     #[test]

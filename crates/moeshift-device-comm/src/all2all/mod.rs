@@ -94,6 +94,8 @@ mod cuda_plan;
 #[cfg(feature = "cuda")]
 mod cuda_steps;
 #[cfg(feature = "cuda")]
+mod cuda_tables;
+#[cfg(feature = "cuda")]
 mod cuda_wire;
 mod dispatched;
 mod error;
@@ -104,6 +106,8 @@ mod ipc;
 mod kernels;
 mod placement;
 pub mod replica;
+#[cfg(feature = "cuda")]
+mod table_kernels;
 mod tokens;
 mod wire;
 mod workspace;

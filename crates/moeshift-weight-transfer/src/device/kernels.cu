@@ -3,9 +3,9 @@
 // `kernels.ptx` next to this file is this source compiled to PTX (ISA 8.0, target sm_80, so
 // the driver JIT-compiles it for any GPU from Ampere on); the crate embeds the PTX text and
 // loads it at run time, so building needs no CUDA toolkit. After editing this file,
-// regenerate the PTX with `python3 gen_ptx.py` in this folder (it needs libnvrtc.so, e.g.
-// from the nvidia-cuda-nvrtc-cu12 wheel, and checks the result with ptxas when one is on
-// PATH).
+// regenerate the PTX with `python3 scripts/gen_ptx.py` and this file's path (it needs
+// libnvrtc.so, e.g. from the nvidia-cuda-nvrtc-cu12 wheel, and checks the result with ptxas
+// when one is on PATH).
 //
 // Every kernel walks its work with grid-stride loops, so any grid size is correct; the host
 // side picks sizes for speed only.

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Regenerates kernels.ptx from kernels.cu with NVRTC (no CUDA toolkit install needed).
+"""Compiles a crate's CUDA source to the PTX it ships, with NVRTC (no CUDA toolkit needed).
 
-Usage: python3 gen_ptx.py [path/to/libnvrtc.so]
+Usage: python3 scripts/gen_ptx.py path/to/kernels.cu [path/to/libnvrtc.so]
+
+Writes the PTX next to the source, with the extension `.ptx`.
 
 The PTX targets ISA 8.0 and sm_80 (compute_80), so drivers from CUDA 12.0 on JIT-compile it
 for Ampere, Hopper and later GPUs. When `ptxas` is on PATH the result is also assembled for
@@ -15,14 +17,11 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(HERE, "kernels.cu")
-OUT = os.path.join(HERE, "kernels.ptx")
 PTX_VERSION = "8.0"
 
 
 def load_nvrtc():
-    names = sys.argv[1:] or ["libnvrtc.so", "libnvrtc.so.12", "libnvrtc.so.13"]
+    names = sys.argv[2:] or ["libnvrtc.so", "libnvrtc.so.12", "libnvrtc.so.13"]
     for name in names:
         try:
             return ctypes.CDLL(name)
@@ -38,11 +37,16 @@ def check(nvrtc, code, what):
 
 
 def main():
+    if len(sys.argv) < 2 or not sys.argv[1].endswith(".cu"):
+        sys.exit(__doc__)
+    src = sys.argv[1]
+    out = src[: -len(".cu")] + ".ptx"
+    name = os.path.basename(src)
     nvrtc = load_nvrtc()
-    with open(SRC, "rb") as f:
+    with open(src, "rb") as f:
         source = f.read()
     prog = ctypes.c_void_p()
-    check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, b"kernels.cu", 0, None, None),
+    check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, name.encode(), 0, None, None),
           "nvrtcCreateProgram")
     opts = [b"--gpu-architecture=compute_80", b"--std=c++17"]
     arr = (ctypes.c_char_p * len(opts))(*opts)
@@ -64,7 +68,7 @@ def main():
     # Drop the compiler's build banner (it names the local toolkit build).
     text = "\n".join(l for l in text.splitlines() if not l.startswith("// Cuda compilation tools")
                      and not l.startswith("// Based on") and not l.startswith("// Compiler Build ID"))
-    header = ("//\n// Generated from kernels.cu by gen_ptx.py (NVRTC, compute_80); do not edit by hand.\n")
+    header = f"//\n// Generated from {name} by gen_ptx.py (NVRTC, compute_80); do not edit by hand.\n"
     text = header + text.strip() + "\n"
     ptxas = shutil.which("ptxas")
     if ptxas:
@@ -74,9 +78,9 @@ def main():
                 f.write(text)
             subprocess.run([ptxas, "-arch=sm_90", p, "-o", os.path.join(d, "k.cubin")], check=True)
             print("ptxas sm_90: ok")
-    with open(OUT, "w") as f:
+    with open(out, "w") as f:
         f.write(text)
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
