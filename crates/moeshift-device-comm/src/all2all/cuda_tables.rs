@@ -14,7 +14,7 @@ use super::cuda_error::CudaAll2AllError;
 use super::cuda_plan::{no_expert, not_ours, Foreign};
 use super::dispatched::ExpertWork;
 use super::placement::ExpertPlacement;
-use super::table_kernels::{DevicePlacement, ItemLayout, SendLayout};
+use super::table_kernels::{Chunking, DevicePlacement, ItemLayout, SendLayout};
 
 /// Marks an empty slot in the slot → logical expert table.
 const NO_EXPERT: u32 = u32::MAX;
@@ -81,6 +81,30 @@ pub(crate) fn malformed_entry(
         not_ours(row, k, slot, me * spr, spr)
     };
     Some((src.min(rows_from.len().saturating_sub(1)), detail))
+}
+
+/// A new buffer of `len` bytes for one table sort, on the communicator's stream, with its
+/// error word (at `err`) all ones and its count matrix (at `counts`, for `sort`) zeroed.
+/// Returns the buffer and its address.
+fn sort_buffer(
+    call: &Call<'_>,
+    len: usize,
+    err: usize,
+    counts: usize,
+    sort: Chunking,
+) -> Result<(CudaSlice<u8>, u64), CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let buf = alloc_bytes(call, stream, len)?;
+    let base = addr(&buf, stream);
+    let count_bytes = sort.chunks as usize * sort.buckets as usize * 4;
+    // SAFETY: both ranges lie in `buf` (the layouts place them there).
+    unsafe {
+        result::memset_d8_async(base + err as u64, 0xff, 8, stream.cu_stream()).and_then(|()| {
+            result::memset_d8_async(base + counts as u64, 0, count_bytes, stream.cu_stream())
+        })
+    }
+    .map_err(call.cuda("cuMemsetD8Async"))?;
+    Ok((buf, base))
 }
 
 /// Where a staging upload holds the placement's tables.
@@ -166,23 +190,7 @@ impl SendTables {
         let stream = comm.stream();
         let layout =
             SendLayout::new(tokens, top_k, comm.world_size()).map_err(call.launch("msh_route"))?;
-        let buf = alloc_bytes(call, stream, layout.len)?;
-        let base = addr(&buf, stream);
-        let counts = layout.sort.chunks as usize * layout.sort.buckets as usize * 4;
-        // SAFETY: both ranges lie in `buf` (see `SendLayout`).
-        unsafe {
-            result::memset_d8_async(base + layout.err as u64, 0xff, 8, stream.cu_stream()).and_then(
-                |()| {
-                    result::memset_d8_async(
-                        base + layout.counts as u64,
-                        0,
-                        counts,
-                        stream.cu_stream(),
-                    )
-                },
-            )
-        }
-        .map_err(call.cuda("cuMemsetD8Async"))?;
+        let (buf, base) = sort_buffer(call, layout.len, layout.err, layout.counts, layout.sort)?;
         // SAFETY: `buf` is laid out as `layout`, its error word and counts initialised
         // above; the inputs are the caller's contract; frees are ordered on this stream.
         unsafe {
@@ -248,23 +256,7 @@ impl ItemTables {
         let stream = comm.stream();
         let layout = ItemLayout::new(rows, top_k, p.slots_per_rank as usize)
             .map_err(call.launch("msh_items_place"))?;
-        let buf = alloc_bytes(call, stream, layout.len)?;
-        let base = addr(&buf, stream);
-        let counts = layout.sort.chunks as usize * layout.sort.buckets as usize * 4;
-        // SAFETY: both ranges lie in `buf` (see `ItemLayout`).
-        unsafe {
-            result::memset_d8_async(base + layout.err as u64, 0xff, 8, stream.cu_stream()).and_then(
-                |()| {
-                    result::memset_d8_async(
-                        base + layout.counts as u64,
-                        0,
-                        counts,
-                        stream.cu_stream(),
-                    )
-                },
-            )
-        }
-        .map_err(call.cuda("cuMemsetD8Async"))?;
+        let (buf, base) = sort_buffer(call, layout.len, layout.err, layout.counts, layout.sort)?;
         // SAFETY: `buf` is laid out as `layout` and initialised above; `meta` and `p` are
         // the caller's contract; frees are ordered on this stream.
         unsafe {
