@@ -23,7 +23,7 @@ use moeshift_device_comm::{LaunchOutcome, StoreClient, World};
 use moeshift_eplb_comm::nixl::{probe, NixlCommunicator, NixlConfig, NUM_WORKERS};
 use moeshift_eplb_comm::{
     agree_on_plan, eplb_group, plan_digest, plans_digest, EplbCommError, EplbCommunicator,
-    LayerMove, LayerWeights, RowSource, StagedLayer, TransferStats,
+    LayerWeights, RowSource, StagedLayer, TransferStats,
 };
 use moeshift_placement::LayerPlan;
 use moeshift_sync::Deadline;
@@ -548,19 +548,7 @@ fn rank_nixl_rearrange() {
         if me == 1 {
             plans[1] = LayerPlan::new(&maps[1], &shifted(&news[1]), n).expect("plan");
         }
-        let (w0, w1) = weights.split_at_mut(1);
-        let mut moves = [
-            LayerMove {
-                layer: 0,
-                plan: &plans[0],
-                weights: &mut w0[0],
-            },
-            LayerMove {
-                layer: 1,
-                plan: &plans[1],
-                weights: &mut w1[0],
-            },
-        ];
+        let mut moves = common::moves_in_order(&mut weights, &[0, 1], &plans);
         let err = comm
             .rearrange(&mut moves, Deadline::after(Duration::from_secs(20)))
             .expect_err("plans differ on rank 1");
@@ -575,19 +563,7 @@ fn rank_nixl_rearrange() {
         let plans: Vec<LayerPlan> = (0..2)
             .map(|l| LayerPlan::new(&maps[l], &news[l], n).expect("plan"))
             .collect();
-        let (w0, w1) = weights.split_at_mut(1);
-        let mut moves = [
-            LayerMove {
-                layer: 0,
-                plan: &plans[0],
-                weights: &mut w0[0],
-            },
-            LayerMove {
-                layer: 1,
-                plan: &plans[1],
-                weights: &mut w1[0],
-            },
-        ];
+        let mut moves = common::moves_in_order(&mut weights, &[0, 1], &plans);
         comm.rearrange(&mut moves, Deadline::after(Duration::from_secs(20)))
             .unwrap_or_else(|e| panic!("rank {me}: after the refusal: {e}"));
         for (l, new) in news.into_iter().enumerate() {
@@ -933,19 +909,7 @@ fn nixl_peer_killed_mid_rearrange() {
         unreachable!("the fail point kills this rank");
     }
     let started = Instant::now();
-    let (w0, w1) = weights.split_at_mut(1);
-    let mut moves = [
-        LayerMove {
-            layer: 0,
-            plan: &plans[0],
-            weights: &mut w0[0],
-        },
-        LayerMove {
-            layer: 1,
-            plan: &plans[1],
-            weights: &mut w1[0],
-        },
-    ];
+    let mut moves = common::moves_in_order(&mut weights, &[0, 1], &plans);
     let err = comm
         .rearrange(&mut moves, deadline)
         .expect_err("rank 2 dies during this rearrangement");

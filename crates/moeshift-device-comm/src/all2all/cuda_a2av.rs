@@ -132,16 +132,11 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         call.mark("routing + split (launch)");
         let extra: Vec<(u64, usize)> = routed
             .iter()
-            .map(|(send, _)| (send.at(send.layout.err), 8))
-            .chain(
-                routed
-                    .iter()
-                    .map(|(send, _)| (send.at(send.layout.bucket_offsets), (size + 1) * 4)),
-            )
+            .map(|(send, _)| send.outcome_range())
             .collect();
-        // SAFETY: the extra ranges lie in `send.buf`, alive until the end of the call and
+        // SAFETY: the extra range lies in `send.buf`, alive until the end of the call and
         // written only by the kernels queued above.
-        let (headers, ours_bytes) = unsafe {
+        let (headers, outcome) = unsafe {
             exchange_headers_with(
                 &call,
                 &staged.slice(header_sec.offset..header_sec.offset + header_sec.len),
@@ -154,29 +149,21 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let Some((send, dev)) = routed else {
             return Err(call.tokens("the batch was not routed".into()));
         };
-        let word = |i: usize| {
-            ours_bytes
-                .get(i * 4..i * 4 + 4)
-                .map_or(0, |w| u32::from_le_bytes(w.try_into().unwrap_or([0; 4])))
-        };
-        let err = u64::from(word(0)) | (u64::from(word(1)) << 32);
-        if let Some((token, k, expert)) = send.unknown_pick(err) {
-            return Err(All2AllError::UnknownExpert {
-                rank: call.me(),
-                manager: call.manager,
-                layer: call.layer,
-                token,
-                k,
-                expert,
-                num_logical: placement.num_logical(),
-            }
-            .into());
-        }
+        let sent_rows = send
+            .layout
+            .outcome(&outcome)
+            .map_err(|(token, k, expert)| {
+                CudaAll2AllError::from(All2AllError::UnknownExpert {
+                    rank: call.me(),
+                    manager: call.manager,
+                    layer: call.layer,
+                    token,
+                    k,
+                    expert,
+                    num_logical: placement.num_logical(),
+                })
+            })?;
         check_all(&call, &headers, &ours)?;
-        // Our per-destination row offsets follow the error word.
-        let sent_rows: Vec<usize> = (0..size)
-            .map(|d| word(3 + d).saturating_sub(word(2 + d)) as usize)
-            .collect();
         let mut recv_rows = Vec::with_capacity(size);
         for (src, h) in headers.iter().enumerate() {
             if h.rows > h.tokens {

@@ -96,11 +96,15 @@ fn sort_buffer(
     let stream = call.comm.stream();
     let buf = alloc_bytes(call, stream, len)?;
     let base = addr(&buf, stream);
-    let count_bytes = sort.chunks as usize * sort.buckets as usize * 4;
     // SAFETY: both ranges lie in `buf` (the layouts place them there).
     unsafe {
         result::memset_d8_async(base + err as u64, 0xff, 8, stream.cu_stream()).and_then(|()| {
-            result::memset_d8_async(base + counts as u64, 0, count_bytes, stream.cu_stream())
+            result::memset_d8_async(
+                base + counts as u64,
+                0,
+                sort.count_bytes(),
+                stream.cu_stream(),
+            )
         })
     }
     .map_err(call.cuda("cuMemsetD8Async"))?;
@@ -176,7 +180,6 @@ impl SendTables {
     /// `ids` and `weights` hold `tokens × top_k` values and `p` describes live tables of a
     /// placement of `size` ranks; all device memory of this context, ordered on the
     /// communicator's stream and alive until the kernels finished.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn route(
         call: &Call<'_>,
         engine: &Engine,
@@ -202,14 +205,10 @@ impl SendTables {
         Ok(Self { buf, layout, base })
     }
 
-    /// The first unknown pick in the error word `word` (as copied to the host): `(token, k,
-    /// expert)`.
-    pub(crate) fn unknown_pick(&self, word: u64) -> Option<(usize, usize, u32)> {
-        (word != NO_ERROR).then(|| {
-            let pick = (word >> 32) as usize;
-            let top_k = self.layout.top_k.max(1);
-            (pick / top_k, pick % top_k, word as u32)
-        })
+    /// What the host reads after routing, as `(address, bytes)`: see
+    /// [`SendLayout::outcome`].
+    pub(crate) fn outcome_range(&self) -> (u64, usize) {
+        (self.at(self.layout.err), self.layout.outcome_len())
     }
 }
 

@@ -66,7 +66,7 @@ impl Chunking {
     }
 
     /// Bytes of the count matrix.
-    fn count_bytes(&self) -> usize {
+    pub(crate) fn count_bytes(&self) -> usize {
         self.chunks as usize * self.buckets as usize * 4
     }
 }
@@ -139,6 +139,34 @@ impl SendLayout {
             token_rows: c.take(max_rows * 4),
             len: c.len.max(1),
         })
+    }
+}
+
+impl SendLayout {
+    /// Bytes from the error word to the end of the per-destination row offsets: what the host
+    /// copies after routing.
+    pub(crate) fn outcome_len(&self) -> usize {
+        self.bucket_offsets + (self.size + 1) * 4 - self.err
+    }
+
+    /// Reads the [`outcome_len`](Self::outcome_len) bytes copied from the error word on: the
+    /// first unknown pick as `(token, k, expert)`, or the rows sent to every destination.
+    pub(crate) fn outcome(&self, bytes: &[u8]) -> Result<Vec<usize>, (usize, usize, u32)> {
+        let word = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .map_or(0, |w| u32::from_le_bytes(w.try_into().unwrap_or([0; 4])))
+        };
+        let err = u64::from(word(0)) | (u64::from(word(4)) << 32);
+        if err != u64::MAX {
+            let pick = (err >> 32) as usize;
+            let top_k = self.top_k.max(1);
+            return Err((pick / top_k, pick % top_k, err as u32));
+        }
+        let offset = |d: usize| word(self.bucket_offsets - self.err + d * 4);
+        Ok((0..self.size)
+            .map(|d| offset(d + 1).saturating_sub(offset(d)) as usize)
+            .collect())
     }
 }
 
@@ -544,6 +572,18 @@ mod tests {
         assert!(parts.iter().all(|&(at, _)| at % ALIGN == 0));
         assert!(parts.last().map(|&(a, b)| a + b) <= Some(l.len));
         assert_eq!(l.max_rows, 4096 * 8);
+
+        // What the host reads back: the error word, then the row offsets.
+        let mut bytes = vec![0u8; l.outcome_len()];
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        for (d, o) in [0u32, 3, 3, 10, 11, 11, 12, 20, 25].iter().enumerate() {
+            let at = l.bucket_offsets - l.err + d * 4;
+            bytes[at..at + 4].copy_from_slice(&o.to_le_bytes());
+        }
+        assert_eq!(l.outcome(&bytes), Ok(vec![3, 0, 7, 1, 0, 1, 8, 5]));
+        // Pick 8 · 5 + 3 (token 5, k 3) names expert 300.
+        bytes[..8].copy_from_slice(&((43u64 << 32) | 300).to_le_bytes());
+        assert_eq!(l.outcome(&bytes), Err((5, 3, 300)));
 
         let i = ItemLayout::new(1000, 4, 36).unwrap();
         assert!(i.item_weights >= i.item_rows + 4000 * 4);
