@@ -1,7 +1,7 @@
 //! What the CUDA managers share: their input type [`CudaTokens`], the calling context that
 //! names ranks in errors, the per-manager engine (kernels, side stream, call counter), the
-//! one-upload staging of host tables, waits with deadlines, the header exchange over NCCL,
-//! the checks of a rank's batch and the host routing of its picks.
+//! one-upload staging of host tables, waits with deadlines, the header exchange over NCCL
+//! and the checks of a rank's batch.
 //!
 //! # Data path
 //!
@@ -9,15 +9,16 @@
 //! ranks through NCCL (or, for the one-sided manager, `cuMemcpyDtoDAsync` into CUDA IPC
 //! mappings), are gathered and reduced by this crate's own kernels, and the combined rows
 //! are written by a kernel on the manager's stream. The tables of a dispatch are built on
-//! the GPU ([`super::cuda_tables`]): the all-to-all-v manager routes every pick, splits the
-//! batch by destination and lays out the returned rows with its own kernels, so that only the
-//! per-destination row counts reach the host (with the header exchange); on the receiving
-//! side every manager sorts the received picks into work items on the GPU and copies them to
-//! the host once (for [`CudaDispatched::items`](super::CudaDispatched::items)). The
-//! gather / reduce-scatter and one-sided managers still route their own picks on the host,
-//! after one small copy of the router output (`tokens × top_k` ids and weights). The EPLB load
-//! hook counts picks per physical slot with an atomic add kernel on the manager's stream,
-//! with no host synchronisation of its own.
+//! the GPU ([`super::cuda_tables`]) and the router output never reaches the host: every
+//! manager routes each pick with its own kernels; the all-to-all-v and one-sided managers
+//! also split the batch by destination and lay out the returned rows there, so that only the
+//! per-destination row counts and the routing error word reach the host (with the header
+//! exchange, or in one small copy for one-sided, which sizes its writes to the peers by
+//! them); on the receiving side every manager sorts the received picks into work items on
+//! the GPU and copies them to the host once (for
+//! [`CudaDispatched::items`](super::CudaDispatched::items)). The EPLB load hook counts picks
+//! per physical slot with an atomic add kernel on the manager's stream, with no host
+//! synchronisation of its own.
 //!
 //! # Host copies
 //!
@@ -40,7 +41,6 @@ use moeshift_sync::Deadline;
 use moeshift_tensor::DType;
 
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{decode_f32s_into, route_picks_into, Outgoing};
 use super::cuda_wire::{check_headers, DeviceHeader, HeaderErrors};
 use super::error::All2AllError;
 use super::kernels::{Elem, Kernels, LaunchError};
@@ -260,6 +260,24 @@ impl<'c> Call<'c> {
         }
     }
 
+    /// Pick `k` of token `token` names `expert`, which `placement` does not know.
+    pub(crate) fn unknown_expert(
+        &self,
+        placement: &ExpertPlacement,
+        (token, k, expert): (usize, usize, u32),
+    ) -> CudaAll2AllError {
+        All2AllError::UnknownExpert {
+            rank: self.me(),
+            manager: self.manager,
+            layer: self.layer,
+            token,
+            k,
+            expert,
+            num_logical: placement.num_logical(),
+        }
+        .into()
+    }
+
     pub(crate) fn tokens(&self, detail: String) -> CudaAll2AllError {
         All2AllError::Tokens {
             rank: self.me(),
@@ -336,17 +354,6 @@ impl<'c> Call<'c> {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
-    }
-
-    /// The manager's dispatch tables, for this call (new ones without a manager, or while
-    /// another call holds them).
-    pub(crate) fn scratch(&self) -> ScratchGuard<'c> {
-        let home = self.host.map(|io| &io.tables);
-        let scratch = home
-            .and_then(|h| h.try_borrow_mut().ok())
-            .map(|mut h| std::mem::take(&mut *h))
-            .unwrap_or_default();
-        ScratchGuard { scratch, home }
     }
 
     /// Copies the device ranges `srcs` (`(address, bytes)`, after the work queued on
@@ -730,12 +737,6 @@ impl Staging {
         Self { bytes }
     }
 
-    /// Everything staged so far.
-    #[cfg(test)]
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-
     /// Pads to the next aligned offset and returns it.
     fn align(&mut self) -> usize {
         let offset = self.bytes.len().next_multiple_of(16);
@@ -752,7 +753,12 @@ impl Staging {
     }
 
     pub(crate) fn bytes(&mut self, data: &[u8]) -> Section {
-        self.byte_parts(&[data])
+        let offset = self.align();
+        self.bytes.extend_from_slice(data);
+        Section {
+            offset,
+            len: data.len(),
+        }
     }
 
     pub(crate) fn u32s(&mut self, data: &[u32]) -> Section {
@@ -770,33 +776,6 @@ impl Staging {
             o.copy_from_slice(&v.to_le_bytes());
         }
         section
-    }
-
-    /// One section holding `parts` one after another.
-    pub(crate) fn u32_parts(&mut self, parts: &[&[u32]]) -> Section {
-        let len = parts.iter().map(|p| p.len() * 4).sum();
-        let (section, out) = self.section(len);
-        let mut words = out.chunks_exact_mut(4);
-        for part in parts {
-            // The part first: `zip` takes from its first iterator before it finds the
-            // second one ended.
-            for (v, o) in part.iter().zip(words.by_ref()) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        section
-    }
-
-    /// One section holding `parts` one after another.
-    pub(crate) fn byte_parts(&mut self, parts: &[&[u8]]) -> Section {
-        let offset = self.align();
-        for part in parts {
-            self.bytes.extend_from_slice(part);
-        }
-        Section {
-            offset,
-            len: self.bytes.len() - offset,
-        }
     }
 
     /// Copies everything to a new device buffer on `stream`: one copy into the manager's
@@ -858,8 +837,6 @@ pub(crate) struct HostIo {
     download: RefCell<Pinned>,
     /// The bytes of the last [`Staging`], for the next one.
     scratch: RefCell<Vec<u8>>,
-    /// The host tables of the last dispatch, for the next one.
-    tables: RefCell<Scratch>,
 }
 
 impl Default for HostIo {
@@ -868,49 +845,6 @@ impl Default for HostIo {
             upload: RefCell::new(Pinned::new(true)),
             download: RefCell::new(Pinned::new(false)),
             scratch: RefCell::default(),
-            tables: RefCell::default(),
-        }
-    }
-}
-
-/// Host tables of a dispatch, kept by the engine between calls so that their memory is
-/// reused (each dispatch overwrites them).
-#[derive(Debug, Default)]
-pub(crate) struct Scratch {
-    /// Physical slot of every pick of this rank's batch, `n × top_k` (see [`prepare`]).
-    pub slots: Vec<u32>,
-    /// Router weight of every pick, `n × top_k`.
-    pub weights: Vec<f32>,
-    /// Every destination's share of the batch (all-to-all-v and one-sided).
-    pub outgoing: Vec<Outgoing>,
-    /// Segment lists of the final sum: offsets and rows.
-    pub segments: (Vec<u32>, Vec<u32>),
-}
-
-/// A call's [`Scratch`], taken from the engine; handed back when dropped.
-pub(crate) struct ScratchGuard<'c> {
-    scratch: Scratch,
-    home: Option<&'c RefCell<Scratch>>,
-}
-
-impl std::ops::Deref for ScratchGuard<'_> {
-    type Target = Scratch;
-
-    fn deref(&self) -> &Scratch {
-        &self.scratch
-    }
-}
-
-impl std::ops::DerefMut for ScratchGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Scratch {
-        &mut self.scratch
-    }
-}
-
-impl Drop for ScratchGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(mut home) = self.home.and_then(|h| h.try_borrow_mut().ok()) {
-            *home = std::mem::take(&mut self.scratch);
         }
     }
 }
@@ -1141,7 +1075,7 @@ pub(crate) fn check_all(
     check_headers(headers, ours, call).map_err(CudaAll2AllError::from)
 }
 
-/// This rank's checked batch (its routed picks are in the call's [`Scratch`]).
+/// This rank's checked batch.
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub n: usize,
@@ -1172,60 +1106,6 @@ pub(crate) fn row_format(
         .checked_mul(elem.bytes())
         .ok_or_else(|| call.tokens(format!("hidden size {} overflows", tokens.hidden_size)))?;
     Ok((elem, code, row_bytes))
-}
-
-/// Checks `tokens` against `placement` and the communicator ([`check_batch`]), copies the
-/// router output to the host (ids and weights behind one wait) and routes every pick to its
-/// physical slot with [`replica_index`](super::replica_index), into `scratch.slots` and
-/// `scratch.weights`.
-pub(crate) fn prepare(
-    call: &Call<'_>,
-    tokens: &CudaTokens<'_>,
-    placement: &ExpertPlacement,
-    load_len: Option<usize>,
-    deadline: Deadline,
-    scratch: &mut Scratch,
-) -> Result<Prepared, CudaAll2AllError> {
-    let p = check_batch(call, tokens, placement, load_len)?;
-    let top_k = tokens.top_k;
-    let ids_len = p.n * top_k;
-    let comm = call.comm;
-    let stream = comm.stream();
-    // Ids and weights land in one host buffer, behind one wait.
-    let bytes = ids_len * 4;
-    let ranges = [
-        (addr(&tokens.topk_ids, stream), bytes),
-        (addr(&tokens.topk_weights, stream), bytes),
-    ];
-    let me = comm.rank();
-    // SAFETY: both views hold `ids_len` 4-byte values (checked) and are borrowed by
-    // `tokens` for the whole call; the stream waits for their streams' work (joined by
-    // `check_batch`).
-    let routed = unsafe {
-        call.download_with(
-            stream,
-            &ranges,
-            "the copy of the router output to the host",
-            deadline,
-            |host| {
-                call.mark("router output to host");
-                let (ids, weights) = host.split_at(bytes.min(host.len()));
-                decode_f32s_into(&mut scratch.weights, weights);
-                route_picks_into(&mut scratch.slots, ids, top_k, me, placement)
-            },
-        )
-    }?;
-    routed.map_err(|u| All2AllError::UnknownExpert {
-        rank: call.me(),
-        manager: call.manager,
-        layer: call.layer,
-        token: u.token,
-        k: u.k,
-        expert: u.expert,
-        num_logical: placement.num_logical(),
-    })?;
-    call.mark("routing");
-    Ok(p)
 }
 
 /// Checks `tokens` against `placement` and the communicator (shapes, devices, top-k, the
@@ -1355,30 +1235,16 @@ mod tests {
         let a = st.bytes(&[1, 2, 3]);
         let b = st.u32s(&[0x0403_0201, 7]);
         let c = st.f32s(&[1.5]);
-        let d = st.u32_parts(&[&[1], &[], &[2, 0x0100_0000]]);
-        let e = st.byte_parts(&[b"ab", b"", b"c"]);
         let (f, out) = st.section(2);
         out.copy_from_slice(&[9, 9]);
         let at = |offset, len| Section { offset, len };
-        assert_eq!(
-            [a, b, c, d, e, f],
-            [
-                at(0, 3),
-                at(16, 8),
-                at(32, 4),
-                at(48, 12),
-                at(64, 3),
-                at(80, 2)
-            ]
-        );
-        let mut expected = vec![0u8; 82];
+        assert_eq!([a, b, c, f], [at(0, 3), at(16, 8), at(32, 4), at(48, 2)]);
+        let mut expected = vec![0u8; 50];
         expected[..3].copy_from_slice(&[1, 2, 3]);
         expected[16..24].copy_from_slice(&[1, 2, 3, 4, 7, 0, 0, 0]);
         // 1.5 = 0x3fc0_0000.
         expected[32..36].copy_from_slice(&[0, 0, 0xc0, 0x3f]);
-        expected[48..60].copy_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1]);
-        expected[64..67].copy_from_slice(b"abc");
-        expected[80..82].copy_from_slice(&[9, 9]);
+        expected[48..50].copy_from_slice(&[9, 9]);
         assert_eq!(st.bytes, expected);
     }
 }

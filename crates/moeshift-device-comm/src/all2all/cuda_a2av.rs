@@ -12,16 +12,13 @@ use super::cuda::{
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::Foreign;
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
     finish_dispatch, gather_rows, Arrived, Block, SendSide,
 };
-use super::cuda_tables::{PlacementSections, SendTables};
-use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_A2AV, PICK_BYTES};
-use super::error::All2AllError;
+use super::cuda_tables::{Foreign, PlacementSections, SendTables};
+use super::cuda_wire::{DeviceHeader, DISPATCH, HEADER_FIELDS, MANAGER_A2AV, PICK_BYTES};
 use super::placement::ExpertPlacement;
-use super::wire::STATUS_REJECTED;
 use crate::nccl::NcclComm;
 
 const NAME: &str = "all_to_all_v";
@@ -69,8 +66,6 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let size = comm.world_size();
         let stream = comm.stream();
         let top_k = tokens.top_k;
-        let mut scratch = call.scratch();
-        let scratch = &mut *scratch;
 
         // The headers (row counts filled in on the GPU) and the placement's tables, in one
         // upload.
@@ -115,13 +110,11 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
                 unsafe {
                     engine.tables.fill_headers(
                         stream,
-                        &send.layout,
-                        send.at(0),
                         headers_at,
-                        DeviceHeader::LEN,
-                        DeviceHeader::ROWS_AT,
-                        DeviceHeader::STATUS_AT,
-                        STATUS_REJECTED,
+                        size,
+                        &HEADER_FIELDS,
+                        send.at(send.layout.bucket_offsets),
+                        send.at(send.layout.err),
                     )
                 }
                 .map_err(call.launch("msh_fill_headers"))?;
@@ -152,17 +145,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let sent_rows = send
             .layout
             .outcome(&outcome)
-            .map_err(|(token, k, expert)| {
-                CudaAll2AllError::from(All2AllError::UnknownExpert {
-                    rank: call.me(),
-                    manager: call.manager,
-                    layer: call.layer,
-                    token,
-                    k,
-                    expert,
-                    num_logical: placement.num_logical(),
-                })
-            })?;
+            .map_err(|u| call.unknown_expert(placement, u))?;
         check_all(&call, &headers, &ours)?;
         let mut recv_rows = Vec::with_capacity(size);
         for (src, h) in headers.iter().enumerate() {
@@ -259,10 +242,9 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
                 &tokens,
                 &p,
                 arrived,
-                SendSide::Device(send),
+                SendSide::Split(send),
                 load,
                 deadline,
-                scratch,
             )
         };
         drop(recv_meta);

@@ -8,18 +8,17 @@ use cudarc::driver::{CudaSlice, CudaView};
 use moeshift_sync::Deadline;
 
 use super::cuda::{
-    addr, alloc_bytes, check_all, impl_cuda_all2all, nccl_manager_api, prepare, CudaTokens, Engine,
-    Staging,
+    addr, alloc_bytes, check_all, check_batch, exchange_headers_with, impl_cuda_all2all,
+    nccl_manager_api, CudaTokens, Engine, Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{strided_segments_into, write_all_picks, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, upload_and_exchange, Arrived, Block, SendSide,
+    finish_dispatch, Arrived, Block, SendSide,
 };
-use super::cuda_tables::PlacementSections;
-use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_AGRS, PICK_BYTES};
+use super::cuda_tables::{Foreign, PlacementSections, RouteTables};
+use super::cuda_wire::{DeviceHeader, DISPATCH, HEADER_FIELDS, MANAGER_AGRS, PICK_BYTES};
 use super::placement::ExpertPlacement;
 use crate::nccl::NcclComm;
 
@@ -37,8 +36,9 @@ const NAME: &str = "allgather_reducescatter";
 ///   point-to-point), which adds them in rank order with a second kernel. In f32 the result
 ///   is bit-for-bit the host [`AgRsManager`](super::AgRsManager)'s.
 ///
-/// The replica of each pick is chosen once, by the token's rank, which also counts it in
-/// the load hook. Moves `(ranks − 1) × tokens × row` bytes each way per rank;
+/// The replica of each pick is chosen once, by a kernel on the token's rank (which also
+/// counts it in the load hook); the router output never reaches the host. Moves
+/// `(ranks − 1) × tokens × row` bytes each way per rank;
 /// [`CudaAllToAllVManager`](super::CudaAllToAllVManager) moves each row only where needed.
 #[derive(Debug)]
 pub struct CudaAgRsManager<C = NcclComm> {
@@ -63,19 +63,13 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let size = comm.world_size();
         let stream = comm.stream();
         let top_k = tokens.top_k;
-        let mut scratch = call.scratch();
-        let scratch = &mut *scratch;
-        let mut st = Staging::new(&call);
-        let local = prepare(
-            &call,
-            &tokens,
-            placement,
-            load.as_ref().map(|l| l.len()),
-            deadline,
-            scratch,
-        )
-        .and_then(|p| PlacementSections::stage(&call, &mut st, placement).map(|t| (p, t)));
 
+        // The headers (every rank gets all rows) and the placement's tables, in one upload.
+        let mut st = Staging::new(&call);
+        let local = check_batch(&call, &tokens, placement, load.as_ref().map(|l| l.len()))
+            .and_then(|p| {
+                PlacementSections::stage(&call, &mut st, placement).map(|tables| (p, tables))
+            });
         let ours = match &local {
             Ok((p, _)) => DeviceHeader {
                 rows: p.n as u64,
@@ -88,17 +82,66 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
             ours.write(&mut header_bytes);
         }
         let header_sec = st.bytes(&header_bytes);
-        let meta_sec = match &local {
-            Ok(_) => {
-                let (section, out) = st.section(scratch.slots.len() * PICK_BYTES);
-                write_all_picks(out, &scratch.slots, &scratch.weights);
-                section
+        let staged = st.upload(&call, stream, deadline)?;
+        let staged_base = addr(&staged, stream);
+
+        // Route every pick and write its entry on the GPU; an unknown expert marks the
+        // headers rejected.
+        let routed = match &local {
+            Ok((p, tables)) => {
+                let dev = tables.on_device(staged_base);
+                // SAFETY: the router output holds `n × top_k` values (checked) and is
+                // ordered on this stream (`check_batch`); `dev` lies in `staged`, alive
+                // until the end of the call.
+                let route = unsafe {
+                    RouteTables::route(
+                        &call,
+                        engine,
+                        p.n,
+                        top_k,
+                        addr(&tokens.topk_ids, stream),
+                        addr(&tokens.topk_weights, stream),
+                        &dev,
+                    )
+                }?;
+                // SAFETY: the header section holds `size` headers of `LEN` bytes at a
+                // 16-byte aligned offset of `staged`; the error word lies in `route`.
+                unsafe {
+                    engine.tables.fill_headers(
+                        stream,
+                        at(staged_base, header_sec),
+                        size,
+                        &HEADER_FIELDS,
+                        0,
+                        route.at(route.layout.err),
+                    )
+                }
+                .map_err(call.launch("msh_fill_headers"))?;
+                Some((route, dev))
             }
-            Err(_) => st.bytes(&[]),
+            Err(_) => None,
         };
-        let (staged, headers) = upload_and_exchange(&call, st, header_sec, deadline)?;
-        let (p, tables) = local?;
-        let dev = tables.on_device(addr(&staged, stream));
+        call.mark("routing (launch)");
+        let extra: Vec<(u64, usize)> = routed.iter().map(|(r, _)| r.outcome_range()).collect();
+        // SAFETY: the extra range lies in `route.buf`, alive until the end of the call and
+        // written only by the kernels queued above.
+        let (headers, outcome) = unsafe {
+            exchange_headers_with(
+                &call,
+                &staged.slice(header_sec.offset..header_sec.offset + header_sec.len),
+                &extra,
+                deadline,
+            )
+        }?;
+        call.mark("header exchange (NCCL, to host)");
+        let (p, _) = local?;
+        let Some((route, dev)) = routed else {
+            return Err(call.tokens("the batch was not routed".into()));
+        };
+        route
+            .layout
+            .outcome(&outcome)
+            .map_err(|u| call.unknown_expert(placement, u))?;
         check_all(&call, &headers, &ours)?;
         let mut counts = Vec::with_capacity(size);
         for (src, h) in headers.iter().enumerate() {
@@ -124,7 +167,7 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let gathered_meta = alloc_bytes(&call, stream, total * pick_row)?;
         let (rows_base, meta_base) = (addr(&gathered, stream), addr(&gathered_meta, stream));
         let hidden = addr(&tokens.hidden, stream);
-        let own_meta = at(addr(&staged, stream), meta_sec);
+        let own_meta = route.at(route.layout.meta);
         let row_off = block_offsets(&counts, row_bytes);
         let meta_off = block_offsets(&counts, pick_row);
         let blocks: Vec<Vec<Block>> = (0..size)
@@ -142,7 +185,6 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
             })
             .collect();
         exchange_blocks(&call, engine, &blocks, deadline)?;
-        strided_segments_into(&mut scratch.segments, size, p.n);
         let arrived = Arrived {
             rows: gathered,
             rows_from: counts.clone(),
@@ -161,10 +203,9 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
                 &tokens,
                 &p,
                 arrived,
-                SendSide::Host,
+                SendSide::Gathered(route),
                 load,
                 deadline,
-                scratch,
             )
         };
         drop(gathered_meta);

@@ -9,17 +9,16 @@ use cudarc::driver::{result, CudaSlice, CudaStream, CudaView, DevicePtrMut};
 use moeshift_sync::Deadline;
 
 use super::cuda::{
-    addr, alloc_bytes, check_all, impl_cuda_all2all, prepare, read_headers, Call, CudaTokens,
+    addr, alloc_bytes, check_all, check_batch, impl_cuda_all2all, read_headers, Call, CudaTokens,
     Engine, Prepared, Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{split_by_destination_into, token_segments_into, Foreign};
 use super::cuda_steps::{
     at, block_offsets, check_combine, check_rows, combine_headers, dispatch_header,
-    finish_dispatch, gather_rows, partial_sums, stage_outgoing, token_sums, Arrived, SendSide,
+    finish_dispatch, gather_rows, partial_sums, token_sums, Arrived, SendSide,
 };
-use super::cuda_tables::PlacementSections;
+use super::cuda_tables::{Foreign, PlacementSections, SendTables};
 use super::cuda_wire::{DeviceHeader, DISPATCH, FLAG_NEEDS_RESIZE, MANAGER_ONE_SIDED, PICK_BYTES};
 use super::ipc::{IpcRegion, PeerRegion};
 use super::placement::ExpertPlacement;
@@ -129,7 +128,9 @@ impl State {
 /// EP rank, publishes its CUDA IPC handle through the store, and maps every peer's region
 /// (`cuIpcOpenMemHandle`). Then:
 ///
-/// - **dispatch**: a rank packs its rows by destination (gather kernel) and writes each
+/// - **dispatch**: kernels route the batch and split it by destination, the host reads the
+///   row count of every destination (one small copy), then a rank packs its rows by
+///   destination (gather kernel) and writes each
 ///   destination's share, with its pick metadata and a 64-byte header, straight into that
 ///   destination's region with `cuMemcpyDtoDAsync` (the copy engines, over NVLink); an NCCL
 ///   all-reduce of one element is the barrier after which every rank reads what it got.
@@ -539,82 +540,107 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
         let top_k = tokens.top_k;
-        let mut scratch = call.scratch();
-        let scratch = &mut *scratch;
         let mut staging = Staging::new(&call);
-        let local = prepare(
-            &call,
-            &tokens,
-            placement,
-            load.as_ref().map(|l| l.len()),
-            deadline,
-            scratch,
-        )
-        .and_then(|p| check_config(&call, &p, top_k, placement, &st.workspace).map(|()| p))
-        .and_then(|p| PlacementSections::stage(&call, &mut staging, placement).map(|t| (p, t)));
+        let local = check_batch(&call, &tokens, placement, load.as_ref().map(|l| l.len()))
+            .and_then(|p| check_config(&call, &p, top_k, placement, &st.workspace).map(|()| p))
+            .and_then(|p| PlacementSections::stage(&call, &mut staging, placement).map(|t| (p, t)));
         if st.pending == Some(Area::Dispatch) {
             barrier(&call, st, deadline)?;
         }
 
+        // Route and split on the GPU, then read the row counts of every destination (they
+        // size the writes to the peers). Any failure here rejects the batch everywhere.
+        let staged = staging.upload(&call, stream, deadline)?;
+        let staged_base = addr(&staged, stream);
+        let routed = local.and_then(|(p, tables)| {
+            let dev = tables.on_device(staged_base);
+            // SAFETY: the router output holds `n × top_k` values (checked) and is ordered on
+            // this stream (`check_batch`); `dev` lies in `staged`, alive until the end of
+            // the call.
+            let send = unsafe {
+                SendTables::route(
+                    &call,
+                    engine,
+                    p.n,
+                    top_k,
+                    addr(&tokens.topk_ids, stream),
+                    addr(&tokens.topk_weights, stream),
+                    &dev,
+                )
+            }?;
+            // SAFETY: the range lies in `send.buf`, written only by the kernels queued above.
+            let outcome = unsafe {
+                call.download_with(
+                    stream,
+                    &[send.outcome_range()],
+                    "the routing of the batch",
+                    deadline,
+                    |bytes| send.layout.outcome(bytes),
+                )
+            }?;
+            let sent_rows = outcome.map_err(|u| call.unknown_expert(placement, u))?;
+            if sent_rows.iter().sum::<usize>() > send.layout.max_rows {
+                return Err(call.too_large("rows sent", sent_rows.iter().sum()));
+            }
+            Ok((p, dev, send, sent_rows))
+        });
+        call.mark("routing + split (GPU, counts to host)");
+
         let cap = st.workspace.capacity();
         let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_ONE_SIDED, seq);
-        let fits = match &local {
-            Ok((p, _)) => {
+        let fits = match &routed {
+            Ok((p, ..)) => {
                 ours = dispatch_header(p, &tokens, placement, MANAGER_ONE_SIDED, seq);
-                split_by_destination_into(
-                    &mut scratch.outgoing,
-                    &scratch.slots,
-                    &scratch.weights,
-                    top_k,
-                    placement.slots_per_rank(),
-                    size,
-                );
                 p.n <= cap.max_tokens_per_rank && tokens.hidden_size <= cap.hidden_size
             }
-            Err(_) => {
-                // No shares (buffers kept for the next call).
-                split_by_destination_into(&mut scratch.outgoing, &[], &[], top_k, 1, size);
-                false
-            }
+            Err(_) => false,
         };
-        let outgoing = &scratch.outgoing;
-        let sent_rows: Vec<usize> = outgoing.iter().map(|o| o.tokens.len()).collect();
+        let sent_rows: Vec<usize> = match &routed {
+            Ok((.., rows)) => rows.clone(),
+            Err(_) => vec![0; size],
+        };
         let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
         let mut combine_at = 0u64;
-        for d in 0..size {
-            let h = match (&local, sent_rows.get(d)) {
-                (Ok(_), Some(&rows)) => DeviceHeader {
+        for &rows in &sent_rows {
+            let h = match &routed {
+                Ok(_) => DeviceHeader {
                     rows: rows as u64,
                     combine_offset: combine_at,
                     flags: if fits { 0 } else { FLAG_NEEDS_RESIZE },
                     ..ours
                 },
-                _ => ours,
+                Err(_) => ours,
             };
             combine_at += h.rows;
             h.write(&mut header_bytes);
         }
+        let mut staging = Staging::new(&call);
         let header_sec = staging.bytes(&header_bytes);
-        let (idx_sec, meta_sec, send_count) = stage_outgoing(&mut staging, outgoing);
-        let staged = staging.upload(&call, stream, deadline)?;
-        let staged_base = addr(&staged, stream);
+        let staged_headers = staging.upload(&call, stream, deadline)?;
+        let send_count = sent_rows.iter().sum();
 
         // Pack the rows by destination; write them now if they fit.
-        let row_bytes = local.as_ref().map_or(0, |(p, _)| p.row_bytes);
+        let row_bytes = routed.as_ref().map_or(0, |(p, ..)| p.row_bytes);
         let pick_row = top_k * PICK_BYTES;
-        // SAFETY: the index section holds `send_count` tokens of this batch; `staged`
-        // lives until the end of the call.
+        let (index, meta_base) = match &routed {
+            Ok((_, _, send, _)) => (
+                send.at(send.layout.send_index),
+                send.at(send.layout.send_meta),
+            ),
+            Err(_) => (0, 0),
+        };
+        // SAFETY: the send index holds `send_count` tokens of this batch (unused without a
+        // routed batch); `send` lives until the end of the call.
         let (send, send_base) = unsafe {
             gather_rows(
                 &call,
                 engine,
-                local.is_ok().then_some(&tokens),
-                at(staged_base, idx_sec),
+                routed.is_ok().then_some(&tokens),
+                index,
                 send_count,
                 row_bytes,
             )
         }?;
-        let meta_base = at(staged_base, meta_sec);
         if fits {
             self.write_rows(
                 &call, st, send_base, meta_base, &sent_rows, row_bytes, pick_row,
@@ -623,7 +649,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         self.write_headers(
             &call,
             st,
-            at(staged_base, header_sec),
+            at(addr(&staged_headers, stream), header_sec),
             st.layout.dispatch_headers,
         )?;
         call.mark("write rows and headers to peers");
@@ -633,8 +659,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
 
         let headers = self.read_headers(&call, st, st.layout.dispatch_headers, deadline)?;
         call.mark("headers to host");
-        let (p, tables) = local?;
-        let dev = tables.on_device(staged_base);
+        let (p, dev, split, _) = routed?;
         check_all(&call, &headers, &ours)?;
         if headers.iter().any(|h| h.flags & FLAG_NEEDS_RESIZE != 0) {
             let most = headers.iter().map(|h| h.tokens).max().unwrap_or(0);
@@ -697,7 +722,6 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                 (src, r * pick_row)
             })
             .collect();
-        token_segments_into(&mut scratch.segments, &scratch.outgoing, p.n);
         let arrived = Arrived {
             rows,
             rows_from: recv_rows.clone(),
@@ -721,10 +745,9 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                 &tokens,
                 &p,
                 arrived,
-                SendSide::Host,
+                SendSide::Split(split),
                 load,
                 deadline,
-                scratch,
             )
         }
     }

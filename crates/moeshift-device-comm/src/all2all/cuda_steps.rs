@@ -10,12 +10,11 @@ use moeshift_sync::Deadline;
 
 use super::cuda::{
     addr, alloc_bytes, check_all, count_load, elem_of, exchange_headers, Call, CudaTokens, Engine,
-    Prepared, Scratch, Section, Staging,
+    Prepared, Section, Staging,
 };
 use super::cuda_dispatched::{CudaDispatched, CudaRoute, Tables};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{Foreign, Outgoing};
-use super::cuda_tables::{ItemTables, SendTables};
+use super::cuda_tables::{Foreign, ItemTables, RouteTables, SendTables};
 use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH};
 use super::error::All2AllError;
 use super::placement::ExpertPlacement;
@@ -109,14 +108,32 @@ pub(crate) struct Arrived {
     pub route: CudaRoute,
 }
 
-/// Where the send side of a dispatch left the segment lists of the final sum and the
-/// routed picks the load hook counts.
+/// The send side of a dispatch, on the GPU: where it left the segment lists of the final
+/// sum and the routed picks the load hook counts.
 #[derive(Debug)]
 pub(crate) enum SendSide {
-    /// On the host, in the call's [`Scratch`] (`segments` and `slots`): uploaded here.
-    Host,
-    /// On the GPU.
-    Device(SendTables),
+    /// Split by destination (all-to-all-v, one-sided).
+    Split(SendTables),
+    /// Every token to every rank (gather / reduce-scatter).
+    Gathered(RouteTables),
+}
+
+impl SendSide {
+    /// `(token_offsets, token_rows, slots)` addresses, and the buffer holding them.
+    fn parts(self) -> ((u64, u64, u64), CudaSlice<u8>) {
+        match self {
+            Self::Split(t) => {
+                let l = &t.layout;
+                let a = (t.at(l.token_offsets), t.at(l.token_rows), t.at(l.slots));
+                (a, t.buf)
+            }
+            Self::Gathered(t) => {
+                let l = &t.layout;
+                let a = (t.at(l.token_offsets), t.at(l.token_rows), t.at(l.slots));
+                (a, t.buf)
+            }
+        }
+    }
 }
 
 /// Turns the received pick metadata into work items on the GPU (copied to the host once),
@@ -140,7 +157,6 @@ pub(crate) unsafe fn finish_dispatch(
     send: SendSide,
     load: Option<&mut CudaSlice<i64>>,
     deadline: Deadline,
-    scratch: &mut Scratch,
 ) -> Result<CudaDispatched, CudaAll2AllError> {
     let stream = call.comm.stream();
     let top_k = tokens.top_k;
@@ -180,28 +196,7 @@ pub(crate) unsafe fn finish_dispatch(
 
     // The segment lists and the picks to count.
     let picks = p.n * top_k;
-    let (mut buffers, token_offsets, token_rows, slots) = match send {
-        SendSide::Host => {
-            let mut st = Staging::new(call);
-            let (offsets, rows) = &scratch.segments;
-            let offsets_sec = st.u32s(offsets);
-            let rows_sec = st.u32s(rows);
-            let slots_sec = load.as_ref().map(|_| st.u32s(&scratch.slots));
-            let up = st.upload(call, stream, deadline)?;
-            let base = addr(&up, stream);
-            let slots = slots_sec.map_or(0, |s| at(base, s));
-            (vec![up], at(base, offsets_sec), at(base, rows_sec), slots)
-        }
-        SendSide::Device(send) => {
-            let l = &send.layout;
-            let addrs = (
-                send.at(l.token_offsets),
-                send.at(l.token_rows),
-                send.at(l.slots),
-            );
-            (vec![send.buf], addrs.0, addrs.1, addrs.2)
-        }
-    };
+    let ((token_offsets, token_rows, slots), send_buf) = send.parts();
     if let Some(counter) = load {
         count_load(call, &engine.kernels, counter, slots, picks)?;
     }
@@ -214,7 +209,6 @@ pub(crate) unsafe fn finish_dispatch(
         token_offsets,
         token_rows,
     };
-    buffers.push(items.buf);
     Ok(CudaDispatched {
         manager: call.manager,
         manager_id: engine.id,
@@ -229,7 +223,7 @@ pub(crate) unsafe fn finish_dispatch(
         num_rows,
         items: host.items,
         slot_offsets: host.slot_offsets,
-        buffers,
+        buffers: vec![send_buf, items.buf],
         tables,
         num_local_tokens: p.n,
         route: arrived.route,
@@ -261,16 +255,6 @@ pub(crate) fn dispatch_header(
         flags: 0,
         seq,
     }
-}
-
-/// Stages the token indices and the pick metadata of every destination's share, each
-/// concatenated in rank order (the gather kernel's index table and the metadata that
-/// travels with the rows). Returns their sections and the number of tokens.
-pub(crate) fn stage_outgoing(st: &mut Staging, outgoing: &[Outgoing]) -> (Section, Section, usize) {
-    let tokens: Vec<&[u32]> = outgoing.iter().map(|o| o.tokens.as_slice()).collect();
-    let meta: Vec<&[u8]> = outgoing.iter().map(|o| o.meta.as_slice()).collect();
-    let count = tokens.iter().map(|t| t.len()).sum();
-    (st.u32_parts(&tokens), st.byte_parts(&meta), count)
 }
 
 /// Packs this rank's rows by destination: row `index[i]` of `tokens` becomes row `i` of a
@@ -568,29 +552,4 @@ pub(crate) fn block_offsets(rows: &[usize], row_bytes: usize) -> Vec<usize> {
 /// A section's device address in `buf`.
 pub(crate) fn at(base: u64, section: Section) -> u64 {
     base + section.offset as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outgoing_shares_are_staged_back_to_back_in_rank_order() {
-        let share = |tokens: &[u32], meta: &[u8]| Outgoing {
-            tokens: tokens.to_vec(),
-            meta: meta.to_vec(),
-        };
-        let outgoing = [
-            share(&[1, 2], &[1, 2, 3]),
-            share(&[], &[]),
-            share(&[0x0100_0000], &[4]),
-        ];
-        let mut st = Staging::default();
-        let (idx, meta, count) = stage_outgoing(&mut st, &outgoing);
-        assert_eq!(count, 3);
-        let bytes = st.as_bytes();
-        let section = |s: Section| &bytes[s.offset..s.offset + s.len];
-        assert_eq!(section(idx), [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1]);
-        assert_eq!(section(meta), [1, 2, 3, 4]);
-    }
 }

@@ -1,25 +1,47 @@
 //! Dispatch tables built on the GPU: the placement's tables staged for the kernels, the
-//! send side of an all-to-all-v dispatch (routing, split by destination, the segment lists of
-//! the final sum), and the work items of every dispatch (sorted by local slot, with the row
-//! lists combine walks), copied to the host once.
+//! send side of a dispatch (routing; for all-to-all-v and one-sided also the split by
+//! destination; the segment lists of the final sum), and the work items of every dispatch
+//! (sorted by local slot, with the row lists combine walks), copied to the host once.
 //!
-//! The kernels are in [`super::table_kernels`]; their results equal the host forms in
-//! [`super::cuda_plan`] entry for entry (the GPU tests compare them).
+//! The kernels are in [`super::table_kernels`]; their results equal the plain host forms of
+//! the tables entry for entry (the GPU tests in `host_tables.rs` compare them).
 
 use cudarc::driver::{result, CudaSlice};
 use moeshift_sync::Deadline;
 
 use super::cuda::{addr, alloc_bytes, Call, Engine, Section, Staging};
 use super::cuda_error::CudaAll2AllError;
-use super::cuda_plan::{no_expert, not_ours, Foreign};
 use super::dispatched::ExpertWork;
 use super::placement::ExpertPlacement;
-use super::table_kernels::{Chunking, DevicePlacement, ItemLayout, SendLayout};
+use super::table_kernels::{Chunking, DevicePlacement, ItemLayout, RouteLayout, SendLayout};
 
 /// Marks an empty slot in the slot → logical expert table.
 const NO_EXPERT: u32 = u32::MAX;
 /// An error word that holds no error.
 const NO_ERROR: u64 = u64::MAX;
+
+/// What to do with a received pick routed to another rank's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Foreign {
+    /// It is an error: the sender should only send this rank's picks.
+    Reject,
+    /// Skip it: every rank receives every pick.
+    Skip,
+}
+
+/// What is wrong with received pick `k` of row `i`: its slot holds no expert.
+pub(crate) fn no_expert(i: usize, k: usize, slot: usize) -> String {
+    format!("row {i} pick {k} is routed to slot {slot}, which holds no expert")
+}
+
+/// What is wrong with received pick `k` of row `i`: its slot is another rank's.
+pub(crate) fn not_ours(i: usize, k: usize, slot: usize, first_slot: usize, spr: usize) -> String {
+    format!(
+        "row {i} pick {k} is routed to slot {slot}, which is not an expert slot of this rank \
+         (slots {first_slot}..{})",
+        first_slot + spr
+    )
+}
 
 /// `placement`'s sizes as the kernels take them: logical experts, physical slots and slots per
 /// rank, each below `u32::MAX` (the mark of a pick served elsewhere); `None` past that.
@@ -199,7 +221,7 @@ impl SendTables {
         unsafe {
             engine
                 .tables
-                .route_and_split(stream, &layout, base, ids, weights, 0, comm.rank(), p)
+                .route_and_split(stream, &layout, base, ids, weights, comm.rank(), p)
         }
         .map_err(call.launch("msh_split_place"))?;
         Ok(Self { buf, layout, base })
@@ -209,6 +231,63 @@ impl SendTables {
     /// [`SendLayout::outcome`].
     pub(crate) fn outcome_range(&self) -> (u64, usize) {
         (self.at(self.layout.err), self.layout.outcome_len())
+    }
+}
+
+/// The routed picks of a dispatch that sends every token to every rank, on the GPU (see
+/// [`RouteLayout`] for what the buffer holds).
+#[derive(Debug)]
+pub(crate) struct RouteTables {
+    pub buf: CudaSlice<u8>,
+    pub layout: RouteLayout,
+    base: u64,
+}
+
+impl RouteTables {
+    /// Device address of the part at byte `offset` (a field of [`Self::layout`]).
+    pub(crate) fn at(&self, offset: usize) -> u64 {
+        self.base + offset as u64
+    }
+
+    /// Queues routing of `tokens` tokens of `top_k` picks (router output at `ids` and
+    /// `weights`, u32 and f32) and the segment lists of their final sum over the group, on
+    /// the communicator's stream.
+    ///
+    /// # Safety
+    /// As [`SendTables::route`].
+    pub(crate) unsafe fn route(
+        call: &Call<'_>,
+        engine: &Engine,
+        tokens: usize,
+        top_k: usize,
+        ids: u64,
+        weights: u64,
+        p: &DevicePlacement,
+    ) -> Result<Self, CudaAll2AllError> {
+        let comm = call.comm;
+        let stream = comm.stream();
+        let layout =
+            RouteLayout::new(tokens, top_k, comm.world_size()).map_err(call.launch("msh_route"))?;
+        let buf = alloc_bytes(call, stream, layout.len)?;
+        let base = addr(&buf, stream);
+        // SAFETY: the error word lies in `buf`.
+        unsafe { result::memset_d8_async(base + layout.err as u64, 0xff, 8, stream.cu_stream()) }
+            .map_err(call.cuda("cuMemsetD8Async"))?;
+        // SAFETY: `buf` is laid out as `layout`, its error word initialised above; the
+        // inputs are the caller's contract; frees are ordered on this stream.
+        unsafe {
+            engine
+                .tables
+                .route_all(stream, &layout, base, ids, weights, comm.rank(), p)
+        }
+        .map_err(call.launch("msh_strided"))?;
+        Ok(Self { buf, layout, base })
+    }
+
+    /// What the host reads after routing (the error word), as `(address, bytes)`: see
+    /// [`RouteLayout::outcome`].
+    pub(crate) fn outcome_range(&self) -> (u64, usize) {
+        (self.at(self.layout.err), 8)
     }
 }
 

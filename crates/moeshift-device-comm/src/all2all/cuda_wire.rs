@@ -9,9 +9,10 @@
 //!
 //! Pick metadata: each row sent to a rank carries `top_k` entries of 8 bytes, `(slot: u32,
 //! weight: f32)` little-endian, in pick order; picks served by another rank have slot
-//! [`NO_PICK`]. This is the `top_k × 8` bytes per token of the workspace sizing.
+//! `u32::MAX` (`NO_PICK`). This is the `top_k × 8` bytes per token of the workspace sizing.
 
 use super::error::All2AllError;
+use super::table_kernels::HeaderFields;
 use super::wire::{STATUS_OK, STATUS_REJECTED};
 
 /// First word of a dispatch header.
@@ -20,7 +21,8 @@ pub(crate) const DISPATCH: u32 = u32::from_le_bytes(*b"MgDp");
 pub(crate) const COMBINE: u32 = u32::from_le_bytes(*b"MgCb");
 /// Flag: the sender's batch does not fit the one-sided workspace; it wrote no rows.
 pub(crate) const FLAG_NEEDS_RESIZE: u16 = 1;
-/// Slot of a pick entry that another rank serves.
+/// Slot of a pick entry that another rank serves (the kernels' `NO_PICK`).
+#[cfg(test)]
 pub(crate) const NO_PICK: u32 = u32::MAX;
 /// Bytes of one pick entry.
 pub(crate) const PICK_BYTES: usize = 8;
@@ -29,6 +31,14 @@ pub(crate) const PICK_BYTES: usize = 8;
 pub(crate) const MANAGER_AGRS: u8 = 1;
 pub(crate) const MANAGER_A2AV: u8 = 2;
 pub(crate) const MANAGER_ONE_SIDED: u8 = 3;
+
+/// Where the kernel that fills in headers on the GPU writes the row count and the status.
+pub(crate) const HEADER_FIELDS: HeaderFields = HeaderFields {
+    len: DeviceHeader::LEN,
+    rows_at: DeviceHeader::ROWS_AT,
+    status_at: DeviceHeader::STATUS_AT,
+    rejected: STATUS_REJECTED,
+};
 
 /// One message header (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -179,7 +189,7 @@ pub(crate) trait HeaderErrors {
 }
 
 /// The bytes of one pick entry.
-#[inline]
+#[cfg(test)]
 pub(crate) fn pick_entry(slot: u32, weight: f32) -> [u8; PICK_BYTES] {
     let (s, w) = (slot.to_le_bytes(), weight.to_le_bytes());
     [s[0], s[1], s[2], s[3], w[0], w[1], w[2], w[3]]
@@ -188,8 +198,7 @@ pub(crate) fn pick_entry(slot: u32, weight: f32) -> [u8; PICK_BYTES] {
 /// Appends one pick entry.
 #[cfg(test)]
 pub(crate) fn push_pick(out: &mut Vec<u8>, slot: u32, weight: f32) {
-    out.extend_from_slice(&slot.to_le_bytes());
-    out.extend_from_slice(&weight.to_le_bytes());
+    out.extend_from_slice(&pick_entry(slot, weight));
 }
 
 /// Pick entry `i` of `meta`.

@@ -90,8 +90,6 @@ mod cuda_error;
 #[cfg(feature = "cuda")]
 mod cuda_one_sided;
 #[cfg(feature = "cuda")]
-mod cuda_plan;
-#[cfg(feature = "cuda")]
 mod cuda_steps;
 #[cfg(feature = "cuda")]
 mod cuda_tables;
@@ -100,6 +98,8 @@ mod cuda_wire;
 mod dispatched;
 mod error;
 mod exchange;
+#[cfg(all(test, feature = "cuda"))]
+mod host_tables;
 #[cfg(feature = "cuda")]
 mod ipc;
 #[cfg(feature = "cuda")]

@@ -158,15 +158,78 @@ impl SendLayout {
                 .map_or(0, |w| u32::from_le_bytes(w.try_into().unwrap_or([0; 4])))
         };
         let err = u64::from(word(0)) | (u64::from(word(4)) << 32);
-        if err != u64::MAX {
-            let pick = (err >> 32) as usize;
-            let top_k = self.top_k.max(1);
-            return Err((pick / top_k, pick % top_k, err as u32));
-        }
+        unknown_pick(err, self.top_k)?;
         let offset = |d: usize| word(self.bucket_offsets - self.err + d * 4);
         Ok((0..self.size)
             .map(|d| offset(d + 1).saturating_sub(offset(d)) as usize)
             .collect())
+    }
+}
+
+/// The pick named by the routing error word `err` (see [`SendLayout::err`]) as
+/// `(token, k, expert)`; nothing when it is all ones (every pick routed).
+fn unknown_pick(err: u64, top_k: usize) -> Result<(), (usize, usize, u32)> {
+    if err == u64::MAX {
+        return Ok(());
+    }
+    let pick = (err >> 32) as usize;
+    let top_k = top_k.max(1);
+    Err((pick / top_k, pick % top_k, err as u32))
+}
+
+/// Byte offsets of the buffer of a dispatch that sends every token to every rank (gather /
+/// reduce-scatter): `tokens` tokens of `top_k` picks, gathered by `size` ranks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteLayout {
+    pub tokens: usize,
+    pub top_k: usize,
+    pub size: usize,
+    /// As [`SendLayout::err`].
+    pub err: usize,
+    /// Physical slot per pick (u32).
+    pub slots: usize,
+    /// Entry of every pick (u64, `tokens × top_k`): what travels with the rows.
+    pub meta: usize,
+    /// Per token, its first returned row in `token_rows` (u32, `tokens + 1`): token `t`
+    /// sums row `t` of each of the `size` returned blocks.
+    pub token_offsets: usize,
+    pub token_rows: usize,
+    pub len: usize,
+}
+
+impl RouteLayout {
+    pub(crate) fn new(tokens: usize, top_k: usize, size: usize) -> Result<Self, LaunchError> {
+        let too_large = |what, value| LaunchError::TooLarge { what, value };
+        let picks = tokens
+            .checked_mul(top_k)
+            .filter(|&p| u32::try_from(p).is_ok())
+            .ok_or(too_large("picks of a batch", tokens))?;
+        // `msh_strided` counts to `tokens × size` inclusive in u32.
+        let returned = tokens
+            .checked_mul(size)
+            .filter(|&r| r < u32::MAX as usize)
+            .ok_or(too_large("rows returned to a batch", tokens))?;
+        let mut c = Carve::default();
+        Ok(Self {
+            tokens,
+            top_k,
+            size,
+            err: c.take(8),
+            slots: c.take(picks * 4),
+            meta: c.take(picks * 8),
+            token_offsets: c.take((tokens + 1) * 4),
+            token_rows: c.take(returned * 4),
+            len: c.len.max(1),
+        })
+    }
+
+    /// Reads the error word (8 bytes, copied from [`Self::err`]): the first unknown pick as
+    /// `(token, k, expert)`, if any.
+    pub(crate) fn outcome(&self, bytes: &[u8]) -> Result<(), (usize, usize, u32)> {
+        let err = bytes
+            .get(..8)
+            .map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
+        unknown_pick(err, self.top_k)
     }
 }
 
@@ -246,6 +309,29 @@ pub(crate) struct DevicePlacement {
     pub phys_logical: u64,
 }
 
+/// A batch's router output on the GPU: `tokens × top_k` expert ids (u32) and weights (f32)
+/// at device addresses.
+#[derive(Debug, Clone, Copy)]
+struct Picked {
+    ids: u64,
+    weights: u64,
+    tokens: usize,
+    top_k: usize,
+}
+
+/// Where a header's fields lie, for `msh_fill_headers`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeaderFields {
+    /// Bytes per header.
+    pub len: usize,
+    /// Byte offset of the row count (u64).
+    pub rows_at: usize,
+    /// Byte offset of the status (u32).
+    pub status_at: usize,
+    /// The status of a rejected batch.
+    pub rejected: u32,
+}
+
 /// The module and its functions, for one CUDA context.
 #[derive(Debug)]
 pub(crate) struct TableKernels {
@@ -256,6 +342,7 @@ pub(crate) struct TableKernels {
     items_count: CudaFunction,
     items_place: CudaFunction,
     fill_headers: CudaFunction,
+    strided: CudaFunction,
 }
 
 fn grid_stride(n: usize) -> LaunchConfig {
@@ -296,19 +383,19 @@ impl TableKernels {
             items_count: module.load_function("msh_items_count")?,
             items_place: module.load_function("msh_items_place")?,
             fill_headers: module.load_function("msh_fill_headers")?,
+            strided: module.load_function("msh_strided")?,
         })
     }
 
     /// Routes, splits by destination and lays out the returned rows of one batch, into the
     /// buffer at `buf` laid out as `l`: `msh_route`, `msh_split_count`, `msh_scan`,
-    /// `msh_split_place`. With `meta`, also writes every pick's entry there (`picks` u64).
+    /// `msh_split_place`.
     ///
     /// # Safety
     /// `ids` and `weights` hold `l.tokens × l.top_k` u32 / f32, `p` describes live tables
     /// whose replica slots are below `p.num_physical`, `buf` holds `l.len` bytes with its
-    /// `err` word all ones and its counts zeroed, `meta` (when not 0) holds a u64 per pick;
-    /// all device memory of this context, alive and not written by other work until the
-    /// kernels finished (stream order).
+    /// `err` word all ones and its counts zeroed; all device memory of this context, alive
+    /// and not written by other work until the kernels finished (stream order).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn route_and_split(
         &self,
@@ -317,13 +404,11 @@ impl TableKernels {
         buf: u64,
         ids: u64,
         weights: u64,
-        meta: u64,
         me: usize,
         p: &DevicePlacement,
     ) -> Result<(), LaunchError> {
         let picks = (l.tokens * l.top_k) as u32;
         let top_k = fit("top-k", l.top_k)?;
-        let me = fit("rank", me)?;
         let size = fit("ranks", l.size)?;
         let at = |offset: usize| buf + offset as u64;
         let (err, slots, counts) = (at(l.err), at(l.slots), at(l.counts));
@@ -333,20 +418,14 @@ impl TableKernels {
         let spr = p.slots_per_rank;
         let (chunk, chunks) = (l.sort.chunk, l.sort.chunks);
         if picks > 0 {
-            let mut b = stream.launch_builder(&self.route);
-            b.arg(&ids)
-                .arg(&weights)
-                .arg(&picks)
-                .arg(&top_k)
-                .arg(&me)
-                .arg(&p.num_logical)
-                .arg(&p.rep_start)
-                .arg(&p.rep_slots)
-                .arg(&slots)
-                .arg(&meta)
-                .arg(&err);
-            // SAFETY: the arguments match `msh_route`'s parameters; memory is the caller's.
-            unsafe { b.launch(grid_stride(picks as usize)) }?;
+            let picked = Picked {
+                ids,
+                weights,
+                tokens: l.tokens,
+                top_k: l.top_k,
+            };
+            // SAFETY: the caller's contract; `slots` holds a u32 per pick, `err` a u64.
+            unsafe { self.route(stream, &picked, me, p, slots, 0, err) }?;
             let mut b = stream.launch_builder(&self.split_count);
             b.arg(&slots)
                 .arg(&picks)
@@ -383,39 +462,121 @@ impl TableKernels {
         Ok(())
     }
 
-    /// Writes every destination's row count (from the send buffer at `buf`) into the `size`
-    /// headers at `headers`, and the rejected status when routing failed.
+    /// Routes every pick of `picked` and writes its entry, then the segment lists of the
+    /// final sum after a reduce-scatter, into the buffer at `buf` laid out as `l`:
+    /// `msh_route`, `msh_strided`.
     ///
     /// # Safety
-    /// `headers` holds `l.size` headers of `header_len` bytes (8-byte aligned), `buf` the
-    /// send buffer after [`Self::route_and_split`]; both alive until the kernel finished.
+    /// `ids` and `weights` hold `l.tokens × l.top_k` u32 / f32, `p` describes live tables
+    /// whose replica slots are below `p.num_physical`, `buf` holds `l.len` bytes with its
+    /// `err` word all ones; all device memory of this context, alive and not written by
+    /// other work until the kernels finished (stream order).
     #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn route_all(
+        &self,
+        stream: &CudaStream,
+        l: &RouteLayout,
+        buf: u64,
+        ids: u64,
+        weights: u64,
+        me: usize,
+        p: &DevicePlacement,
+    ) -> Result<(), LaunchError> {
+        let at = |offset: usize| buf + offset as u64;
+        let picked = Picked {
+            ids,
+            weights,
+            tokens: l.tokens,
+            top_k: l.top_k,
+        };
+        if l.tokens * l.top_k > 0 {
+            // SAFETY: the caller's contract; the layout holds a slot and an entry per pick
+            // and the error word.
+            unsafe { self.route(stream, &picked, me, p, at(l.slots), at(l.meta), at(l.err)) }?;
+        }
+        let tokens = fit("tokens", l.tokens)?;
+        let size = fit("ranks", l.size)?;
+        let (token_offsets, token_rows) = (at(l.token_offsets), at(l.token_rows));
+        let mut b = stream.launch_builder(&self.strided);
+        b.arg(&token_offsets)
+            .arg(&token_rows)
+            .arg(&tokens)
+            .arg(&size);
+        // SAFETY: the arguments match `msh_strided`'s parameters; the layout holds
+        // `tokens + 1` offsets and `tokens × size` rows (`RouteLayout::new` keeps that
+        // below `u32::MAX`).
+        unsafe { b.launch(grid_stride(l.tokens * l.size + 1)) }?;
+        Ok(())
+    }
+
+    /// `msh_route` over the picks of `picked`: each pick's slot into `slots`, its entry into
+    /// `meta` unless that is 0, the first unknown pick into `err`.
+    ///
+    /// # Safety
+    /// As [`Self::route_all`]: `slots` holds a u32 per pick, `meta` (when not 0) a u64 per
+    /// pick, `err` one u64.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn route(
+        &self,
+        stream: &CudaStream,
+        picked: &Picked,
+        me: usize,
+        p: &DevicePlacement,
+        slots: u64,
+        meta: u64,
+        err: u64,
+    ) -> Result<(), LaunchError> {
+        let n = picked.tokens.saturating_mul(picked.top_k);
+        let picks = fit("picks of a batch", n)?;
+        let top_k = fit("top-k", picked.top_k)?;
+        let me = fit("rank", me)?;
+        let mut b = stream.launch_builder(&self.route);
+        b.arg(&picked.ids)
+            .arg(&picked.weights)
+            .arg(&picks)
+            .arg(&top_k)
+            .arg(&me)
+            .arg(&p.num_logical)
+            .arg(&p.rep_start)
+            .arg(&p.rep_slots)
+            .arg(&slots)
+            .arg(&meta)
+            .arg(&err);
+        // SAFETY: the arguments match `msh_route`'s parameters; memory is the caller's.
+        unsafe { b.launch(grid_stride(n)) }?;
+        Ok(())
+    }
+
+    /// Writes the `size` headers at `headers` (`fields` say where their row count and
+    /// status lie): every destination's row count from the `size + 1` row offsets at
+    /// `offsets` (left alone when `offsets` is 0), and the rejected status when the routing
+    /// error word at `err` is set.
+    ///
+    /// # Safety
+    /// `headers` holds `size` headers of `fields.len` bytes (8-byte aligned), `offsets` (when
+    /// not 0) `size + 1` u32 and `err` a u64; all alive until the kernel finished.
     pub(crate) unsafe fn fill_headers(
         &self,
         stream: &CudaStream,
-        l: &SendLayout,
-        buf: u64,
         headers: u64,
-        header_len: usize,
-        rows_at: usize,
-        status_at: usize,
-        rejected: u32,
+        size: usize,
+        fields: &HeaderFields,
+        offsets: u64,
+        err: u64,
     ) -> Result<(), LaunchError> {
-        let size = fit("ranks", l.size)?;
+        let size = fit("ranks", size)?;
         let (header_len, rows_at, status_at) = (
-            fit("header bytes", header_len)?,
-            fit("header field", rows_at)?,
-            fit("header field", status_at)?,
+            fit("header bytes", fields.len)?,
+            fit("header field", fields.rows_at)?,
+            fit("header field", fields.status_at)?,
         );
-        let offsets = buf + l.bucket_offsets as u64;
-        let err = buf + l.err as u64;
         let mut b = stream.launch_builder(&self.fill_headers);
         b.arg(&headers)
             .arg(&size)
             .arg(&header_len)
             .arg(&rows_at)
             .arg(&status_at)
-            .arg(&rejected)
+            .arg(&fields.rejected)
             .arg(&offsets)
             .arg(&err);
         // SAFETY: the arguments match `msh_fill_headers`'s parameters; memory is the

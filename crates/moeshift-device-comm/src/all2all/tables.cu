@@ -325,9 +325,10 @@ extern "C" __global__ void msh_items_place(const u64* meta, u32 picks, u32 top_k
     }
 }
 
-// The send headers (`size` headers of `header_len` bytes): every destination's row count
-// (`bucket_offsets[d + 1] - bucket_offsets[d]`, a u64 at byte `rows_at`) and, when routing
-// failed (`err` set), the rejected status (a u32 at byte `status_at`). One thread.
+// The send headers (`size` headers of `header_len` bytes): with `bucket_offsets`, every
+// destination's row count (`bucket_offsets[d + 1] - bucket_offsets[d]`, a u64 at byte
+// `rows_at`; left alone without) and, when routing failed (`err` set), the rejected status
+// (a u32 at byte `status_at`). One thread.
 extern "C" __global__ void msh_fill_headers(unsigned char* headers, u32 size, u32 header_len,
                                             u32 rows_at, u32 status_at, u32 rejected,
                                             const u32* bucket_offsets, const u64* err) {
@@ -335,7 +336,27 @@ extern "C" __global__ void msh_fill_headers(unsigned char* headers, u32 size, u3
     bool failed = *err != ~0ull;
     for (u32 d = 0; d < size; ++d) {
         unsigned char* h = headers + (u64)d * header_len;
-        *(u64*)(h + rows_at) = (u64)(bucket_offsets[d + 1] - bucket_offsets[d]);
+        if (bucket_offsets) {
+            *(u64*)(h + rows_at) = (u64)(bucket_offsets[d + 1] - bucket_offsets[d]);
+        }
         if (failed) *(u32*)(h + status_at) = rejected;
+    }
+}
+
+// The segment lists of the final sum after a reduce-scatter: `size` blocks of `tokens` rows
+// came back, token `t` sums row `t` of every block in rank order: `token_offsets[t] =
+// t * size` (`tokens + 1` offsets), `token_rows[t * size + r] = r * tokens + t`.
+extern "C" __global__ void msh_strided(u32* token_offsets, u32* token_rows, u32 tokens,
+                                       u32 size) {
+    u32 all = tokens * size;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i <= all; i += gridDim.x * blockDim.x) {
+        if (i == all) {
+            token_offsets[tokens] = all;
+            continue;
+        }
+        u32 t = i / size;
+        u32 r = i - t * size;
+        if (r == 0) token_offsets[t] = i;
+        token_rows[i] = r * tokens + t;
     }
 }

@@ -1,19 +1,15 @@
-//! Host-side routing tables of the CUDA managers: which physical slot serves each pick,
-//! who sends which rows where, which work items a rank received, and the segment lists the
-//! reduction kernels walk. Pure functions, the same on every rank for the same inputs.
+//! The dispatch tables of the CUDA managers computed on the host, the plain way: the
+//! reference that the GPU kernels (`tables.cu`) are tested against, entry for entry.
 //!
-//! They run on every dispatch, between GPU steps, so each is a fixed number of linear
-//! passes with exact sizes, and the `*_into` forms write into buffers kept from the
-//! previous call (the managers keep them in their engine): no per-element searches, no
-//! reallocation, no fresh memory to fault in.
+//! Routing (which physical slot serves each pick), the split of a batch by destination (the
+//! rows sent and their pick metadata), the work items a rank received (sorted by local
+//! slot, with per-row lists), and the segment lists of the final sum.
 
-#[cfg(test)]
-use super::cuda_wire::push_pick;
-use super::cuda_wire::{pick_entry, NO_PICK, PICK_BYTES};
-#[cfg(test)]
+use super::cuda_tables::{no_expert, not_ours, Foreign};
+use super::cuda_wire::{pick_at, pick_entry, NO_PICK, PICK_BYTES};
 use super::dispatched::ExpertWork;
 use super::placement::ExpertPlacement;
-use super::replica::{replica_index, token_key};
+use super::replica::token_key;
 
 /// A pick whose logical expert the placement does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,161 +19,42 @@ pub(crate) struct UnknownPick {
     pub expert: u32,
 }
 
-/// Routes every pick of this rank's batch to its physical slot, into `slots` (replacing its
-/// contents): `ids` holds the router's logical expert ids (little-endian `u32`,
-/// `tokens × top_k`, row-major), and pick `k` of token `t` goes where
-/// `placement.route(token_key(me, t), k, id)` sends it: replica
-/// [`replica_index`]`(token_key(me, t), k, count)` of the expert's replicas. Experts with
-/// one replica skip the hash (their replica index is always 0). On an unknown expert,
-/// returns the first such pick (in token, pick order).
-pub(crate) fn route_picks_into(
-    slots: &mut Vec<u32>,
-    ids: &[u8],
+/// The physical slot of every pick of rank `me`'s batch (`ids`: logical expert ids,
+/// `tokens × top_k`, row-major): pick `k` of token `t` goes where
+/// `placement.route(token_key(me, t), k, id)` sends it. Fails on the first pick (in token,
+/// pick order) whose expert the placement does not know.
+pub(crate) fn route_picks(
+    ids: &[u32],
     top_k: usize,
     me: usize,
     placement: &ExpertPlacement,
-) -> Result<(), UnknownPick> {
-    // Per logical expert: its only slot, `SEVERAL` (hash among its replicas) or `NONE`.
-    const SEVERAL: u32 = u32::MAX;
-    const NONE: u32 = u32::MAX - 1;
-    let replicas: Vec<&[usize]> = (0..placement.num_logical())
-        .map(|e| placement.replicas(e).unwrap_or_default())
-        .collect();
-    let direct: Vec<u32> = replicas
-        .iter()
-        .map(|r| match r {
-            [slot] => u32::try_from(*slot)
-                .ok()
-                .filter(|&s| s < NONE)
-                .unwrap_or(SEVERAL),
-            [] => NONE,
-            _ => SEVERAL,
+) -> Result<Vec<u32>, UnknownPick> {
+    let top_k = top_k.max(1);
+    ids.iter()
+        .enumerate()
+        .map(|(i, &expert)| {
+            let (token, k) = (i / top_k, i % top_k);
+            placement
+                .route(token_key(me, token), k, expert as usize)
+                .map(|s| s as u32)
+                .ok_or(UnknownPick { token, k, expert })
         })
-        .collect();
-    slots.clear();
-    if top_k == 0 {
-        return Ok(());
-    }
-    slots.reserve(ids.len() / 4);
-    for (t, row) in ids.chunks_exact(4 * top_k).enumerate() {
-        for (k, id) in row.chunks_exact(4).enumerate() {
-            let expert = u32::from_le_bytes(word(id));
-            let slot = match direct.get(expert as usize) {
-                Some(&s) if s < NONE => Some(s),
-                Some(&SEVERAL) => replicas.get(expert as usize).and_then(|r| {
-                    r.get(replica_index(token_key(me, t), k, r.len()))
-                        .map(|&s| s as u32)
-                }),
-                _ => None,
-            };
-            slots.push(slot.ok_or(UnknownPick {
-                token: t,
-                k,
-                expert,
-            })?);
-        }
-    }
-    Ok(())
+        .collect()
 }
 
-/// Little-endian `f32` values into `out` (replacing its contents; a trailing partial word
-/// is dropped).
-pub(crate) fn decode_f32s_into(out: &mut Vec<f32>, bytes: &[u8]) {
-    out.clear();
-    out.extend(bytes.chunks_exact(4).map(|w| f32::from_le_bytes(word(w))));
-}
-
-/// One destination's share of this rank's tokens.
+/// One destination's share of a batch.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Outgoing {
-    /// Tokens (indices into this rank's batch) sent there, ascending.
+    /// Tokens (indices into the batch) sent there, ascending.
     pub tokens: Vec<u32>,
-    /// `top_k` pick entries per sent token (see `cuda_wire`): the slot for picks served
-    /// there, [`NO_PICK`] for the others.
+    /// `top_k` pick entries per sent token: the slot for picks served there, [`NO_PICK`] for
+    /// the others.
     pub meta: Vec<u8>,
 }
 
-impl AsRef<[u32]> for Outgoing {
-    fn as_ref(&self) -> &[u32] {
-        &self.tokens
-    }
-}
-
-/// The destination rank of a physical slot: looked up in a table over the group's slots
-/// (slots past them have none, reported as `size`).
-struct SlotRanks {
-    table: Vec<u32>,
-    slots_per_rank: usize,
-    size: usize,
-}
-
-impl SlotRanks {
-    /// Largest slot count looked up in a table rather than divided.
-    const TABLE_MAX: usize = 1 << 20;
-
-    fn new(slots_per_rank: usize, size: usize) -> Self {
-        let slots = slots_per_rank.saturating_mul(size);
-        let table = if slots_per_rank > 0 && slots <= Self::TABLE_MAX {
-            (0..slots).map(|s| (s / slots_per_rank) as u32).collect()
-        } else {
-            Vec::new()
-        };
-        Self {
-            table,
-            slots_per_rank,
-            size,
-        }
-    }
-
-    /// The destinations of token `t`'s picks `row_slots`: each pick's into `dest`; the
-    /// token's, each once, as a bit mask for up to 64 ranks, or else in `new` (those not
-    /// yet marked with `t` in `stamp`, then marked).
-    #[inline]
-    fn destinations(
-        &self,
-        t: usize,
-        row_slots: &[u32],
-        dest: &mut [usize],
-        stamp: &mut [usize],
-        new: &mut Vec<usize>,
-    ) -> u64 {
-        let mut mask = 0u64;
-        for (d, &s) in dest.iter_mut().zip(row_slots) {
-            *d = self.of(s);
-            mask |= 1u64.checked_shl(*d as u32).unwrap_or(0);
-        }
-        if self.size <= 64 {
-            return mask;
-        }
-        new.clear();
-        for &d in dest.iter() {
-            if let Some(seen) = stamp.get_mut(d) {
-                if *seen != t {
-                    *seen = t;
-                    new.push(d);
-                }
-            }
-        }
-        0
-    }
-
-    /// The rank of `slot`, or `size` (no rank) past the group's slots.
-    #[inline]
-    fn of(&self, slot: u32) -> usize {
-        match self.table.get(slot as usize) {
-            Some(&d) => d as usize,
-            None if self.table.is_empty() && self.slots_per_rank > 0 => {
-                (slot as usize / self.slots_per_rank).min(self.size)
-            }
-            None => self.size,
-        }
-    }
-}
-
-/// Splits this rank's routed picks (`slots`, `weights`: `tokens × top_k`) by destination
-/// rank `slot / slots_per_rank`; a token goes to a destination once, however many of its
-/// picks land there.
-#[cfg(test)]
+/// Splits routed picks (`slots`, `weights`: `tokens × top_k`) by destination rank
+/// `slot / slots_per_rank`: a token goes to a destination once, however many of its picks
+/// land there; slots past the group's go nowhere.
 pub(crate) fn split_by_destination(
     slots: &[u32],
     weights: &[f32],
@@ -185,146 +62,46 @@ pub(crate) fn split_by_destination(
     slots_per_rank: usize,
     size: usize,
 ) -> Vec<Outgoing> {
-    let mut out = Vec::new();
-    split_by_destination_into(&mut out, slots, weights, top_k, slots_per_rank, size);
-    out
-}
-
-/// [`split_by_destination`] into `out` (`size` shares, their buffers reused).
-///
-/// Two passes over the picks: the first counts each destination's tokens, so that the
-/// second writes every share's entries into a buffer of the exact size. A token's
-/// destinations are a bit mask for groups of up to 64 ranks; larger groups mark each
-/// destination with the last token that went there.
-pub(crate) fn split_by_destination_into(
-    out: &mut Vec<Outgoing>,
-    slots: &[u32],
-    weights: &[f32],
-    top_k: usize,
-    slots_per_rank: usize,
-    size: usize,
-) {
-    out.resize_with(size, Outgoing::default);
-    out.truncate(size);
-    for o in out.iter_mut() {
-        o.tokens.clear();
-        o.meta.clear();
-    }
-    if top_k == 0 || slots_per_rank == 0 {
-        return;
-    }
-    let ranks = SlotRanks::new(slots_per_rank, size);
-    let rows = || slots.chunks_exact(top_k).zip(weights.chunks_exact(top_k));
-    // The destination of each pick of the current token, and the token's destinations:
-    // up to 64 ranks a bit mask, past that the destinations not yet marked with the token.
-    let mut dest = vec![0usize; top_k];
-    let mut stamp = vec![usize::MAX; if size > 64 { size } else { 0 }];
-    let mut new = Vec::with_capacity(top_k);
-    // Pass 1: each destination's tokens.
-    let mut count = vec![0usize; size];
-    for (t, (row_slots, _)) in rows().enumerate() {
-        let mut mask = ranks.destinations(t, row_slots, &mut dest, &mut stamp, &mut new);
-        while mask != 0 {
-            if let Some(c) = count.get_mut(mask.trailing_zeros() as usize) {
-                *c += 1;
+    let dest = |s: u32| (s as usize).checked_div(slots_per_rank);
+    (0..size)
+        .map(|d| {
+            let mut o = Outgoing::default();
+            for (t, (row, w)) in slots
+                .chunks_exact(top_k.max(1))
+                .zip(weights.chunks_exact(top_k.max(1)))
+                .enumerate()
+            {
+                if row.iter().all(|&s| dest(s) != Some(d)) {
+                    continue;
+                }
+                o.tokens.push(t as u32);
+                for (&s, &w) in row.iter().zip(w) {
+                    let slot = if dest(s) == Some(d) { s } else { NO_PICK };
+                    o.meta.extend_from_slice(&pick_entry(slot, w));
+                }
             }
-            mask &= mask - 1;
-        }
-        for &d in &new {
-            if let Some(c) = count.get_mut(d) {
-                *c += 1;
-            }
-        }
-    }
-    let row_bytes = top_k * PICK_BYTES;
-    for (o, &c) in out.iter_mut().zip(&count) {
-        o.tokens.reserve(c);
-        o.meta.resize(c * row_bytes, 0);
-    }
-
-    // Pass 2: every (token, destination) once, with all of the token's entries; `at[d]`:
-    // the bytes of share `d` written so far.
-    let mut at = vec![0usize; size];
-    let mut send = |t: usize, d: usize, dest: &[usize], row_slots: &[u32], row_weights: &[f32]| {
-        let (Some(o), Some(a)) = (out.get_mut(d), at.get_mut(d)) else {
-            return;
-        };
-        let Some(entries) = o.meta.get_mut(*a..*a + row_bytes) else {
-            return;
-        };
-        *a += row_bytes;
-        o.tokens.push(t as u32);
-        let picks = dest.iter().zip(row_slots).zip(row_weights);
-        for (e, ((&pd, &s), &w)) in entries.chunks_exact_mut(PICK_BYTES).zip(picks) {
-            e.copy_from_slice(&pick_entry(if pd == d { s } else { NO_PICK }, w));
-        }
-    };
-    stamp.fill(usize::MAX);
-    for (t, (row_slots, row_weights)) in rows().enumerate() {
-        let mut mask = ranks.destinations(t, row_slots, &mut dest, &mut stamp, &mut new);
-        while mask != 0 {
-            let d = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            send(t, d, &dest, row_slots, row_weights);
-        }
-        for &d in &new {
-            send(t, d, &dest, row_slots, row_weights);
-        }
-    }
+            o
+        })
+        .collect()
 }
 
-/// Writes the pick entry of every pick into `out` (gather / reduce-scatter sends all of
-/// them everywhere): `out` holds `PICK_BYTES` per pick; entries past its end are dropped.
-pub(crate) fn write_all_picks(out: &mut [u8], slots: &[u32], weights: &[f32]) {
-    for ((e, &s), &w) in out.chunks_exact_mut(PICK_BYTES).zip(slots).zip(weights) {
-        e.copy_from_slice(&pick_entry(s, w));
-    }
+/// The entry of every pick, in pick order (gather / reduce-scatter sends all of them).
+pub(crate) fn all_picks(slots: &[u32], weights: &[f32]) -> Vec<u8> {
+    slots
+        .iter()
+        .zip(weights)
+        .flat_map(|(&s, &w)| pick_entry(s, w))
+        .collect()
 }
 
-/// What to do with a received pick routed to another rank's slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Foreign {
-    /// It is an error: the sender should only send this rank's picks.
-    Reject,
-    /// Skip it: every rank receives every pick.
-    Skip,
-}
-
-/// The first four bytes of `b` (zeros past its end; callers pass whole words).
-#[inline]
-fn word(b: &[u8]) -> [u8; 4] {
-    match b {
-        [a, b, c, d, ..] => [*a, *b, *c, *d],
-        _ => [0; 4],
-    }
-}
-
-/// The slot of one 8-byte pick entry (`chunks_exact` guarantees the length).
-#[cfg(test)]
-fn entry_slot(e: &[u8]) -> u32 {
-    u32::from_le_bytes(word(e))
-}
-
-/// The weight of one 8-byte pick entry.
-#[cfg(test)]
-fn entry_weight(e: &[u8]) -> f32 {
-    f32::from_le_bytes(word(e.get(4..).unwrap_or_default()))
-}
-
-/// One 8-byte pick entry.
-#[cfg(test)]
-fn decode_pick(e: &[u8]) -> (u32, f32) {
-    (entry_slot(e), entry_weight(e))
+fn truncated(i: usize, k: usize) -> String {
+    format!("row {i} pick {k}: metadata is truncated")
 }
 
 /// The work items in the pick metadata received from every rank: `rows[s]` rows from group
 /// rank `s`, their metadata consecutive in `meta` in rank order, `top_k` entries per row.
 /// Items come in receive order (source rank, row, pick). On a malformed entry, returns the
 /// source rank and what is wrong.
-///
-/// With [`Received::organize`], the two-step form of [`Received::parse_with`] that the
-/// single pass is tested against.
-#[cfg(test)]
 pub(crate) fn parse_received(
     meta: &[u8],
     rows: &[usize],
@@ -342,7 +119,7 @@ pub(crate) fn parse_received(
         for i in 0..count {
             for k in 0..top_k {
                 let e = entries.next().ok_or_else(|| (src, truncated(i, k)))?;
-                let (slot, weight) = decode_pick(e);
+                let (slot, weight) = pick_at(e, 0).ok_or_else(|| (src, truncated(i, k)))?;
                 if slot == NO_PICK {
                     continue;
                 }
@@ -372,28 +149,10 @@ pub(crate) fn parse_received(
     Ok(items)
 }
 
-#[cfg(test)]
-fn truncated(i: usize, k: usize) -> String {
-    format!("row {i} pick {k}: metadata is truncated")
-}
-
-pub(crate) fn no_expert(i: usize, k: usize, slot: usize) -> String {
-    format!("row {i} pick {k} is routed to slot {slot}, which holds no expert")
-}
-
-pub(crate) fn not_ours(i: usize, k: usize, slot: usize, first_slot: usize, spr: usize) -> String {
-    format!(
-        "row {i} pick {k} is routed to slot {slot}, which is not an expert slot of this rank \
-         (slots {first_slot}..{})",
-        first_slot + spr
-    )
-}
-
 /// Received work organised as the kernels organise it (the reference form the GPU tables
 /// are checked against): items sorted by local slot (stable), the slot boundaries, and per
 /// received row the items that read it (a CSR list of item indices, ascending, with their
 /// weights).
-#[cfg(test)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Received {
     pub items: Vec<ExpertWork>,
@@ -409,7 +168,6 @@ pub(crate) struct Received {
     pub item_rows: Vec<u32>,
 }
 
-#[cfg(test)]
 impl Received {
     /// [`parse_received`] then [`organize`](Self::organize): the work items of `meta` as
     /// the kernels organise them.
@@ -495,71 +253,37 @@ impl Received {
 /// Segment lists of the final sum on a token's own rank after all-to-all-v: the rows came
 /// back destination by destination (`sent[d]` in order, blocks in rank order), and token
 /// `t` sums its rows in rank order. Returns `(offsets, rows)`, `n + 1` offsets.
-#[cfg(test)]
-pub(crate) fn token_segments<T: AsRef<[u32]>>(sent: &[T], n: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut out = (Vec::new(), Vec::new());
-    token_segments_into(&mut out, sent, n);
-    out
-}
-
-/// [`token_segments`] into `out` (its buffers reused).
-pub(crate) fn token_segments_into<T: AsRef<[u32]>>(
-    out: &mut (Vec<u32>, Vec<u32>),
-    sent: &[T],
-    n: usize,
-) {
-    let (offsets, rows) = out;
-    offsets.clear();
-    offsets.resize(n + 1, 0);
-    for tokens in sent {
-        for &t in tokens.as_ref() {
-            if let Some(c) = offsets.get_mut(t as usize + 1) {
-                *c += 1;
-            }
+pub(crate) fn token_segments(sent: &[Outgoing], n: usize) -> (Vec<u32>, Vec<u32>) {
+    // Every returned row, in arrival order, listed under its token.
+    let mut per_token = vec![Vec::new(); n];
+    let back = sent.iter().flat_map(|o| o.tokens.iter());
+    for (r, &t) in back.enumerate() {
+        if let Some(rows) = per_token.get_mut(t as usize) {
+            rows.push(r as u32);
         }
     }
-    for t in 1..offsets.len() {
-        offsets[t] += offsets[t - 1];
+    let mut offsets = vec![0u32];
+    let mut rows = Vec::new();
+    for list in per_token {
+        rows.extend(list);
+        offsets.push(rows.len() as u32);
     }
-    rows.clear();
-    rows.resize(offsets.last().copied().unwrap_or(0) as usize, 0);
-    // Each token's next row, starting at its offset.
-    let mut fill = offsets.clone();
-    let mut back_row = 0u32;
-    for tokens in sent {
-        for &t in tokens.as_ref() {
-            if let Some(pos) = fill.get_mut(t as usize) {
-                if let Some(r) = rows.get_mut(*pos as usize) {
-                    *r = back_row;
-                }
-                *pos += 1;
-            }
-            back_row += 1;
-        }
-    }
+    (offsets, rows)
 }
 
 /// Segment lists of the final sum after a reduce-scatter: `size` blocks of `n` rows, token
 /// `t` sums row `t` of every block in rank order.
-#[cfg(test)]
 pub(crate) fn strided_segments(size: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut out = (Vec::new(), Vec::new());
-    strided_segments_into(&mut out, size, n);
-    out
-}
-
-/// [`strided_segments`] into `out` (its buffers reused).
-pub(crate) fn strided_segments_into(out: &mut (Vec<u32>, Vec<u32>), size: usize, n: usize) {
-    let (offsets, rows) = out;
-    offsets.clear();
-    offsets.extend((0..=n).map(|t| (t * size) as u32));
-    rows.clear();
-    rows.extend((0..n).flat_map(|t| (0..size).map(move |s| (s * n + t) as u32)));
+    let offsets = (0..=n).map(|t| (t * size) as u32).collect();
+    let rows = (0..n)
+        .flat_map(|t| (0..size).map(move |s| (s * n + t) as u32))
+        .collect();
+    (offsets, rows)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::cuda_wire::pick_at;
+    use super::super::cuda_wire::push_pick;
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -666,7 +390,11 @@ mod tests {
     #[test]
     fn token_segments_follow_destination_order() {
         // Token 1 went to ranks 0 and 1, token 0 only to 1, token 2 only to 0.
-        let sent = vec![vec![1, 2], vec![0, 1]];
+        let share = |tokens: &[u32]| Outgoing {
+            tokens: tokens.to_vec(),
+            meta: Vec::new(),
+        };
+        let sent = [share(&[1, 2]), share(&[0, 1])];
         let (offsets, rows) = token_segments(&sent, 3);
         assert_eq!(offsets, [0, 1, 3, 4]);
         // Back rows: block 0 = [t1, t2] (rows 0, 1), block 1 = [t0, t1] (rows 2, 3).
@@ -676,37 +404,8 @@ mod tests {
         assert_eq!(rows, [0, 2, 4, 1, 3, 5]);
     }
 
-    /// The straightforward forms of the tables, written independently: per destination,
-    /// scan the picks; per slot, filter the items; per row, filter the sorted items.
-    fn reference_split(
-        slots: &[u32],
-        weights: &[f32],
-        k: usize,
-        spr: usize,
-        size: usize,
-    ) -> Vec<Outgoing> {
-        (0..size)
-            .map(|dest| {
-                let mut o = Outgoing::default();
-                for t in 0..slots.len() / k {
-                    let row = &slots[t * k..(t + 1) * k];
-                    if row.iter().all(|&s| s as usize / spr != dest) {
-                        continue;
-                    }
-                    o.tokens.push(t as u32);
-                    for (j, &s) in row.iter().enumerate() {
-                        let slot = if s as usize / spr == dest { s } else { NO_PICK };
-                        o.meta.extend_from_slice(&slot.to_le_bytes());
-                        o.meta.extend_from_slice(&weights[t * k + j].to_le_bytes());
-                    }
-                }
-                o
-            })
-            .collect()
-    }
-
     #[test]
-    fn tables_match_their_straightforward_forms() {
+    fn received_tables_match_their_straightforward_forms() {
         let mut rng = StdRng::seed_from_u64(0x7ab1e5);
         for case in 0..40 {
             let size = rng.gen_range(1..=4);
@@ -725,11 +424,6 @@ mod tests {
                 .collect();
             let weights: Vec<f32> = (0..n * k).map(|_| rng.gen::<f32>()).collect();
             let out = split_by_destination(&slots, &weights, k, spr, size);
-            assert_eq!(
-                out,
-                reference_split(&slots, &weights, k, spr, size),
-                "case {case}"
-            );
 
             // What rank `me` receives from every rank (here: the same batch from each).
             let me = rng.gen_range(0..size);
@@ -799,85 +493,9 @@ mod tests {
     }
 
     #[test]
-    fn routing_matches_the_placement_pick_by_pick() {
-        let mut rng = StdRng::seed_from_u64(0x00e0_a7e5);
-        let mut slots = vec![7u32; 3]; // leftovers are replaced
-        for case in 0..60 {
-            let size = rng.gen_range(1..=4);
-            let spr = rng.gen_range(1..=6);
-            let p = random_placement(&mut rng, size, spr, false);
-            let k = rng.gen_range(1..=8);
-            let n = rng.gen_range(0..40);
-            let me = rng.gen_range(0..size);
-            let unknown = rng.gen_bool(0.3);
-            let ids: Vec<u32> = (0..n * k)
-                .map(|_| {
-                    if unknown && rng.gen_bool(0.05) {
-                        (p.num_logical() + rng.gen_range(0..3)) as u32
-                    } else {
-                        rng.gen_range(0..p.num_logical() as u32)
-                    }
-                })
-                .collect();
-            let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-            let mut expected = Vec::new();
-            let mut first_unknown = None;
-            for (i, &e) in ids.iter().enumerate() {
-                match p.route(token_key(me, i / k), i % k, e as usize) {
-                    Some(s) => expected.push(s as u32),
-                    None => {
-                        first_unknown = Some(UnknownPick {
-                            token: i / k,
-                            k: i % k,
-                            expert: e,
-                        });
-                        break;
-                    }
-                }
-            }
-            let got = route_picks_into(&mut slots, &bytes, k, me, &p);
-            match first_unknown {
-                Some(u) => assert_eq!(got, Err(u), "case {case}"),
-                None => {
-                    assert_eq!(got, Ok(()), "case {case}");
-                    assert_eq!(slots, expected, "case {case}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn split_matches_its_straightforward_form_for_any_group_size() {
-        let mut rng = StdRng::seed_from_u64(0x5b11_7000);
-        // One set of buffers for every case: what an earlier split left must not leak.
-        let mut out = Vec::new();
-        for case in 0..80 {
-            // Past 64 ranks the destinations are marked per token rather than masked.
-            let size = *[1, 2, 3, 8, 63, 64, 65, 100]
-                .get(rng.gen_range(0..8))
-                .expect("size");
-            let spr = rng.gen_range(1..=5);
-            let k = rng.gen_range(1..=8);
-            let n = rng.gen_range(0..40);
-            // A few slots past the group's: such picks go nowhere.
-            let slots: Vec<u32> = (0..n * k)
-                .map(|_| rng.gen_range(0..(size * spr + 2) as u32))
-                .collect();
-            let weights: Vec<f32> = (0..n * k).map(|_| rng.gen::<f32>()).collect();
-            split_by_destination_into(&mut out, &slots, &weights, k, spr, size);
-            assert_eq!(
-                out,
-                reference_split(&slots, &weights, k, spr, size),
-                "case {case}"
-            );
-        }
-    }
-
-    #[test]
     fn all_picks_are_written_in_pick_order() {
         let (slots, weights) = ([3u32, NO_PICK, 0], [0.5f32, 0.25, 2.0]);
-        let mut out = vec![0xaau8; 3 * PICK_BYTES];
-        write_all_picks(&mut out, &slots, &weights);
+        let out = all_picks(&slots, &weights);
         let mut expected = Vec::new();
         for (&s, &w) in slots.iter().zip(&weights) {
             push_pick(&mut expected, s, w);
@@ -949,16 +567,6 @@ mod tests {
         assert_eq!(r.item_rows, [0, 1, 0, 0, 1]);
     }
 
-    #[test]
-    fn segment_buffers_are_reused_without_leftovers() {
-        let mut out = (vec![9u32; 20], vec![9u32; 20]);
-        token_segments_into(&mut out, &[vec![1u32, 2], vec![0, 1]], 3);
-        assert_eq!(out, token_segments(&[vec![1u32, 2], vec![0, 1]], 3));
-        assert_eq!(out.0, [0, 1, 3, 4]);
-        strided_segments_into(&mut out, 2, 2);
-        assert_eq!(out, (vec![0, 2, 4], vec![0, 2, 1, 3]));
-    }
-
     // ----- the GPU-built tables against the host forms above (need a GPU; skipped without) -----
 
     mod gpu {
@@ -968,7 +576,7 @@ mod tests {
 
         use super::super::super::cuda_tables::{malformed_entry, placement_tables};
         use super::super::super::table_kernels::{
-            DevicePlacement, ItemLayout, SendLayout, TableKernels,
+            DevicePlacement, HeaderFields, ItemLayout, RouteLayout, SendLayout, TableKernels,
         };
         use super::*;
 
@@ -1073,40 +681,65 @@ mod tests {
                     ids[at] = p.num_logical() as u32 + rng.gen_range(0..3);
                 }
                 let weights: Vec<f32> = (0..n * k).map(|_| rng.gen::<f32>()).collect();
-                let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-                let mut want_slots = Vec::new();
-                let routed = route_picks_into(&mut want_slots, &id_bytes, k, me, &p);
+                let routed = route_picks(&ids, k, me, &p);
+                let want_err = match routed {
+                    Err(u) => ((u.token * k + u.k) as u64) << 32 | u64::from(u.expert),
+                    Ok(_) => u64::MAX,
+                };
 
                 let (dev, _tables) = placement_on(&g, &p);
                 let (d_ids, d_weights) = (up(&g, &ids), up(&g, &weights));
-                let l = SendLayout::new(n, k, size).expect("layout");
-                let buf = buffer(&g, l.len, l.err);
-                let base = ptr(&buf, &g.stream);
+                let (ids_at, weights_at) = (ptr(&d_ids, &g.stream), ptr(&d_weights, &g.stream));
+
+                // Every token to every rank: slots, every pick's entry, the strided segments.
+                let r = RouteLayout::new(n, k, size).expect("route layout");
+                let rbuf = buffer(&g, r.len, r.err);
                 // SAFETY: buffers sized for the layout, all on this stream.
                 unsafe {
-                    g.kernels.route_and_split(
+                    g.kernels.route_all(
                         &g.stream,
-                        &l,
-                        base,
-                        ptr(&d_ids, &g.stream),
-                        ptr(&d_weights, &g.stream),
-                        0,
+                        &r,
+                        ptr(&rbuf, &g.stream),
+                        ids_at,
+                        weights_at,
                         me,
                         &dev,
                     )
                 }
                 .expect("launch");
-                let bytes = g.stream.clone_dtoh(&buf).expect("download");
-                let err = u64_at(&bytes, l.err);
-                match routed {
-                    Err(u) => {
-                        failed_cases += 1;
-                        let pick = (u.token * k + u.k) as u64;
-                        assert_eq!(err, (pick << 32) | u64::from(u.expert), "case {case}");
-                        continue;
-                    }
-                    Ok(()) => assert_eq!(err, u64::MAX, "case {case}"),
+                let rbytes = g.stream.clone_dtoh(&rbuf).expect("download");
+                assert_eq!(u64_at(&rbytes, r.err), want_err, "case {case}");
+                let (offsets, rows_of) = strided_segments(size, n);
+                assert_eq!(
+                    u32s(&rbytes, r.token_offsets, n + 1),
+                    offsets,
+                    "case {case}"
+                );
+                assert_eq!(
+                    u32s(&rbytes, r.token_rows, n * size),
+                    rows_of,
+                    "case {case}"
+                );
+
+                // Split by destination.
+                let l = SendLayout::new(n, k, size).expect("layout");
+                let buf = buffer(&g, l.len, l.err);
+                let base = ptr(&buf, &g.stream);
+                // SAFETY: buffers sized for the layout, all on this stream.
+                unsafe {
+                    g.kernels
+                        .route_and_split(&g.stream, &l, base, ids_at, weights_at, me, &dev)
                 }
+                .expect("launch");
+                let bytes = g.stream.clone_dtoh(&buf).expect("download");
+                assert_eq!(u64_at(&bytes, l.err), want_err, "case {case}");
+                let Ok(want_slots) = routed else {
+                    failed_cases += 1;
+                    continue;
+                };
+                assert_eq!(u32s(&rbytes, r.slots, n * k), want_slots, "case {case}");
+                let meta = &rbytes[r.meta..r.meta + n * k * PICK_BYTES];
+                assert_eq!(meta, &all_picks(&want_slots, &weights)[..], "case {case}");
                 assert_eq!(u32s(&bytes, l.slots, n * k), want_slots, "case {case}");
                 let out = split_by_destination(&want_slots, &weights, k, spr, size);
                 let offsets = u32s(&bytes, l.bucket_offsets, size + 1);
@@ -1134,6 +767,54 @@ mod tests {
                 (5..100).contains(&failed_cases),
                 "{failed_cases} cases failed"
             );
+        }
+
+        #[test]
+        fn gpu_headers_take_the_row_counts_and_the_status() {
+            let Some(g) = gpu("gpu_headers_take_the_row_counts_and_the_status") else {
+                return;
+            };
+            let fields = HeaderFields {
+                len: 64,
+                rows_at: 16,
+                status_at: 4,
+                rejected: 7,
+            };
+            let headers = up(&g, &[0xabu8; 3 * 64]);
+            let offsets = up(&g, &[0u32, 5, 5, 12]);
+            let routed = up(&g, &[u64::MAX]);
+            let failed = up(&g, &[(3u64 << 32) | 9]);
+            let at = |s: &CudaSlice<u8>, h: usize, f: usize, n: usize| {
+                let bytes = g.stream.clone_dtoh(s).expect("download");
+                bytes[h * 64 + f..h * 64 + f + n].to_vec()
+            };
+            let fill = |offsets: u64, err: u64| {
+                // SAFETY: 3 headers of 64 bytes, 4 offsets, one error word, on this stream.
+                unsafe {
+                    g.kernels.fill_headers(
+                        &g.stream,
+                        ptr(&headers, &g.stream),
+                        3,
+                        &fields,
+                        offsets,
+                        err,
+                    )
+                }
+                .expect("launch")
+            };
+            // Routed: every destination's row count; the status is left alone.
+            fill(ptr(&offsets, &g.stream), ptr(&routed, &g.stream));
+            for (h, rows) in [5u64, 0, 7].into_iter().enumerate() {
+                assert_eq!(at(&headers, h, 16, 8), rows.to_le_bytes());
+                assert_eq!(at(&headers, h, 4, 4), [0xab; 4]);
+                assert_eq!(at(&headers, h, 0, 4), [0xab; 4]);
+            }
+            // Failed, without offsets: the counts stay, every status says rejected.
+            fill(0, ptr(&failed, &g.stream));
+            for (h, rows) in [5u64, 0, 7].into_iter().enumerate() {
+                assert_eq!(at(&headers, h, 16, 8), rows.to_le_bytes());
+                assert_eq!(at(&headers, h, 4, 4), 7u32.to_le_bytes());
+            }
         }
 
         #[test]
