@@ -5,6 +5,12 @@
 #   bash run.sh bench  run the benchmarks beside their PyTorch peers; results land in $OUT or
 #                      ./results: bench.jsonl (one labelled JSON result a line) and bench.log
 #   bash run.sh gpu+bench  both
+#   bash run.sh scale  expert parallelism over every visible GPU (4 or 8; 2 to try it out):
+#                      random layer plans through the nccl and nixl EPLB communicators, every
+#                      row verified, a 30 s deadline per plan; one DeepSeek-V3-sized layer
+#                      rearrangement beside PyTorch's batch_isend_irecv of the same plan; the
+#                      all-to-all dispatch/combine beside all_to_all_single; weight transfer
+#                      from 1 trainer GPU to the others. Results as for bench.
 # Needs: NVIDIA driver, CUDA runtime, NCCL (libnccl.so or libnccl.so.2), python3 + torch for the
 # peer baseline. Nothing is downloaded.
 set -uo pipefail
@@ -134,12 +140,58 @@ run_benches() {
   [ -x "$ex/host_bw" ] && bench host_transport $L "$ex/host_bw" 64 256
 }
 
+# Everything of `run_benches` that matters at scale, on all visible GPUs.
+run_scale() {
+  local n
+  n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  if [ "$n" -lt 2 ]; then
+    echo "scale: $n GPU(s) visible, at least 2 needed"; fail=1; return
+  fi
+  : > "$results/bench.jsonl"
+  local ex="$here/examples" L="moeshift launch --nproc $n --timeout 3000 --"
+  echo "scale: $n GPUs" | tee -a "$results/bench.log"
+  # 1000 random layer plans per backend, every row checked, 30 s per plan: any hang or wrong
+  # byte fails the run.
+  local stress="--layers 1000 --experts-per-rank 16 --moved-per-rank 4 --tensors 2 --expert-bytes 262144 --device cuda --verify --deadline 30"
+  for b in nccl nixl; do
+    bench "stress_$b" $L moeshift bench eplb-comm --backend $b $stress
+  done
+  # 1000 re-planned layers with replicas (receives, local copies and duplicate fills).
+  local replan="--plan deepseek --layers 1000 --experts-per-rank 9 --logical-experts 64 --tensors 2 --expert-bytes 262144 --device cuda --verify --deadline 30"
+  for b in nccl nixl; do
+    bench "stress_replan_$b" $L moeshift bench eplb-comm --backend $b $replan
+  done
+  # One DeepSeek-V3-sized layer (36 slots per GPU, 256 experts, 3 draws), re-planned after a
+  # window of drift by the migration policy and by the DeepSeek policy, beside PyTorch
+  # replaying the same moves (one batch_isend_irecv per layer, as vLLM does).
+  local shape="--experts-per-rank 36 --logical-experts 256 --layers 3 --tensors 2 --tensor-bytes 58720256,29360128 --device cuda --verify"
+  local p
+  for p in migration deepseek; do
+    local plan="$results/eplb_plan_$p.json"
+    bench "eplb_${p}_nccl" $L moeshift bench eplb-comm --backend nccl --plan $p $shape --plan-out "$plan"
+    bench "eplb_${p}_nixl" $L moeshift bench eplb-comm --backend nixl --plan $p $shape
+    [ -f "$here/torch_eplb_peer.py" ] && [ -f "$plan" ] &&
+      bench "eplb_${p}_torch" python3 "$here/torch_eplb_peer.py" --plan "$plan"
+  done
+  # MoE dispatch + combine over all GPUs, and its peer on the same split sizes.
+  local splits="$results/a2a_splits.json"
+  bench all2all $L "$ex/all2all_bw" --reps 9 --warmup 3 --splits-out "$splits"
+  [ -f "$splits" ] &&
+    bench all2all_torch python3 "$here/torch_all2all_peer.py" --splits "$splits" --reps 9 --warmup 3
+  # 1 trainer GPU, n - 1 workers: dense and sparse.
+  local ws="--params 494000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 9"
+  bench ws_nccl_dense $L moeshift bench weight-sync --engine nccl --mode dense $ws
+  bench ws_nccl_sparse $L moeshift bench weight-sync --engine nccl --mode sparse --sparse-fraction 0.001 $ws
+  bench ws_ipc_packed $L moeshift bench weight-sync --engine ipc --mode packed $ws
+}
+
 case "$mode" in
   gpu) run_tests '*gpu*' ;;
   all) run_tests '*' ;;
   bench) run_benches ;;
   gpu+bench) run_tests '*gpu*'; run_benches ;;
-  *) echo "usage: bash run.sh [gpu|all|bench|gpu+bench]"; exit 2 ;;
+  scale) run_scale ;;
+  *) echo "usage: bash run.sh [gpu|all|bench|gpu+bench|scale]"; exit 2 ;;
 esac
-[ "$mode" = bench ] || echo "gpu tests: $passed passed, $failed failed"
+[ "$mode" = bench ] || [ "$mode" = scale ] || echo "gpu tests: $passed passed, $failed failed"
 exit $fail

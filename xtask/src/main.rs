@@ -36,8 +36,10 @@ Commands:
                             moeshift binary built with CUDA/NCCL support, the NIXL runtime
                             (.tar.xz), the PyTorch peer baseline script and run.sh, a folder that
                             a GPU machine with no Rust toolchain and no network can run
-                            (`bash run.sh [gpu|all|bench|gpu+bench]`). When GPUs are visible here
-                            (nvidia-smi -L), runs `gpu+bench` directly unless --bundle-only.
+                            (`bash run.sh [gpu|all|bench|gpu+bench|scale]`; `scale` runs the
+                            expert-parallel stress and benchmarks on every visible GPU). When GPUs
+                            are visible here (nvidia-smi -L), runs `gpu+bench` directly unless
+                            --bundle-only.
   help                      This text.
 ";
 

@@ -1,17 +1,18 @@
-//! MoE dispatch + combine bandwidth of the three CUDA all-to-all managers on 2 GPUs.
+//! MoE dispatch + combine bandwidth of the three CUDA all-to-all managers, one rank per GPU
+//! (2 by default; any count that divides the 256 experts).
 //!
 //! Each rank dispatches 4096 tokens of hidden size 7168 (bf16) with top-8 routing over 256
-//! experts (128 per GPU, uniform random picks with a fixed seed per rank, weights 1/8),
+//! experts (256 / ranks per GPU, uniform random picks with a fixed seed per rank, weights 1/8),
 //! the experts are identities (their inputs gathered once before timing), and the
 //! combined rows are checked to equal the input rows exactly. After warm-up, each timed
 //! repetition starts after an NCCL barrier and measures dispatch, then combine until its
 //! output is ready; the medians are reported. GB/s per GPU = token-row bytes this GPU sends
-//! to and receives from the other GPU in dispatch plus combine, over the total time.
+//! to and receives from the other GPUs in dispatch plus combine, over the total time.
 //!
 //! ```text
 //! cargo build --release --features cuda -p moeshift-device-comm --example all2all_bw
 //! moeshift launch --nproc 2 -- target/release/examples/all2all_bw [--reps 9] [--splits-out F]
-//! target/release/examples/all2all_bw                       # starts 2 ranks itself
+//! target/release/examples/all2all_bw [--ranks 8]            # starts the ranks itself (2)
 //! ```
 //!
 //! `--splits-out FILE` writes the rows each rank sends each rank (all-to-all-v routing) as
@@ -58,7 +59,8 @@ mod bench {
 
     type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-    const RANKS: usize = 2;
+    /// Ranks started without a launcher, unless `--ranks` says otherwise.
+    const DEFAULT_RANKS: usize = 2;
     const TOP_K: usize = 8;
     const EXPERTS: usize = 256;
     const OP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -70,6 +72,7 @@ mod bench {
         tokens: usize,
         hidden: usize,
         splits_out: Option<String>,
+        ranks: usize,
     }
 
     fn parse_args() -> Result<Args> {
@@ -79,6 +82,7 @@ mod bench {
             tokens: 4096,
             hidden: 7168,
             splits_out: None,
+            ranks: DEFAULT_RANKS,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -89,10 +93,11 @@ mod bench {
                 "--tokens" => a.tokens = value()?.parse()?,
                 "--hidden" => a.hidden = value()?.parse()?,
                 "--splits-out" => a.splits_out = Some(value()?),
+                "--ranks" => a.ranks = value()?.parse()?,
                 other => {
                     return Err(format!(
                         "unexpected argument {other:?}; usage: all2all_bw [--reps N] [--warmup N] \
-                     [--tokens N] [--hidden N] [--splits-out FILE]"
+                     [--tokens N] [--hidden N] [--splits-out FILE] [--ranks N]"
                     )
                     .into())
                 }
@@ -101,26 +106,31 @@ mod bench {
         if a.reps < 5 {
             return Err("--reps must be at least 5".into());
         }
+        if a.ranks == 0 || EXPERTS % a.ranks != 0 {
+            return Err(
+                format!("--ranks {} does not divide the {EXPERTS} experts", a.ranks).into(),
+            );
+        }
         Ok(a)
     }
 
     pub fn main() -> Result<()> {
         let args = parse_args()?;
         if std::env::var_os("RANK").is_none() {
-            return launch();
+            return launch(args.ranks);
         }
         run_rank(&args)
     }
 
-    /// Starts two ranks of this program and prints rank 0's JSON.
-    fn launch() -> Result<()> {
+    /// Starts `ranks` ranks of this program and prints rank 0's JSON.
+    fn launch(ranks: usize) -> Result<()> {
         nccl_available()?;
         let gpus = CudaContext::device_count()?;
-        if gpus < RANKS as i32 {
-            return Err(format!("{gpus} GPU(s) visible; the benchmark needs {RANKS}").into());
+        if gpus < ranks as i32 {
+            return Err(format!("{gpus} GPU(s) visible; the benchmark needs {ranks}").into());
         }
         let exe = std::env::current_exe()?;
-        let outcome = Launcher::new(RANKS, exe)
+        let outcome = Launcher::new(ranks, exe)
             .args(std::env::args().skip(1))
             .output(OutputMode::Capture)
             .timeout(Duration::from_secs(600))
@@ -267,8 +277,9 @@ mod bench {
 
     fn run_rank(args: &Args) -> Result<()> {
         let world = World::from_env()?;
-        if world.world_size() != RANKS {
-            return Err(format!("run with {RANKS} ranks, not {}", world.world_size()).into());
+        let ranks = world.world_size();
+        if EXPERTS % ranks != 0 {
+            return Err(format!("{ranks} ranks do not divide the {EXPERTS} experts").into());
         }
         let rank = world.rank();
         let setup = Deadline::after(Duration::from_secs(120));
@@ -278,7 +289,7 @@ mod bench {
         let comm = NcclComm::from_store(
             &store,
             rank,
-            RANKS,
+            ranks,
             "all2all_bw/unique_id",
             world.local_rank(),
             setup,
@@ -286,7 +297,8 @@ mod bench {
         let stream = comm.stream().clone();
         let gpu = stream.context().name()?;
 
-        // Tokens, routing and placement (256 experts, 128 slots per GPU, no redundancy).
+        // Tokens, routing and placement (256 experts, 256 / ranks slots per GPU, no
+        // redundancy).
         let (n, h) = (args.tokens, args.hidden);
         let row_bytes = h * 2;
         let values: Vec<u16> = (0..n * h)
@@ -304,16 +316,16 @@ mod bench {
         }
         let weights = vec![1.0f32 / TOP_K as f32; n * TOP_K];
         let phy2log: Vec<i64> = (0..EXPERTS as i64).collect();
-        let placement = ExpertPlacement::from_phy2log(0, &phy2log, EXPERTS, RANKS)?;
+        let placement = ExpertPlacement::from_phy2log(0, &phy2log, EXPERTS, ranks)?;
         let hidden = stream.clone_htod(&bytes)?;
         let ids_dev = stream.clone_htod(&ids)?;
         let weights_dev = stream.clone_htod(&weights)?;
 
         // Rows sent to each rank by the all-to-all-v routing (the managers' own rule).
         let spr = placement.slots_per_rank();
-        let mut send_rows = [0u64; RANKS];
+        let mut send_rows = vec![0u64; ranks];
         for t in 0..n {
-            let mut seen = [false; RANKS];
+            let mut seen = vec![false; ranks];
             for k in 0..TOP_K {
                 let e = ids[t * TOP_K + k] as usize;
                 let slot = placement
@@ -337,9 +349,9 @@ mod bench {
             .collect();
 
         let workspace = Workspace::new(
-            RANKS,
+            ranks,
             EpGroupShape {
-                dp: RANKS,
+                dp: ranks,
                 pcp: 1,
                 tp: 1,
             },
@@ -358,9 +370,13 @@ mod bench {
         let a2av = CudaAllToAllVManager::new(&comm)?;
         let one_sided = CudaOneSidedManager::new(&comm, &group, workspace, setup)?;
 
-        let peer = 1 - rank;
-        let cross_a2av = (send_rows[peer] + matrix[peer][rank]) as f64 * row_bytes as f64 * 2.0;
-        let cross_agrs = (2 * n) as f64 * row_bytes as f64 * 2.0;
+        // Rows this rank sends to and receives from the other ranks, in dispatch and again
+        // (reversed) in combine.
+        let others = |d: &usize| *d != rank;
+        let sent: u64 = (0..ranks).filter(others).map(|d| send_rows[d]).sum();
+        let got: u64 = (0..ranks).filter(others).map(|s| matrix[s][rank]).sum();
+        let cross_a2av = (sent + got) as f64 * row_bytes as f64 * 2.0;
+        let cross_agrs = (2 * (ranks - 1) * n) as f64 * row_bytes as f64 * 2.0;
         let mut fields: Vec<String> = Vec::new();
         let reps = args.reps.max(1) as f64;
         let mut report = |name: &str, t: &Timing, bytes: f64, steps: Vec<(String, Duration)>| {
@@ -392,8 +408,8 @@ mod bench {
             &bytes,
             &|| agrs.reset_step_times(),
         )?;
-        if received != 2 * n {
-            return Err(format!("agrs received {received} rows, expected {}", 2 * n).into());
+        if received != ranks * n {
+            return Err(format!("agrs received {received} rows, expected {}", ranks * n).into());
         }
         report("allgather_reducescatter", &t, cross_agrs, agrs.step_times());
         let (t, _) = time_manager(
@@ -435,7 +451,7 @@ mod bench {
                 std::fs::write(
                     path,
                     format!(
-                        "{{\"ranks\": {RANKS}, \"tokens_per_rank\": {n}, \"hidden\": {h}, \
+                        "{{\"ranks\": {ranks}, \"tokens_per_rank\": {n}, \"hidden\": {h}, \
                          \"dtype\": \"bf16\", \"send_rows\": [{}]}}\n",
                         rows.join(", ")
                     ),
@@ -443,12 +459,12 @@ mod bench {
             }
             println!(
                 "{RESULT_TAG}{{\"bench\": \"all2all_bw\", \"impl\": \"moeshift\", \"gpu\": \"{}\", \
-                 \"nccl\": \"{version}\", \"ranks\": {RANKS}, \"tokens_per_rank\": {n}, \
+                 \"nccl\": \"{version}\", \"ranks\": {ranks}, \"tokens_per_rank\": {n}, \
                  \"hidden\": {h}, \"dtype\": \"bf16\", \"top_k\": {TOP_K}, \"experts\": {EXPERTS}, \
                  \"reps\": {}, \"warmup\": {}, \"send_rows\": {:?}, \"verified\": true, \
                  \"timing\": \"rank 0 wall clock, median; each repetition starts after an NCCL \
                  barrier; dispatch returns when its rows arrived, combine when its output is \
-                 ready; GBps = token-row bytes sent to + received from the other GPU in dispatch \
+                 ready; GBps = token-row bytes sent to + received from the other GPUs in dispatch \
                  and combine / total\", \"managers\": {{{}}}}}",
                 gpu.replace('"', "'"),
                 args.reps,

@@ -1,5 +1,5 @@
-//! `moeshift bench eplb-comm`: moves random layer plans through an EPLB communicator and
-//! reports the throughput. Run it under `moeshift launch` (or any torchrun-style launcher):
+//! `moeshift bench eplb-comm`: moves layer plans through an EPLB communicator and reports the
+//! throughput. Run it under `moeshift launch` (or any torchrun-style launcher):
 //!
 //! ```text
 //! moeshift launch --nproc 4 -- moeshift bench eplb-comm --backend host --layers 8 \
@@ -15,19 +15,79 @@
 //!     --tensor-bytes 58720256,29360128 --verify
 //! ```
 //!
-//! Every layer holds `E` experts per rank (no replicas) and moves a random plan in which
-//! exactly `M` experts of every rank go to other ranks, and `M` arrive from them. Every
-//! rank derives the same placements from `--seed`. Expert rows hold a pattern derived from
-//! `(expert, tensor, byte index)`, so `--verify` checks every row of every layer byte for
-//! byte after the moves (for `--device cuda`, after copying the rows back to the host).
+//! # Plans
+//!
+//! `--plan random` (the default): every layer holds `E = --experts-per-rank` experts per
+//! rank (no replicas) and moves a random plan in which exactly `M = --moved-per-rank`
+//! (default 2) experts of every rank go to other ranks, and `M` arrive from them.
+//!
+//! `--plan migration`: a rebalance as the serving side would run it. `--experts-per-rank` is
+//! the number of physical slots `S` per rank, `--logical-experts L` (default 256, at most
+//! `S × ranks`) the logical experts; the extra slots hold replicas. For every layer the
+//! bench draws log-normal expert loads (σ = 1), places them with [`deepseek()`] (the old
+//! placement), multiplies every load by `exp(N(0, σ_d))` (`--drift-sigma σ_d`, default
+//! 0.25: one window of drift) and re-plans with [`migration()`] from the old placement (the
+//! new placement), on one node of `ranks` GPUs with 8 expert groups when `L` is a multiple
+//! of 8, else 1. The moves are those [`LayerPlan`] derives from the two maps: receives over
+//! the wire, local copies and duplicate fills. `--moved-per-rank` is rejected in this mode.
+//! With 36 slots for 256 experts per 8 GPUs and the default drift, the migration-aware
+//! policy mostly rebalances with local copies (a second replica of an expert the rank
+//! already holds) and sends only a few rows, if any, over the wire per layer.
+//!
+//! `--plan deepseek`: the same old placement and drift, re-planned with [`deepseek()`] and
+//! slot preservation (what vLLM's default policy does): most replicas change rank, so
+//! this is the heavy rearrangement to compare transports on.
+//!
+//! In every mode every rank derives the same placements from `--seed`. Expert rows hold a
+//! pattern derived from `(expert, tensor, byte index)` (replicas of an expert hold the same
+//! bytes), so `--verify` checks every row of every layer byte for byte against the new
+//! placement after the moves (for `--device cuda`, after copying the rows back to the host).
 //! With `--device cuda`, each rank's weights live on GPU `LOCAL_RANK`, allocated with
 //! `cuMemAlloc` as PyTorch's caching allocator does (not from a stream-ordered pool), so
 //! the `nixl` backend's peers can READ them through CUDA IPC.
 //!
+//! # Plan file
+//!
+//! With `--plan-out FILE`, rank 0 writes the rows the bench moves as one JSON object, for
+//! `bench/torch_eplb_peer.py` to replay the same moves with `torch.distributed`:
+//!
+//! * `ranks`, `slots_per_rank` (rows per rank and tensor), `tensor_bytes` (bytes of one
+//!   expert row of each tensor), `plan` (`random`, `migration` or `deepseek`), `seed`;
+//! * `layers`: one object per layer with
+//!   * `moves`: `[src_rank, src_row, dst_rank, dst_row]` for every row written from the
+//!     *old* content of another row: the receives over the wire (`src_rank ≠ dst_rank`,
+//!     the source being the row the sender actually sends from) and the local copies
+//!     (`src_rank = dst_rank`), sorted by `(src_rank, dst_rank, dst_row)`. One source row
+//!     may feed several moves;
+//!   * `fills`: `[rank, src_row, dst_row]` for every further replica of an expert that
+//!     arrived over the wire: copied on `rank` from row `src_row` *after* it received its
+//!     new content (the `dst_row` of a move of the same layer);
+//!   * `old_phy2log`, `new_phy2log`: the layer's maps (rank-major, `ranks × slots_per_rank`
+//!     logical expert ids), for checking.
+//!
+//! Rows are local slot indices; every row that changes content appears once as the
+//! destination of a move or a fill. Example for EP = 8 with DeepSeek-V3's shapes (36 slots per
+//! GPU, 256 logical experts), then the PyTorch peer on the same GPUs:
+//!
+//! ```text
+//! moeshift launch --nproc 8 -- moeshift bench eplb-comm --device cuda --backend nccl \
+//!     --plan migration --experts-per-rank 36 --logical-experts 256 --layers 3 \
+//!     --tensor-bytes 58720256,29360128 --verify --plan-out plan.json
+//! python3 bench/torch_eplb_peer.py --plan plan.json
+//! ```
+//!
+//! (`--plan deepseek` instead gives the heavy rearrangement of a full re-plan.)
+//!
 //! Rank 0 prints one JSON object:
 //!
-//! * `backend`, `device`, `ranks`, `layers`, `experts_per_rank`, `moved_per_rank`,
-//!   `tensor_bytes` (bytes of one expert's row of each tensor), `expert_bytes`;
+//! * `backend`, `device`, `ranks`, `layers`, `experts_per_rank`, `moved_per_rank` (`null`
+//!   with `--plan migration` or `deepseek`), `tensor_bytes` (bytes of one expert's row of each tensor),
+//!   `expert_bytes`;
+//! * `plan`: `random`, `migration` or `deepseek`; with the last two also `logical_experts`,
+//!   `drift_sigma`, `expert_groups` (the groups of the topology the policies ran on), and
+//!   per layer, summed over ranks, `layer_rows_received` (expert rows received over the
+//!   wire) and `layer_rows_copied` (rows copied on their rank: local copies and duplicate
+//!   fills);
 //! * `bytes_moved`: expert-row bytes received over the wire, summed over ranks;
 //! * `seconds`: the slowest rank's time for all layers (transfer and commit);
 //! * `GBps_per_rank`: `bytes_moved / ranks / seconds / 1e9`;
@@ -57,6 +117,8 @@
 //!
 //! Any rank's failure makes the command exit non-zero with the error on standard error.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -67,7 +129,7 @@ use moeshift_eplb_comm::{
     choose_backend, create_communicator, eplb_group, set_log_hook, Backend, BackendChoice,
     EplbCommunicator, LayerMove, LayerWeights,
 };
-use moeshift_placement::LayerPlan;
+use moeshift_placement::{deepseek, migration, LayerPlan, LoadMatrix, MigrationOptions, Topology};
 use moeshift_sync::Deadline;
 use moeshift_tensor::{DType, HostBuffer};
 use serde::{Deserialize, Serialize};
@@ -92,13 +154,89 @@ impl DeviceArg {
     }
 }
 
+/// How the layers' placements are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PlanArg {
+    /// No replicas; exactly `--moved-per-rank` experts of every rank move to other ranks.
+    Random,
+    /// DeepSeek placement of log-normal loads, then the migration-aware policy after one
+    /// window of drift.
+    Migration,
+    /// As `migration`, but re-planned with the DeepSeek policy (with slot preservation), as
+    /// vLLM's default policy rebalances.
+    Deepseek,
+}
+
+/// Default of `--moved-per-rank` with `--plan random`.
+const DEFAULT_MOVED_PER_RANK: usize = 2;
+/// Default of `--logical-experts` with `--plan migration` (DeepSeek-V3's routed experts).
+const DEFAULT_LOGICAL_EXPERTS: usize = 256;
+/// Default of `--drift-sigma` with `--plan migration`.
+const DEFAULT_DRIFT_SIGMA: f64 = 0.25;
+
+/// The policy that re-plans the drifted loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DriftPolicy {
+    /// [`migration()`] from the old placement.
+    Migration,
+    /// [`deepseek()`] with slot preservation.
+    DeepSeek,
+}
+
+/// The plan options, resolved and checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PlanKind {
+    /// `--plan random`.
+    Random {
+        /// Experts of every rank that move to another rank.
+        moved_per_rank: usize,
+    },
+    /// `--plan migration` or `--plan deepseek`.
+    Drift {
+        /// The policy of the new placement.
+        policy: DriftPolicy,
+        /// Logical experts.
+        logical_experts: usize,
+        /// Standard deviation of the log-normal drift of every load.
+        drift_sigma: f64,
+    },
+}
+
+impl PlanKind {
+    fn name(&self) -> &'static str {
+        match self {
+            PlanKind::Random { .. } => "random",
+            PlanKind::Drift {
+                policy: DriftPolicy::Migration,
+                ..
+            } => "migration",
+            PlanKind::Drift {
+                policy: DriftPolicy::DeepSeek,
+                ..
+            } => "deepseek",
+        }
+    }
+
+    /// `--plan migration` with the given shape (for tests).
+    #[cfg(test)]
+    fn migration(logical_experts: usize, drift_sigma: f64) -> Self {
+        PlanKind::Drift {
+            policy: DriftPolicy::Migration,
+            logical_experts,
+            drift_sigma,
+        }
+    }
+}
+
 /// Arguments of `moeshift bench eplb-comm`.
 #[derive(clap::Args)]
 #[command(
     after_help = "Run under `moeshift launch --nproc N -- moeshift bench eplb-comm …`. Rank 0 prints \
-one JSON object: backend, device, ranks, layers, bytes_moved, seconds, GBps_per_rank, layer_seconds, \
-GBps_per_rank_after_first, staging_bytes, verified, phases, mode, nixl_read_streams, \
-nixl_landing_slots, nixl_read_requests."
+one JSON object: backend, device, ranks, layers, plan, bytes_moved, seconds, GBps_per_rank, \
+layer_seconds, GBps_per_rank_after_first, staging_bytes, verified, phases, mode, nixl_read_streams, \
+nixl_landing_slots, nixl_read_requests; with --plan migration or deepseek also logical_experts, drift_sigma, \
+expert_groups, layer_rows_received, layer_rows_copied. --plan-out FILE writes the moved rows for \
+bench/torch_eplb_peer.py."
 )]
 pub struct Args {
     /// EPLB communicator backend: host, nccl, nixl or auto.
@@ -107,12 +245,32 @@ pub struct Args {
     /// MoE layers to move.
     #[arg(long, default_value_t = 4)]
     layers: usize,
-    /// Expert rows (local physical experts) per rank in every layer.
+    /// Expert rows (physical slots) per rank in every layer.
     #[arg(long, default_value_t = 8)]
     experts_per_rank: usize,
-    /// Experts of every rank that move to another rank in every layer.
-    #[arg(long, default_value_t = 2)]
-    moved_per_rank: usize,
+    /// How the placements are drawn: random (no replicas, `--moved-per-rank` experts of
+    /// every rank move), migration (DeepSeek placement of log-normal loads, re-planned by
+    /// the migration-aware policy after one window of drift) or deepseek (the same, re-planned
+    /// by the DeepSeek policy).
+    #[arg(long, value_enum, default_value_t = PlanArg::Random)]
+    plan: PlanArg,
+    /// With `--plan random`: experts of every rank that move to another rank in every layer
+    /// [default: 2].
+    #[arg(long)]
+    moved_per_rank: Option<usize>,
+    /// With `--plan migration` or `deepseek`: logical experts, at most `--experts-per-rank`
+    /// × ranks [default: 256].
+    #[arg(long, value_name = "L")]
+    logical_experts: Option<usize>,
+    /// With `--plan migration` or `deepseek`: standard deviation of the drift, every load
+    /// being multiplied by `exp(N(0, sigma))` between the old and the new placement
+    /// [default: 0.25].
+    #[arg(long, value_name = "SIGMA", allow_negative_numbers = true)]
+    drift_sigma: Option<f64>,
+    /// Rank 0 writes the rows moved in every layer to this JSON file (for
+    /// `bench/torch_eplb_peer.py`).
+    #[arg(long, value_name = "FILE")]
+    plan_out: Option<PathBuf>,
     /// Bytes of one expert across all its tensors (split evenly between `--tensors`).
     #[arg(long, default_value_t = 1 << 20, conflicts_with = "tensor_bytes")]
     expert_bytes: usize,
@@ -151,6 +309,49 @@ pub struct Args {
 }
 
 impl Args {
+    /// The plan options, resolved and checked (everything that does not need the rank count).
+    fn plan_kind(&self) -> anyhow::Result<PlanKind> {
+        match self.plan {
+            PlanArg::Random => {
+                if self.logical_experts.is_some() || self.drift_sigma.is_some() {
+                    bail!(
+                        "--logical-experts and --drift-sigma apply to --plan migration or \
+                         deepseek only"
+                    );
+                }
+                Ok(PlanKind::Random {
+                    moved_per_rank: self.moved_per_rank.unwrap_or(DEFAULT_MOVED_PER_RANK),
+                })
+            }
+            PlanArg::Migration | PlanArg::Deepseek => {
+                let policy = if self.plan == PlanArg::Migration {
+                    DriftPolicy::Migration
+                } else {
+                    DriftPolicy::DeepSeek
+                };
+                if let Some(m) = self.moved_per_rank {
+                    bail!(
+                        "--moved-per-rank {m} does not apply to --plan migration or deepseek: \
+                         their moves follow from the old and new placements"
+                    );
+                }
+                let logical_experts = self.logical_experts.unwrap_or(DEFAULT_LOGICAL_EXPERTS);
+                if logical_experts == 0 {
+                    bail!("--logical-experts must be at least 1");
+                }
+                let drift_sigma = self.drift_sigma.unwrap_or(DEFAULT_DRIFT_SIGMA);
+                if !(drift_sigma.is_finite() && drift_sigma >= 0.0) {
+                    bail!("--drift-sigma must be a finite number ≥ 0, not {drift_sigma}");
+                }
+                Ok(PlanKind::Drift {
+                    policy,
+                    logical_experts,
+                    drift_sigma,
+                })
+            }
+        }
+    }
+
     /// The nixl backend's landing slots for this run.
     fn landing_slots(&self) -> usize {
         self.nixl_landing_slots
@@ -177,6 +378,11 @@ struct RankReport {
     layer_phases: Vec<Vec<(String, f64)>>,
     /// Per layer, the READ requests posted (`nixl` only).
     layer_read_requests: Vec<usize>,
+    /// Per layer, the expert rows this rank received over the wire.
+    layer_rows_received: Vec<usize>,
+    /// Per layer, the rows this rank copied from its own rows (local copies and duplicate
+    /// fills).
+    layer_rows_copied: Vec<usize>,
 }
 
 /// The communicator of the run: the `nixl` backend is kept as itself, for its phases.
@@ -239,13 +445,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let deadline_for = seconds(args.deadline)?;
     let tensor_bytes = tensor_sizes(&args)?;
-    check_sizes(&args)?;
+    let kind = args.plan_kind()?;
+    check_sizes(&args, &kind)?;
     let world =
         World::from_env().context("moeshift bench eplb-comm must run under `moeshift launch`")?;
     let (rank, ranks) = (world.rank(), world.world_size());
-    if ranks < 2 && args.moved_per_rank > 0 {
-        bail!("moving experts between ranks needs at least 2 ranks (WORLD_SIZE is {ranks})");
+    if let PlanKind::Random { moved_per_rank } = kind {
+        if ranks < 2 && moved_per_rank > 0 {
+            bail!("moving experts between ranks needs at least 2 ranks (WORLD_SIZE is {ranks})");
+        }
     }
+    // Every rank derives the same maps; a bad shape fails on every rank alike, before any
+    // rank waits for the others.
+    let maps = plan_maps(&kind, ranks, args.experts_per_rank, args.layers, args.seed)?;
     if rank != 0 {
         // One log line for the whole job is enough.
         set_log_hook(Some(Box::new(|_| {})));
@@ -255,7 +467,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         StoreClient::connect(&world, setup).context("connecting to the rendezvous store")?;
     let control = HostGroup::world(&store, setup).context("forming the control group")?;
 
-    let report = match run_rank(&args, &tensor_bytes, &store, &world, deadline_for) {
+    let report = match run_rank(
+        &args,
+        &kind,
+        &tensor_bytes,
+        &maps,
+        &store,
+        &world,
+        deadline_for,
+    ) {
         Ok(r) => r,
         Err(e) => RankReport {
             error: Some(format!("{e:#}")),
@@ -286,7 +506,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("rank {r} failed: {e}");
     }
     if rank == 0 {
-        println!("{}", summary(&args, &tensor_bytes, ranks, &reports));
+        println!("{}", summary(&args, &kind, &tensor_bytes, ranks, &reports));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -294,6 +514,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Rank 0's JSON object from every rank's report.
 fn summary(
     args: &Args,
+    kind: &PlanKind,
     tensor_bytes: &[usize],
     ranks: usize,
     reports: &[RankReport],
@@ -336,13 +557,18 @@ fn summary(
             layer_seconds.iter().skip(1).sum(),
         )
     });
-    serde_json::json!({
+    let moved_per_rank = match kind {
+        PlanKind::Random { moved_per_rank } => Some(*moved_per_rank),
+        PlanKind::Drift { .. } => None,
+    };
+    let mut out = serde_json::json!({
         "backend": backend,
         "device": args.device.name(),
         "ranks": ranks,
         "layers": args.layers,
+        "plan": kind.name(),
         "experts_per_rank": args.experts_per_rank,
-        "moved_per_rank": args.moved_per_rank,
+        "moved_per_rank": moved_per_rank,
         "tensor_bytes": tensor_bytes,
         "expert_bytes": tensor_bytes.iter().sum::<usize>(),
         "bytes_moved": bytes_moved,
@@ -366,7 +592,37 @@ fn summary(
                 })
                 .collect::<Vec<_>>()
         }),
-    })
+    });
+    if let (
+        PlanKind::Drift {
+            logical_experts,
+            drift_sigma,
+            ..
+        },
+        Some(obj),
+    ) = (kind, out.as_object_mut())
+    {
+        let per_layer = |rows: fn(&RankReport) -> &Vec<usize>| -> Vec<usize> {
+            (0..args.layers)
+                .map(|l| reports.iter().filter_map(|r| rows(r).get(l)).sum())
+                .collect()
+        };
+        obj.insert("logical_experts".into(), serde_json::json!(logical_experts));
+        obj.insert("drift_sigma".into(), serde_json::json!(drift_sigma));
+        obj.insert(
+            "expert_groups".into(),
+            serde_json::json!(expert_groups(*logical_experts)),
+        );
+        obj.insert(
+            "layer_rows_received".into(),
+            serde_json::json!(per_layer(|r| &r.layer_rows_received)),
+        );
+        obj.insert(
+            "layer_rows_copied".into(),
+            serde_json::json!(per_layer(|r| &r.layer_rows_copied)),
+        );
+    }
+    out
 }
 
 /// The `phases` object: for every phase the first rank reported, the slowest rank's
@@ -444,16 +700,17 @@ fn tensor_sizes(args: &Args) -> anyhow::Result<Vec<usize>> {
     Ok(args.tensor_bytes.clone())
 }
 
-fn check_sizes(args: &Args) -> anyhow::Result<()> {
+fn check_sizes(args: &Args, kind: &PlanKind) -> anyhow::Result<()> {
     if args.layers == 0 || args.experts_per_rank == 0 {
         bail!("--layers and --experts-per-rank must be at least 1");
     }
-    if args.moved_per_rank > args.experts_per_rank {
-        bail!(
-            "--moved-per-rank {} exceeds --experts-per-rank {}",
-            args.moved_per_rank,
-            args.experts_per_rank
-        );
+    if let PlanKind::Random { moved_per_rank } = *kind {
+        if moved_per_rank > args.experts_per_rank {
+            bail!(
+                "--moved-per-rank {moved_per_rank} exceeds --experts-per-rank {}",
+                args.experts_per_rank
+            );
+        }
     }
     Ok(())
 }
@@ -614,17 +871,15 @@ fn device_layer<'a>(
 /// Everything one rank does between setup and the report.
 fn run_rank(
     args: &Args,
+    kind: &PlanKind,
     tensor_bytes: &[usize],
+    maps: &[(Vec<usize>, Vec<usize>)],
     store: &StoreClient,
     world: &World,
     deadline_for: Duration,
 ) -> anyhow::Result<RankReport> {
     let (rank, ranks) = (world.rank(), world.world_size());
     let e = args.experts_per_rank;
-    let mut rng = SplitMix(args.seed);
-    let maps: Vec<(Vec<usize>, Vec<usize>)> = (0..args.layers)
-        .map(|_| layer_maps(&mut rng, ranks, e, args.moved_per_rank))
-        .collect();
     let mine = |map: &[usize]| map[rank * e..(rank + 1) * e].to_vec();
 
     let mut storage = Weights::new(
@@ -638,8 +893,20 @@ fn run_rank(
         .iter()
         .map(|(old, new)| LayerPlan::new(old, new, ranks))
         .collect::<Result<Vec<_>, _>>()?;
+    if rank == 0 {
+        if let Some(path) = &args.plan_out {
+            write_plan_file(path, kind, args.seed, tensor_bytes, maps, &plans)?;
+        }
+    }
 
     let mut report = RankReport::default();
+    for plan in &plans {
+        let me = plan.rank(rank)?;
+        report.layer_rows_received.push(me.recvs.len());
+        report
+            .layer_rows_copied
+            .push(me.local_copies.len() + me.dup_fills.len());
+    }
     {
         let mut weights = storage.layers(tensor_bytes, e)?;
         let setup = Deadline::after(deadline_for);
@@ -732,6 +999,195 @@ fn split_bytes(total: usize, n: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Expert groups of the topology the migration plan runs on: 8 (as DeepSeek-V3) when they
+/// divide the logical experts, else 1. With one node the groups only order the experts
+/// inside the DeepSeek policy; they never make a shape invalid.
+fn expert_groups(logical_experts: usize) -> usize {
+    if logical_experts % 8 == 0 {
+        8
+    } else {
+        1
+    }
+}
+
+/// Every layer's old and new `phy2log` (rank-major, `ranks · e` slots), the same on every
+/// rank for the same arguments.
+fn plan_maps(
+    kind: &PlanKind,
+    ranks: usize,
+    e: usize,
+    layers: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<(Vec<usize>, Vec<usize>)>> {
+    match *kind {
+        PlanKind::Random { moved_per_rank } => {
+            let mut rng = SplitMix(seed);
+            Ok((0..layers)
+                .map(|_| layer_maps(&mut rng, ranks, e, moved_per_rank))
+                .collect())
+        }
+        PlanKind::Drift {
+            policy,
+            logical_experts,
+            drift_sigma,
+        } => drift_maps(policy, ranks, e, logical_experts, layers, drift_sigma, seed),
+    }
+}
+
+/// `--plan migration` and `deepseek`: per layer, log-normal loads (σ = 1, median 1000)
+/// placed by the DeepSeek policy on `ranks` GPUs of `slots` slots (the old map), then every
+/// load multiplied by `exp(N(0, drift_sigma))` and `policy` run from the old placement (the
+/// new map).
+fn drift_maps(
+    policy: DriftPolicy,
+    ranks: usize,
+    slots: usize,
+    logical_experts: usize,
+    layers: usize,
+    drift_sigma: f64,
+    seed: u64,
+) -> anyhow::Result<Vec<(Vec<usize>, Vec<usize>)>> {
+    let total = slots
+        .checked_mul(ranks)
+        .context("--experts-per-rank × ranks overflows")?;
+    if logical_experts > total {
+        bail!(
+            "--logical-experts {logical_experts} exceeds the {total} slots \
+             (--experts-per-rank {slots} × {ranks} ranks): every logical expert needs a slot"
+        );
+    }
+    let topo = Topology::new(total, expert_groups(logical_experts), 1, ranks);
+    let mut rng = SplitMix(seed);
+    let mut loads: Vec<f64> = (0..layers * logical_experts)
+        .map(|_| 1000.0 * rng.normal().exp())
+        .collect();
+    let matrix = |w: &[f64]| {
+        LoadMatrix::from_flat(
+            layers,
+            logical_experts,
+            w.iter().map(|&x| x as f32).collect(),
+        )
+        .context("building the expert loads")
+    };
+    let old = deepseek(&matrix(&loads)?, &topo, None).with_context(|| {
+        format!(
+            "placing {logical_experts} experts on {ranks} ranks of {slots} slots \
+             with the DeepSeek policy"
+        )
+    })?;
+    for w in &mut loads {
+        *w *= (drift_sigma * rng.normal()).exp();
+    }
+    let load = matrix(&loads)?;
+    let new = match policy {
+        DriftPolicy::Migration => {
+            migration(&load, &topo, &old, &MigrationOptions::default())
+                .context("re-planning with the migration-aware policy")?
+                .placement
+        }
+        DriftPolicy::DeepSeek => {
+            deepseek(&load, &topo, Some(&old)).context("re-planning with the DeepSeek policy")?
+        }
+    };
+    Ok(old
+        .phy2log_rows()
+        .into_iter()
+        .zip(new.phy2log_rows())
+        .collect())
+}
+
+/// One layer of the `--plan-out` file (see the module documentation).
+#[derive(Debug, Serialize)]
+struct PlanFileLayer {
+    moves: Vec<[usize; 4]>,
+    fills: Vec<[usize; 3]>,
+    old_phy2log: Vec<usize>,
+    new_phy2log: Vec<usize>,
+}
+
+/// The rows `plan` writes, as `moves` and `fills` of the plan file: every receive with the
+/// row its sender reads, every local copy, every duplicate fill.
+fn plan_file_layer(
+    plan: &LayerPlan,
+    old: &[usize],
+    new: &[usize],
+) -> anyhow::Result<PlanFileLayer> {
+    // (sender, receiver, expert) → the sender's row.
+    let mut sent_from = BTreeMap::new();
+    for (src, me) in plan.ranks().iter().enumerate() {
+        for s in &me.sends {
+            sent_from.insert((src, s.dst, s.expert), s.src_row);
+        }
+    }
+    let mut moves = Vec::new();
+    let mut fills = Vec::new();
+    for (dst, me) in plan.ranks().iter().enumerate() {
+        for r in &me.recvs {
+            let src_row = sent_from.get(&(r.src, dst, r.expert)).with_context(|| {
+                format!(
+                    "rank {dst} receives expert {} from rank {}, which does not send it",
+                    r.expert, r.src
+                )
+            })?;
+            moves.push([r.src, *src_row, dst, r.dst_row]);
+        }
+        for c in &me.local_copies {
+            moves.push([dst, c.src_row, dst, c.dst_row]);
+        }
+        for c in &me.dup_fills {
+            fills.push([dst, c.src_row, c.dst_row]);
+        }
+    }
+    moves.sort_unstable_by_key(|m| (m[0], m[2], m[3]));
+    fills.sort_unstable();
+    Ok(PlanFileLayer {
+        moves,
+        fills,
+        old_phy2log: old.to_vec(),
+        new_phy2log: new.to_vec(),
+    })
+}
+
+/// The `--plan-out` file's object.
+fn plan_file(
+    kind: &PlanKind,
+    seed: u64,
+    tensor_bytes: &[usize],
+    maps: &[(Vec<usize>, Vec<usize>)],
+    plans: &[LayerPlan],
+) -> anyhow::Result<serde_json::Value> {
+    let (ranks, slots) = plans
+        .first()
+        .map_or((0, 0), |p| (p.num_ranks(), p.rows_per_rank()));
+    let layers = plans
+        .iter()
+        .zip(maps)
+        .map(|(plan, (old, new))| plan_file_layer(plan, old, new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(serde_json::json!({
+        "ranks": ranks,
+        "slots_per_rank": slots,
+        "tensor_bytes": tensor_bytes,
+        "plan": kind.name(),
+        "seed": seed,
+        "layers": layers,
+    }))
+}
+
+fn write_plan_file(
+    path: &Path,
+    kind: &PlanKind,
+    seed: u64,
+    tensor_bytes: &[usize],
+    maps: &[(Vec<usize>, Vec<usize>)],
+    plans: &[LayerPlan],
+) -> anyhow::Result<()> {
+    let value = plan_file(kind, seed, tensor_bytes, maps, plans)?;
+    let mut text = serde_json::to_string(&value)?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("writing the plan to {}", path.display()))
+}
+
 /// The old and new `phy2log` of one layer: a random permutation of `ranks · e` experts,
 /// then, for each of the `m` moves, a random derangement of the ranks sends every rank's
 /// next leaving expert into the next vacated row of its image. Exactly `m` experts leave
@@ -788,6 +1244,167 @@ mod tests {
                 assert_eq!(plan.rank(r).unwrap().recvs.len(), m);
             }
         }
+    }
+
+    /// Replays a plan file layer on expert ids: moves read the old rows, fills the rows
+    /// written by the moves.
+    fn replay(layer: &PlanFileLayer, ranks: usize, slots: usize) -> Vec<usize> {
+        let old = &layer.old_phy2log;
+        assert_eq!(old.len(), ranks * slots);
+        let mut rows = old.clone();
+        let mut written = vec![false; rows.len()];
+        for &[src, src_row, dst, dst_row] in &layer.moves {
+            assert!(src < ranks && dst < ranks && src_row < slots && dst_row < slots);
+            let at = dst * slots + dst_row;
+            assert!(!written[at], "row {dst_row} of rank {dst} written twice");
+            written[at] = true;
+            rows[at] = old[src * slots + src_row];
+        }
+        for &[rank, src_row, dst_row] in &layer.fills {
+            let src = rank * slots + src_row;
+            assert!(
+                written[src],
+                "a fill reads row {src_row} of rank {rank}, never received"
+            );
+            let at = rank * slots + dst_row;
+            assert!(!written[at], "row {dst_row} of rank {rank} written twice");
+            written[at] = true;
+            rows[at] = rows[src];
+        }
+        rows
+    }
+
+    fn parse_args(line: &str) -> Args {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        <Cli as clap::Parser>::try_parse_from(line.split_whitespace())
+            .unwrap()
+            .args
+    }
+
+    /// The rows a plan receives over the wire and the rows it copies on their rank.
+    fn rows_of(plan: &LayerPlan) -> (usize, usize) {
+        let copied = plan
+            .ranks()
+            .iter()
+            .map(|r| r.local_copies.len() + r.dup_fills.len())
+            .sum();
+        (plan.num_transfers(), copied)
+    }
+
+    #[test]
+    fn migration_plans_are_reproducible_and_move_rows() {
+        // DeepSeek-V3 at EP 8: 36 slots per GPU, 256 logical experts.
+        let kind = parse_args("x --plan migration").plan_kind().unwrap();
+        assert_eq!(kind, PlanKind::migration(256, 0.25));
+        let fresh = parse_args("x --plan deepseek").plan_kind().unwrap();
+        assert_eq!(fresh.name(), "deepseek");
+        let maps = plan_maps(&kind, 8, 36, 2, 5).unwrap();
+        assert_eq!(maps, plan_maps(&kind, 8, 36, 2, 5).unwrap(), "same seed");
+        assert_ne!(maps, plan_maps(&kind, 8, 36, 2, 6).unwrap(), "other seed");
+        let fresh_maps = plan_maps(&fresh, 8, 36, 2, 5).unwrap();
+        for (layer, ((old, new), (fresh_old, fresh_new))) in
+            maps.iter().zip(&fresh_maps).enumerate()
+        {
+            assert_eq!((old.len(), new.len()), (288, 288));
+            assert_eq!(
+                old, fresh_old,
+                "both policies start from the same placement"
+            );
+            for map in [old, new, fresh_new] {
+                for expert in 0..256 {
+                    assert!(map.contains(&expert), "layer {layer} lost expert {expert}");
+                }
+                assert!(map.iter().all(|&x| x < 256));
+            }
+            let plan = LayerPlan::new(old, new, 8).unwrap();
+            let fresh_plan = LayerPlan::new(fresh_old, fresh_new, 8).unwrap();
+            // The drifted load changes rows; the migration-aware policy moves far fewer
+            // experts over the wire than re-planning from scratch.
+            let (received, copied) = rows_of(&plan);
+            assert!(received + copied > 0, "layer {layer}: nothing changes");
+            let (fresh_received, _) = rows_of(&fresh_plan);
+            assert!(
+                fresh_received > 100 && received * 10 < fresh_received,
+                "layer {layer}: {received} vs {fresh_received} rows over the wire"
+            );
+            // The plan file describes exactly the plans' rows.
+            for (plan, old, new) in [(&plan, old, new), (&fresh_plan, fresh_old, fresh_new)] {
+                let file = plan_file_layer(plan, old, new).unwrap();
+                assert_eq!(replay(&file, 8, 36), *new, "layer {layer}");
+                let cross = file.moves.iter().filter(|m| m[0] != m[2]).count();
+                assert_eq!(cross, plan.num_transfers());
+                let local = file.moves.len() - cross + file.fills.len();
+                assert_eq!(local, rows_of(plan).1);
+            }
+        }
+        // A stronger drift makes the migration-aware policy move experts between ranks too.
+        let strong = PlanKind::migration(256, 1.0);
+        let received: usize = plan_maps(&strong, 8, 36, 4, 2)
+            .unwrap()
+            .iter()
+            .map(|(old, new)| LayerPlan::new(old, new, 8).unwrap().num_transfers())
+            .sum();
+        assert!(received > 0);
+        // Without drift the old placement is already balanced: nothing moves.
+        for (old, new) in plan_maps(&PlanKind::migration(256, 0.0), 8, 36, 2, 5).unwrap() {
+            assert_eq!(old, new);
+        }
+        // Logical experts that 8 groups do not divide still plan (on one group).
+        assert_eq!(expert_groups(20), 1);
+        let odd = PlanKind::migration(20, 0.5);
+        assert_eq!(plan_maps(&odd, 4, 6, 3, 1).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn plan_options_fail_with_a_reason() {
+        let err = |line: &str| format!("{:#}", parse_args(line).plan_kind().unwrap_err());
+        assert!(err("x --plan migration --moved-per-rank 2").contains("--moved-per-rank"));
+        assert!(err("x --logical-experts 16").contains("--plan migration"));
+        assert!(err("x --drift-sigma 0.1").contains("--plan migration"));
+        assert!(err("x --plan migration --logical-experts 0").contains("at least 1"));
+        assert!(err("x --plan migration --drift-sigma -1").contains("--drift-sigma"));
+        assert!(err("x --plan deepseek --moved-per-rank 1").contains("--moved-per-rank"));
+        assert!(err("x --plan migration --drift-sigma NaN").contains("--drift-sigma"));
+        let kind = PlanKind::migration(25, 0.25);
+        let e = format!("{:#}", plan_maps(&kind, 4, 6, 1, 0).unwrap_err());
+        assert!(
+            e.contains("--logical-experts 25 exceeds the 24 slots"),
+            "{e}"
+        );
+        let random = parse_args("x --experts-per-rank 2 --moved-per-rank 3");
+        let kind = random.plan_kind().unwrap();
+        assert!(check_sizes(&random, &kind).is_err());
+    }
+
+    #[test]
+    fn plan_files_list_receives_local_copies_and_fills() {
+        // Two ranks of three rows. Rank 0 receives expert 2 into row 0, copies its old
+        // expert 0 from row 0 into row 1 (reading the old content) and fills row 2 from the
+        // received row 0; rank 1 keeps row 0, copies it into row 1 and receives expert 0.
+        let old = [0, 1, 5, 2, 3, 4];
+        let new = [2, 0, 2, 2, 2, 0];
+        let plan = LayerPlan::new(&old, &new, 2).unwrap();
+        let layer = plan_file_layer(&plan, &old, &new).unwrap();
+        assert_eq!(
+            layer.moves,
+            vec![[0, 0, 0, 1], [0, 0, 1, 2], [1, 0, 0, 0], [1, 0, 1, 1]]
+        );
+        assert_eq!(layer.fills, vec![[0, 0, 2]]);
+        assert_eq!(replay(&layer, 2, 3), new);
+        let kind = PlanKind::migration(6, 0.25);
+        let maps = vec![(old.to_vec(), new.to_vec())];
+        let file = plan_file(&kind, 9, &[8, 4], &maps, &[plan]).unwrap();
+        assert_eq!(file["ranks"], 2);
+        assert_eq!(file["slots_per_rank"], 3);
+        assert_eq!(file["tensor_bytes"], serde_json::json!([8, 4]));
+        assert_eq!(file["plan"], "migration");
+        assert_eq!(file["seed"], 9);
+        assert_eq!(file["layers"][0]["fills"], serde_json::json!([[0, 0, 2]]));
+        assert_eq!(file["layers"][0]["new_phy2log"], serde_json::json!(new));
     }
 
     #[test]
@@ -849,12 +1466,19 @@ mod tests {
                 .map(|&s| vec![("transfer".into(), s * 0.9), ("commit".into(), s * 0.1)])
                 .collect(),
             layer_read_requests: vec![],
+            layer_rows_received: vec![],
+            layer_rows_copied: vec![],
         };
         let reports = [
             report([1.0, 0.5], [4_000_000_000, 2_000_000_000], 10),
             report([2.0, 0.25], [4_000_000_000, 2_000_000_000], 30),
         ];
-        let s = summary(&args, &[3, 5], 2, &reports);
+        let kind = args.plan_kind().unwrap();
+        assert_eq!(kind, PlanKind::Random { moved_per_rank: 2 });
+        let s = summary(&args, &kind, &[3, 5], 2, &reports);
+        assert_eq!(s["plan"], "random");
+        assert_eq!(s["moved_per_rank"], 2);
+        assert!(s.get("logical_experts").is_none() && s.get("layer_rows_received").is_none());
         assert_eq!(s["layer_seconds"], serde_json::json!([2.0, 0.5]));
         // 12 GB over 2 ranks in the slowest rank's 2.25 s; after the first layer, 4 GB over
         // 2 ranks in 0.5 s.
@@ -917,7 +1541,7 @@ mod tests {
             report([0.5, 0.2, 0.3], vec![2, 2, 1]),
             report([0.4, 0.3, 0.1], vec![2, 1, 2]),
         ];
-        let s = summary(&args, &[4], 2, &reports);
+        let s = summary(&args, &args.plan_kind().unwrap(), &[4], 2, &reports);
         assert_eq!(s["nixl_read_streams"], 2);
         assert_eq!(s["nixl_read_requests"], serde_json::json!([4, 3, 3]));
         // The slowest READs per layer: 0.5, 0.3, 0.3; their median is 0.3.
