@@ -90,20 +90,9 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let routed = match &local {
             Ok((p, tables)) => {
                 let dev = tables.on_device(staged_base);
-                // SAFETY: the router output holds `n × top_k` values (checked) and is
-                // ordered on this stream (`check_batch`); `dev` lies in `staged`, alive
-                // until the end of the call.
-                let route = unsafe {
-                    RouteTables::route(
-                        &call,
-                        engine,
-                        p.n,
-                        top_k,
-                        addr(&tokens.topk_ids, stream),
-                        addr(&tokens.topk_weights, stream),
-                        &dev,
-                    )
-                }?;
+                // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered this
+                // stream after them; `dev` lies in `staged`, alive until the end of the call.
+                let route = unsafe { RouteTables::route(&call, engine, &tokens, p.n, &dev) }?;
                 // SAFETY: the header section holds `size` headers of `LEN` bytes at a
                 // 16-byte aligned offset of `staged`; the error word lies in `route`.
                 unsafe {

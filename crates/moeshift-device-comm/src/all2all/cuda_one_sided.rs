@@ -554,20 +554,9 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let staged_base = addr(&staged, stream);
         let routed = local.and_then(|(p, tables)| {
             let dev = tables.on_device(staged_base);
-            // SAFETY: the router output holds `n × top_k` values (checked) and is ordered on
-            // this stream (`check_batch`); `dev` lies in `staged`, alive until the end of
-            // the call.
-            let send = unsafe {
-                SendTables::route(
-                    &call,
-                    engine,
-                    p.n,
-                    top_k,
-                    addr(&tokens.topk_ids, stream),
-                    addr(&tokens.topk_weights, stream),
-                    &dev,
-                )
-            }?;
+            // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered this stream
+            // after them; `dev` lies in `staged`, alive until the end of the call.
+            let send = unsafe { SendTables::route(&call, engine, &tokens, p.n, &dev) }?;
             // SAFETY: the range lies in `send.buf`, written only by the kernels queued above.
             let outcome = unsafe {
                 call.download_with(

@@ -6,10 +6,12 @@
 //! The kernels are in [`super::table_kernels`]; their results equal the plain host forms of
 //! the tables entry for entry (the GPU tests in `host_tables.rs` compare them).
 
-use cudarc::driver::{result, CudaSlice};
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaSlice, CudaStream};
 use moeshift_sync::Deadline;
 
-use super::cuda::{addr, alloc_bytes, Call, Engine, Section, Staging};
+use super::cuda::{addr, alloc_bytes, Call, CudaTokens, Engine, Section, Staging};
 use super::cuda_error::CudaAll2AllError;
 use super::dispatched::ExpertWork;
 use super::placement::ExpertPlacement;
@@ -180,6 +182,14 @@ impl PlacementSections {
     }
 }
 
+/// Device addresses of the router output of `tokens`: expert ids and weights.
+fn router_output(tokens: &CudaTokens<'_>, stream: &Arc<CudaStream>) -> (u64, u64) {
+    (
+        addr(&tokens.topk_ids, stream),
+        addr(&tokens.topk_weights, stream),
+    )
+}
+
 /// The send side of one dispatch, on the GPU (see [`SendLayout`] for what the buffer holds).
 #[derive(Debug)]
 pub(crate) struct SendTables {
@@ -194,27 +204,25 @@ impl SendTables {
         self.base + offset as u64
     }
 
-    /// Queues routing and the split by destination of `tokens` tokens of `top_k` picks
-    /// (router output at `ids` and `weights`, u32 and f32) over `size` ranks, on the
-    /// communicator's stream.
+    /// Queues routing and the split by destination of the `n` tokens of `tokens` over the
+    /// group's ranks, on the communicator's stream.
     ///
     /// # Safety
-    /// `ids` and `weights` hold `tokens × top_k` values and `p` describes live tables of a
-    /// placement of `size` ranks; all device memory of this context, ordered on the
-    /// communicator's stream and alive until the kernels finished.
+    /// `tokens` holds `n × top_k` router ids and weights (checked by `check_batch`, which
+    /// also ordered the communicator's stream after them) and `p` describes live tables of a
+    /// placement of the group's ranks, alive until the kernels finished (stream order).
     pub(crate) unsafe fn route(
         call: &Call<'_>,
         engine: &Engine,
-        tokens: usize,
-        top_k: usize,
-        ids: u64,
-        weights: u64,
+        tokens: &CudaTokens<'_>,
+        n: usize,
         p: &DevicePlacement,
     ) -> Result<Self, CudaAll2AllError> {
         let comm = call.comm;
         let stream = comm.stream();
-        let layout =
-            SendLayout::new(tokens, top_k, comm.world_size()).map_err(call.launch("msh_route"))?;
+        let layout = SendLayout::new(n, tokens.top_k, comm.world_size())
+            .map_err(call.launch("msh_route"))?;
+        let (ids, weights) = router_output(tokens, stream);
         let (buf, base) = sort_buffer(call, layout.len, layout.err, layout.counts, layout.sort)?;
         // SAFETY: `buf` is laid out as `layout`, its error word and counts initialised
         // above; the inputs are the caller's contract; frees are ordered on this stream.
@@ -249,25 +257,23 @@ impl RouteTables {
         self.base + offset as u64
     }
 
-    /// Queues routing of `tokens` tokens of `top_k` picks (router output at `ids` and
-    /// `weights`, u32 and f32) and the segment lists of their final sum over the group, on
-    /// the communicator's stream.
+    /// Queues routing of the `n` tokens of `tokens` and the segment lists of their final sum
+    /// over the group, on the communicator's stream.
     ///
     /// # Safety
     /// As [`SendTables::route`].
     pub(crate) unsafe fn route(
         call: &Call<'_>,
         engine: &Engine,
-        tokens: usize,
-        top_k: usize,
-        ids: u64,
-        weights: u64,
+        tokens: &CudaTokens<'_>,
+        n: usize,
         p: &DevicePlacement,
     ) -> Result<Self, CudaAll2AllError> {
         let comm = call.comm;
         let stream = comm.stream();
-        let layout =
-            RouteLayout::new(tokens, top_k, comm.world_size()).map_err(call.launch("msh_route"))?;
+        let layout = RouteLayout::new(n, tokens.top_k, comm.world_size())
+            .map_err(call.launch("msh_route"))?;
+        let (ids, weights) = router_output(tokens, stream);
         let buf = alloc_bytes(call, stream, layout.len)?;
         let base = addr(&buf, stream);
         // SAFETY: the error word lies in `buf`.
