@@ -157,8 +157,7 @@ impl SendLayout {
                 .get(at..at + 4)
                 .map_or(0, |w| u32::from_le_bytes(w.try_into().unwrap_or([0; 4])))
         };
-        let err = u64::from(word(0)) | (u64::from(word(4)) << 32);
-        unknown_pick(err, self.top_k)?;
+        unknown_pick(bytes, self.top_k)?;
         let offset = |d: usize| word(self.bucket_offsets - self.err + d * 4);
         Ok((0..self.size)
             .map(|d| offset(d + 1).saturating_sub(offset(d)) as usize)
@@ -166,9 +165,12 @@ impl SendLayout {
     }
 }
 
-/// The pick named by the routing error word `err` (see [`SendLayout::err`]) as
-/// `(token, k, expert)`; nothing when it is all ones (every pick routed).
-fn unknown_pick(err: u64, top_k: usize) -> Result<(), (usize, usize, u32)> {
+/// The pick named by the routing error word (see [`SendLayout::err`]), the first 8 bytes of
+/// `bytes`, as `(token, k, expert)`; nothing when it is all ones (every pick routed).
+fn unknown_pick(bytes: &[u8], top_k: usize) -> Result<(), (usize, usize, u32)> {
+    let err = bytes
+        .get(..8)
+        .map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
     if err == u64::MAX {
         return Ok(());
     }
@@ -226,10 +228,7 @@ impl RouteLayout {
     /// Reads the error word (8 bytes, copied from [`Self::err`]): the first unknown pick as
     /// `(token, k, expert)`, if any.
     pub(crate) fn outcome(&self, bytes: &[u8]) -> Result<(), (usize, usize, u32)> {
-        let err = bytes
-            .get(..8)
-            .map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
-        unknown_pick(err, self.top_k)
+        unknown_pick(bytes, self.top_k)
     }
 }
 
