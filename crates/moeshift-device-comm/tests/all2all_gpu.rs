@@ -398,6 +398,45 @@ fn check_cuda<M>(
     }
 }
 
+/// Dispatches `full` then `empty` with `manager`; rank 0 combines the first, the other
+/// ranks the second. Every rank must fail with a peer mismatch (never wait for its
+/// deadline).
+fn mismatched_combine<M>(
+    what: &str,
+    manager: &M,
+    stream: &Arc<CudaStream>,
+    s: &Setup,
+    full: &DeviceBatch,
+    empty: &DeviceBatch,
+    rank: usize,
+) where
+    M: for<'a> MoeAll2All<
+        Tokens<'a> = CudaTokens<'a>,
+        LoadCounts<'a> = &'a mut CudaSlice<i64>,
+        ExpertOutputs<'a> = cudarc::driver::CudaView<'a, u8>,
+        Dispatched = CudaDispatched,
+        Combined = CudaSlice<u8>,
+        Error = CudaAll2AllError,
+    >,
+{
+    let dispatch = |b: &DeviceBatch| {
+        manager
+            .dispatch(tokens(b, s), &s.placement, None, deadline())
+            .unwrap_or_else(|e| panic!("{what} dispatch: {e}"))
+    };
+    let (first, second) = (dispatch(full), dispatch(empty));
+    let mine = if rank == 0 { &first } else { &second };
+    let outputs = Padded::new(stream, &vec![0u8; mine.items().len() * s.hidden * 4]);
+    // A rank left waiting would fail at its deadline with an NCCL error instead.
+    let err = manager
+        .combine(mine, outputs.view(), deadline())
+        .expect_err("a combine of mismatched dispatches");
+    match &err {
+        CudaAll2AllError::Exchange(All2AllError::PeerMismatch { .. }) => {}
+        _ => panic!("{what}: rank {rank} got {err}"),
+    }
+}
+
 fn one_sided_workspace(elem_bytes: usize) -> Workspace {
     Workspace::new(
         ranks(),
@@ -603,6 +642,22 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
             }
             _ => panic!("{what}: rank {rank} got {err}"),
         }
+    }
+    // Two ranks combining different dispatches of one layer (say, micro-batches handed
+    // over out of order): every rank dispatches the batch and then an empty one, rank 0
+    // combines the first, the others the second. The row counts of a pair disagree (often
+    // in one direction only), and every rank must fail before any row moves, not wait.
+    if ranks() > 1 {
+        let dev = upload(&stream, &s, &b);
+        let empty = Batch {
+            hidden: Vec::new(),
+            ids: Vec::new(),
+            weights: Vec::new(),
+        };
+        let none = upload(&stream, &s, &empty);
+        mismatched_combine("agrs", &agrs, &stream, &s, &dev, &none, rank);
+        mismatched_combine("a2av", &a2av, &stream, &s, &dev, &none, rank);
+        mismatched_combine("one_sided", &one_sided, &stream, &s, &dev, &none, rank);
     }
     // The managers are still usable: a good round matches the host manager.
     let host = run_host(&host_a2av, &s, &b);

@@ -14,7 +14,7 @@ use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, gather_rows, Arrived, Block, SendSide,
+    finish_dispatch, gather_rows, reject_staged_headers, Arrived, Block, SendSide,
 };
 use super::cuda_tables::{Foreign, PlacementSections, SendTables};
 use super::cuda_wire::{DeviceHeader, DISPATCH, HEADER_FIELDS, MANAGER_A2AV, PICK_BYTES};
@@ -93,27 +93,35 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
                 let dev = tables.on_device(staged_base);
                 // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered this
                 // stream after them; `dev` lies in `staged`, alive until the end of the call.
-                let send = unsafe { SendTables::route(&call, engine, &tokens, p.n, &dev) }?;
-                // SAFETY: the header section holds `size` headers of `LEN` bytes at a
-                // 16-byte aligned offset of `staged`; `send` is the routed batch.
-                unsafe {
-                    engine.tables.fill_headers(
-                        stream,
-                        headers_at,
-                        size,
-                        &HEADER_FIELDS,
-                        send.at(send.layout.bucket_offsets),
-                        send.at(send.layout.err),
-                    )
+                let send = unsafe { SendTables::route(&call, engine, &tokens, p.n, &dev) }
+                    .and_then(|send| {
+                        // SAFETY: the header section holds `size` headers of `LEN` bytes at
+                        // a 16-byte aligned offset of `staged`; `send` is the routed batch.
+                        unsafe {
+                            engine.tables.fill_headers(
+                                stream,
+                                headers_at,
+                                size,
+                                &HEADER_FIELDS,
+                                send.at(send.layout.bucket_offsets),
+                                send.at(send.layout.err),
+                            )
+                        }
+                        .map_err(call.launch("msh_fill_headers"))?;
+                        Ok(send)
+                    });
+                if send.is_err() {
+                    // The peers learn of it from the header exchange.
+                    reject_staged_headers(&call, headers_at, size, MANAGER_A2AV, seq, deadline)?;
                 }
-                .map_err(call.launch("msh_fill_headers"))?;
-                Some((send, dev))
+                Some(send.map(|send| (send, dev)))
             }
             Err(_) => None,
         };
         call.mark("routing + split (launch)");
         let extra: Vec<(u64, usize)> = routed
             .iter()
+            .flatten()
             .map(|(send, _)| send.outcome_range())
             .collect();
         // SAFETY: the extra range lies in `send.buf`, alive until the end of the call and
@@ -128,9 +136,10 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         }?;
         call.mark("header exchange (NCCL, to host)");
         let (p, _) = local?;
-        let Some((send, dev)) = routed else {
+        let Some(routed) = routed else {
             return Err(call.tokens("the batch was not routed".into()));
         };
+        let (send, dev) = routed?;
         let sent_rows = send
             .layout
             .outcome(&outcome)
@@ -165,7 +174,7 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
             gather_rows(
                 &call,
                 engine,
-                Some(&tokens),
+                &tokens,
                 send.at(send.layout.send_index),
                 send_count,
                 row_bytes,

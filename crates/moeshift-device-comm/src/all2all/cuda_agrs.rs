@@ -15,7 +15,7 @@ use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, Arrived, Block, SendSide,
+    finish_dispatch, reject_staged_headers, Arrived, Block, SendSide,
 };
 use super::cuda_tables::{Foreign, PlacementSections, RouteTables};
 use super::cuda_wire::{DeviceHeader, DISPATCH, HEADER_FIELDS, MANAGER_AGRS, PICK_BYTES};
@@ -90,28 +90,41 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let routed = match &local {
             Ok((p, tables)) => {
                 let dev = tables.on_device(staged_base);
+                let headers_at = at(staged_base, header_sec);
                 // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered this
                 // stream after them; `dev` lies in `staged`, alive until the end of the call.
-                let route = unsafe { RouteTables::route(&call, engine, &tokens, p.n, &dev) }?;
-                // SAFETY: the header section holds `size` headers of `LEN` bytes at a
-                // 16-byte aligned offset of `staged`; the error word lies in `route`.
-                unsafe {
-                    engine.tables.fill_headers(
-                        stream,
-                        at(staged_base, header_sec),
-                        size,
-                        &HEADER_FIELDS,
-                        0,
-                        route.at(route.layout.err),
-                    )
+                let route = unsafe { RouteTables::route(&call, engine, &tokens, p.n, &dev) }
+                    .and_then(|route| {
+                        // SAFETY: the header section holds `size` headers of `LEN` bytes at
+                        // a 16-byte aligned offset of `staged`; the error word lies in
+                        // `route`.
+                        unsafe {
+                            engine.tables.fill_headers(
+                                stream,
+                                headers_at,
+                                size,
+                                &HEADER_FIELDS,
+                                0,
+                                route.at(route.layout.err),
+                            )
+                        }
+                        .map_err(call.launch("msh_fill_headers"))?;
+                        Ok(route)
+                    });
+                if route.is_err() {
+                    // The peers learn of it from the header exchange.
+                    reject_staged_headers(&call, headers_at, size, MANAGER_AGRS, seq, deadline)?;
                 }
-                .map_err(call.launch("msh_fill_headers"))?;
-                Some((route, dev))
+                Some(route.map(|route| (route, dev)))
             }
             Err(_) => None,
         };
         call.mark("routing (launch)");
-        let extra: Vec<(u64, usize)> = routed.iter().map(|(r, _)| r.outcome_range()).collect();
+        let extra: Vec<(u64, usize)> = routed
+            .iter()
+            .flatten()
+            .map(|(r, _)| r.outcome_range())
+            .collect();
         // SAFETY: the extra range lies in `route.buf`, alive until the end of the call and
         // written only by the kernels queued above.
         let (headers, outcome) = unsafe {
@@ -124,9 +137,10 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         }?;
         call.mark("header exchange (NCCL, to host)");
         let (p, _) = local?;
-        let Some((route, dev)) = routed else {
+        let Some(routed) = routed else {
             return Err(call.tokens("the batch was not routed".into()));
         };
+        let (route, dev) = routed?;
         route
             .layout
             .outcome(&outcome)

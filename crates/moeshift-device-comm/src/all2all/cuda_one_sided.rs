@@ -568,12 +568,26 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                 )
             }?;
             let sent_rows = outcome.map_err(|u| call.unknown_expert(placement, u))?;
-            if sent_rows.iter().sum::<usize>() > send.layout.max_rows {
-                return Err(call.too_large("rows sent", sent_rows.iter().sum()));
+            let send_count = sent_rows.iter().sum::<usize>();
+            if send_count > send.layout.max_rows {
+                return Err(call.too_large("rows sent", send_count));
             }
-            Ok((p, dev, send, sent_rows))
+            call.mark("routing + split (GPU, counts to host)");
+            // Pack the rows by destination.
+            // SAFETY: the send index holds `send_count` tokens of this batch; `send` lives
+            // until the end of the call.
+            let packed = unsafe {
+                gather_rows(
+                    &call,
+                    engine,
+                    &tokens,
+                    send.at(send.layout.send_index),
+                    send_count,
+                    p.row_bytes,
+                )
+            }?;
+            Ok((p, dev, send, sent_rows, packed))
         });
-        call.mark("routing + split (GPU, counts to host)");
 
         let cap = st.workspace.capacity();
         let mut ours = DeviceHeader::rejected(DISPATCH, MANAGER_ONE_SIDED, seq);
@@ -585,7 +599,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             Err(_) => false,
         };
         let sent_rows: Vec<usize> = match &routed {
-            Ok((.., rows)) => rows.clone(),
+            Ok((.., rows, _)) => rows.clone(),
             Err(_) => vec![0; size],
         };
         let mut header_bytes = Vec::with_capacity(size * DeviceHeader::LEN);
@@ -606,30 +620,14 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let mut staging = Staging::new(&call);
         let header_sec = staging.bytes(&header_bytes);
         let staged_headers = staging.upload(&call, stream, deadline)?;
-        let send_count = sent_rows.iter().sum();
 
-        // Pack the rows by destination; write them now if they fit.
+        // Write the rows now if they fit.
         let row_bytes = routed.as_ref().map_or(0, |(p, ..)| p.row_bytes);
         let pick_row = top_k * PICK_BYTES;
-        let (index, meta_base) = match &routed {
-            Ok((_, _, send, _)) => (
-                send.at(send.layout.send_index),
-                send.at(send.layout.send_meta),
-            ),
+        let (send_base, meta_base) = match &routed {
+            Ok((_, _, send, _, (_, packed))) => (*packed, send.at(send.layout.send_meta)),
             Err(_) => (0, 0),
         };
-        // SAFETY: the send index holds `send_count` tokens of this batch (unused without a
-        // routed batch); `send` lives until the end of the call.
-        let (send, send_base) = unsafe {
-            gather_rows(
-                &call,
-                engine,
-                routed.is_ok().then_some(&tokens),
-                index,
-                send_count,
-                row_bytes,
-            )
-        }?;
         if fits {
             self.write_rows(
                 &call, st, send_base, meta_base, &sent_rows, row_bytes, pick_row,
@@ -648,7 +646,7 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
 
         let headers = self.read_headers(&call, st, st.layout.dispatch_headers, deadline)?;
         call.mark("headers to host");
-        let (p, dev, split, _) = routed?;
+        let (p, dev, split, _, (send, _)) = routed?;
         check_all(&call, &headers, &ours)?;
         if headers.iter().any(|h| h.flags & FLAG_NEEDS_RESIZE != 0) {
             let most = headers.iter().map(|h| h.tokens).max().unwrap_or(0);
@@ -754,8 +752,12 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
         let stream = comm.stream();
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
-        let local = check_combine(&call, engine, dispatched, &outputs).and_then(|()| {
-            match &dispatched.route {
+        let row_bytes = dispatched.row_bytes;
+        let l = st.layout;
+        // Everything that can fail on this rank alone comes before the headers, so that a
+        // failure reaches the peers as a rejection instead of leaving them at the barrier.
+        let local = check_combine(&call, engine, dispatched, &outputs)
+            .and_then(|()| match &dispatched.route {
                 CudaRoute::OneSided {
                     recv_rows,
                     sent_rows,
@@ -767,8 +769,25 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                     Ok((recv_rows, sent_rows, combine_offsets))
                 }
                 _ => Err(call.tokens("the dispatch has no one-sided route for this group".into())),
-            }
-        });
+            })
+            .and_then(|(recv_rows, sent_rows, combine_offsets)| {
+                for s in 0..size {
+                    let end = (combine_offsets[s] as usize + recv_rows[s]) * row_bytes;
+                    if end > l.combine_bytes {
+                        return Err(call.malformed(
+                            s,
+                            format!(
+                                "combine rows {}..{} do not fit the combine area of {} bytes",
+                                combine_offsets[s],
+                                combine_offsets[s] as usize + recv_rows[s],
+                                l.combine_bytes
+                            ),
+                        ));
+                    }
+                }
+                let partial = partial_sums(&call, dispatched, &outputs)?;
+                Ok((recv_rows, sent_rows, combine_offsets, partial))
+            });
         if st.pending == Some(Area::Combine) {
             barrier(&call, st, deadline)?;
         }
@@ -780,31 +799,15 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             local
                 .as_ref()
                 .ok()
-                .map(|(recv_rows, _, _)| recv_rows.as_slice()),
+                .map(|(recv_rows, sent_rows, ..)| (recv_rows.as_slice(), sent_rows.as_slice())),
         );
         let mut staging = Staging::new(&call);
         let header_sec = staging.bytes(&header_bytes);
         let staged = staging.upload(&call, stream, deadline)?;
-        let row_bytes = dispatched.row_bytes;
-        let l = st.layout;
-        let mut partial_buf = None;
-        if let Ok((recv_rows, _, combine_offsets)) = &local {
-            let partial = partial_sums(&call, dispatched, &outputs)?;
-            let base = addr(&partial, stream);
+        if let Ok((recv_rows, _, combine_offsets, partial)) = &local {
+            let base = addr(partial, stream);
             let offsets = block_offsets(recv_rows, row_bytes);
             for s in 0..size {
-                let end = (combine_offsets[s] as usize + recv_rows[s]) * row_bytes;
-                if end > l.combine_bytes {
-                    return Err(call.malformed(
-                        s,
-                        format!(
-                            "combine rows {}..{} do not fit the combine area of {} bytes",
-                            combine_offsets[s],
-                            combine_offsets[s] as usize + recv_rows[s],
-                            l.combine_bytes
-                        ),
-                    ));
-                }
                 let dst = st.base(s, me)
                     + (l.combine_area + combine_offsets[s] as usize * row_bytes) as u64;
                 copy(
@@ -815,7 +818,6 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
                     recv_rows[s] * row_bytes,
                 )?;
             }
-            partial_buf = Some(partial);
         }
         self.write_headers(
             &call,
@@ -823,13 +825,16 @@ impl<C: Borrow<NcclComm>, G: Borrow<HostGroup>> CudaOneSidedManager<C, G> {
             at(addr(&staged, stream), header_sec),
             l.combine_headers,
         )?;
+        call.mark("write rows and headers to peers");
         barrier(&call, st, deadline)?;
+        call.mark("barrier (host group)");
         st.pending = Some(Area::Combine);
-        drop(partial_buf);
         let headers = self.read_headers(&call, st, l.combine_headers, deadline)?;
-        let (_, sent_rows, _) = local?;
+        call.mark("headers to host");
+        let (recv_rows, sent_rows, _, partial) = local?;
+        drop(partial);
         check_all(&call, &headers, &ours)?;
-        check_rows(&call, &headers, sent_rows)?;
+        check_rows(&call, &headers, sent_rows, recv_rows)?;
         token_sums(&call, dispatched, st.base(me, me) + l.combine_area as u64)
     }
 }

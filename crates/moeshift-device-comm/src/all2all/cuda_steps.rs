@@ -44,31 +44,38 @@ pub(crate) fn exchange_blocks(
     let me = comm.rank();
     let stream = comm.stream();
     let own = blocks.get(me).map(Vec::as_slice).unwrap_or_default();
-    let local = own.iter().any(|b| b.send.1 > 0);
+    // This rank's own blocks are checked before anything is queued. A failure here or in
+    // the local copies still takes part in the exchange with the peers (whose blocks are
+    // consistent), so they are not left waiting for their deadline.
+    let mut own_result = match own.iter().find(|b| b.send.1 != b.recv.1) {
+        Some(b) => Err(call.malformed(
+            me,
+            format!(
+                "this rank sends itself {} bytes but expects {}",
+                b.send.1, b.recv.1
+            ),
+        )),
+        None => Ok(()),
+    };
+    let local = own_result.is_ok() && own.iter().any(|b| b.send.1 > 0);
     if local {
-        engine
+        own_result = engine
             .side
             .join(stream)
-            .map_err(call.cuda("cuStreamWaitEvent"))?;
-        for b in own {
-            if b.send.1 != b.recv.1 {
-                return Err(call.malformed(
-                    me,
-                    format!(
-                        "this rank sends itself {} bytes but expects {}",
-                        b.send.1, b.recv.1
-                    ),
-                ));
-            }
-            if b.send.1 == 0 {
-                continue;
-            }
+            .map_err(call.cuda("cuStreamWaitEvent"));
+    }
+    let copying = local && own_result.is_ok();
+    if copying {
+        for b in own.iter().filter(|b| b.send.1 > 0) {
             // SAFETY: both ranges are device memory of this context that the caller keeps
             // alive and unused by other work until the side stream is joined below.
-            unsafe {
+            own_result = unsafe {
                 result::memcpy_dtod_async(b.recv.0, b.send.0, b.send.1, engine.side.cu_stream())
             }
-            .map_err(call.cuda("cuMemcpyDtoDAsync"))?;
+            .map_err(call.cuda("cuMemcpyDtoDAsync"));
+            if own_result.is_err() {
+                break;
+            }
         }
     }
     let mut ops: Vec<P2pOp<'static>> = Vec::new();
@@ -87,14 +94,17 @@ pub(crate) fn exchange_blocks(
         }
     }
     let sent = comm.grouped(&ops, deadline).map_err(call.nccl());
-    if local {
-        // Later work on the stream (and the frees of these buffers) waits for the copies.
-        stream
-            .join(&engine.side)
-            .map_err(call.cuda("cuStreamWaitEvent"))?;
+    if copying {
+        // Later work on the stream (and the frees of these buffers) waits for the copies,
+        // on every path: the caller frees the buffers as soon as this returns. Should the
+        // join itself fail, wait for the copies on the host instead.
+        if let Err(e) = stream.join(&engine.side) {
+            let _ = engine.side.synchronize();
+            own_result = own_result.and(Err(call.cuda("cuStreamWaitEvent")(e)));
+        }
     }
     call.mark("row exchange (NCCL)");
-    sent
+    own_result.and(sent)
 }
 
 /// What a dispatch received, to be turned into a [`CudaDispatched`].
@@ -231,6 +241,34 @@ pub(crate) unsafe fn finish_dispatch(
     })
 }
 
+/// Overwrites the `size` dispatch headers staged at `headers` (device memory of this rank's
+/// GPU, not yet exchanged) with rejections, for a rank whose routing failed after they were
+/// staged: its peers then fail with it at the header exchange instead of waiting for their
+/// deadline.
+pub(crate) fn reject_staged_headers(
+    call: &Call<'_>,
+    headers: u64,
+    size: usize,
+    manager: u8,
+    seq: u32,
+    deadline: Deadline,
+) -> Result<(), CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let mut bytes = Vec::with_capacity(size * DeviceHeader::LEN);
+    for _ in 0..size {
+        DeviceHeader::rejected(DISPATCH, manager, seq).write(&mut bytes);
+    }
+    // SAFETY: `headers` holds `size` headers (the caller's contract); `bytes` stays alive
+    // until the copy finished (waited for below, or leaked when that wait fails).
+    unsafe { result::memcpy_htod_async(headers, &bytes, stream.cu_stream()) }
+        .map_err(call.cuda("cuMemcpyHtoDAsync"))?;
+    let copied = call.wait(stream, "the rejected headers", deadline);
+    if copied.is_err() {
+        std::mem::forget(bytes);
+    }
+    copied
+}
+
 /// The dispatch header of this rank's checked batch `p` of `tokens` routed with
 /// `placement`, announcing no rows (each manager fills in its own counts).
 pub(crate) fn dispatch_header(
@@ -259,7 +297,7 @@ pub(crate) fn dispatch_header(
 
 /// Packs this rank's rows by destination: row `index[i]` of `tokens` becomes row `i` of a
 /// new buffer, for the `count` indices at device address `index`. Returns the buffer and
-/// its address. Without `tokens` (this rank rejected its batch) only the buffer is made.
+/// its address.
 ///
 /// # Safety
 /// `index` holds `count` `u32` row indices of `tokens`' batch, device memory ordered on the
@@ -267,7 +305,7 @@ pub(crate) fn dispatch_header(
 pub(crate) unsafe fn gather_rows(
     call: &Call<'_>,
     engine: &Engine,
-    tokens: Option<&CudaTokens<'_>>,
+    tokens: &CudaTokens<'_>,
     index: u64,
     count: usize,
     row_bytes: usize,
@@ -275,22 +313,20 @@ pub(crate) unsafe fn gather_rows(
     let stream = call.comm.stream();
     let send = alloc_bytes(call, stream, count * row_bytes)?;
     let send_base = addr(&send, stream);
-    if let Some(tokens) = tokens {
-        let hidden = addr(&tokens.hidden, stream);
-        // SAFETY: `send` holds one row per index and every index is a row of `hidden`
-        // (the caller's contract); all alive until the kernel is done (stream order).
-        unsafe {
-            engine.kernels.gather_rows(
-                stream.cu_stream(),
-                send_base,
-                hidden,
-                index,
-                count,
-                row_bytes,
-            )
-        }
-        .map_err(call.launch("gather_rows"))?;
+    let hidden = addr(&tokens.hidden, stream);
+    // SAFETY: `send` holds one row per index and every index is a row of `hidden` (the
+    // caller's contract); all alive until the kernel is done (stream order).
+    unsafe {
+        engine.kernels.gather_rows(
+            stream.cu_stream(),
+            send_base,
+            hidden,
+            index,
+            count,
+            row_bytes,
+        )
     }
+    .map_err(call.launch("gather_rows"))?;
     call.mark("gather rows (alloc + launch)");
     Ok((send, send_base))
 }
@@ -361,14 +397,16 @@ pub(crate) fn check_combine(
 }
 
 /// The combine header every rank must agree with (no rows), and the headers this rank
-/// sends: to each rank `d`, `rows[d]` rows, or a rejection for every rank when `rows` is
-/// `None` (this rank cannot combine).
+/// sends: to each rank `d`, the `recv_rows[d]` rows it returns to `d` and, in `tokens`, the
+/// `sent_rows[d]` rows it expects back from `d` (so both ranks of every pair check the same
+/// two numbers, see [`check_rows`]); or a rejection for every rank when `route` is `None`
+/// (this rank cannot combine).
 pub(crate) fn combine_headers(
     dispatched: &CudaDispatched,
     manager: u8,
     seq: u32,
     size: usize,
-    rows: Option<&[usize]>,
+    route: Option<(&[usize], &[usize])>,
 ) -> (DeviceHeader, Vec<u8>) {
     let dtype_code = elem_of(dispatched.dtype).map_or(0, |(_, c)| c);
     let ours = DeviceHeader {
@@ -388,9 +426,10 @@ pub(crate) fn combine_headers(
     };
     let mut bytes = Vec::with_capacity(size * DeviceHeader::LEN);
     for dest in 0..size {
-        let h = match rows {
-            Some(rows) => DeviceHeader {
-                rows: rows.get(dest).copied().unwrap_or(0) as u64,
+        let h = match route {
+            Some((recv_rows, sent_rows)) => DeviceHeader {
+                rows: recv_rows.get(dest).copied().unwrap_or(0) as u64,
+                tokens: sent_rows.get(dest).copied().unwrap_or(0) as u64,
                 ..ours
             },
             None => DeviceHeader::rejected(COMBINE, manager, seq),
@@ -422,14 +461,17 @@ pub(crate) fn combine_over_nccl(
         manager,
         seq,
         size,
-        route.as_ref().ok().map(|(recv_rows, _)| *recv_rows),
+        route
+            .as_ref()
+            .ok()
+            .map(|(recv_rows, sent_rows)| (*recv_rows, sent_rows.as_slice())),
     );
     let mut st = Staging::new(call);
     let header_sec = st.bytes(&header_bytes);
     let (_staged, headers) = upload_and_exchange(call, st, header_sec, deadline)?;
     let (recv_rows, sent_rows) = route?;
     check_all(call, &headers, &ours)?;
-    check_rows(call, &headers, &sent_rows)?;
+    check_rows(call, &headers, &sent_rows, recv_rows)?;
 
     let row_bytes = dispatched.row_bytes;
     let partial = partial_sums(call, dispatched, outputs)?;
@@ -457,18 +499,41 @@ pub(crate) fn combine_over_nccl(
     token_sums(call, dispatched, back_base)
 }
 
-/// Checks that every peer announces the rows this rank expects from it.
+/// Checks that every peer `p` returns the rows this rank sent it (`sent_rows[p]`) and
+/// expects back the rows this rank received from it (`recv_rows[p]`): both ranks of a pair
+/// test the same two numbers, so a mismatch (say, two ranks combining different dispatches
+/// of one layer) fails on both sides, before any row moves, and never leaves one of them
+/// waiting in the exchange.
 pub(crate) fn check_rows(
     call: &Call<'_>,
     headers: &[DeviceHeader],
-    expected: &[usize],
+    sent_rows: &[usize],
+    recv_rows: &[usize],
 ) -> Result<(), CudaAll2AllError> {
-    for (peer, (h, &want)) in headers.iter().zip(expected).enumerate() {
-        if h.rows != want as u64 {
-            return Err(call.mismatch_error(peer, "row count for this rank", want as u64, h.rows));
-        }
+    match row_mismatch(headers, sent_rows, recv_rows) {
+        Some((peer, field, ours, theirs)) => Err(call.mismatch_error(peer, field, ours, theirs)),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first peer whose combine header disagrees with this rank's row counts (see
+/// [`check_rows`]): `(peer, what, this rank's count, the peer's)`.
+fn row_mismatch(
+    headers: &[DeviceHeader],
+    sent_rows: &[usize],
+    recv_rows: &[usize],
+) -> Option<(usize, &'static str, u64, u64)> {
+    headers.iter().enumerate().find_map(|(peer, h)| {
+        let sent = sent_rows.get(peer).copied().unwrap_or(0) as u64;
+        let recv = recv_rows.get(peer).copied().unwrap_or(0) as u64;
+        if h.rows != sent {
+            Some((peer, "row count for this rank", sent, h.rows))
+        } else if h.tokens != recv {
+            Some((peer, "row count from this rank", recv, h.tokens))
+        } else {
+            None
+        }
+    })
 }
 
 /// `partial[r] = Σ weight · output` over the items of every received row (f32 accumulation
@@ -552,4 +617,49 @@ pub(crate) fn block_offsets(rows: &[usize], row_bytes: usize) -> Vec<usize> {
 /// A section's device address in `buf`.
 pub(crate) fn at(base: u64, section: Section) -> u64 {
     base + section.offset as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The combine headers rank `me` sends (`recv[me][d]` rows back to `d`, expecting
+    /// `sent[me][d]`), as received by rank `d`: `headers_at(d)[me]`.
+    fn headers_at(d: usize, sent: &[Vec<usize>], recv: &[Vec<usize>]) -> Vec<DeviceHeader> {
+        (0..sent.len())
+            .map(|src| DeviceHeader {
+                rows: recv[src][d] as u64,
+                tokens: sent[src][d] as u64,
+                ..DeviceHeader::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matching_dispatches_pass_on_every_rank() {
+        // Rank r sent sent[r][p] rows to p, so p received recv[p][r] = sent[r][p].
+        let sent = vec![vec![2, 3, 0], vec![1, 4, 5], vec![0, 7, 6]];
+        let recv: Vec<Vec<usize>> = (0..3)
+            .map(|r| (0..3).map(|p| sent[p][r]).collect())
+            .collect();
+        for r in 0..3 {
+            assert_eq!(
+                row_mismatch(&headers_at(r, &sent, &recv), &sent[r], &recv[r]),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn a_mismatched_pair_fails_on_both_sides() {
+        // Two ranks combining different dispatches of one layer: rank 0's handle sent 3
+        // rows to rank 1 and received 5; rank 1's handle received 3 from rank 0 and sent 4.
+        // Only one of the two counts disagrees for each side, yet both must notice.
+        let sent = vec![vec![1, 3], vec![4, 2]];
+        let recv = vec![vec![1, 5], vec![3, 2]];
+        let at0 = row_mismatch(&headers_at(0, &sent, &recv), &sent[0], &recv[0]);
+        let at1 = row_mismatch(&headers_at(1, &sent, &recv), &sent[1], &recv[1]);
+        assert_eq!(at0, Some((1, "row count from this rank", 5, 4)));
+        assert_eq!(at1, Some((0, "row count for this rank", 4, 5)));
+    }
 }

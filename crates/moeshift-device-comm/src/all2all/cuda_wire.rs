@@ -45,7 +45,8 @@ pub(crate) const HEADER_FIELDS: HeaderFields = HeaderFields {
 pub(crate) struct DeviceHeader {
     pub magic: u32,
     pub status: u32,
-    /// Tokens the sender dispatches (dispatch only).
+    /// Dispatch: the tokens the sender dispatches. Combine: the rows the sender expects
+    /// back from this receiver.
     pub tokens: u64,
     /// Rows of this message (to this receiver).
     pub rows: u64,

@@ -36,7 +36,12 @@
 //! reductions run in this crate's kernels), and `CudaOneSidedManager`, which writes rows
 //! straight into the peers' CUDA IPC workspace regions on one node, sized by [`Workspace`]
 //! (dim 0 = EP size) and grown together on every rank. `CudaAll2All` picks one at run time.
-//! Their results equal the host managers' on the same inputs (bit for bit in f32).
+//! Their results equal the host managers' on the same inputs (bit for bit in f32). On the
+//! GPU, a rank whose own resources fail before the header exchange (routing buffers, a
+//! kernel launch, packing its rows) sends a rejection too; one that runs out of device
+//! memory or hits a CUDA error after it (sizing its receive buffers, say) can no longer
+//! tell its peers: they stop at their deadline, which aborts the NCCL communicator, so
+//! the group must be built again.
 //!
 //! # Example
 //!

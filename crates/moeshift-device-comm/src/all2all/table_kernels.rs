@@ -97,11 +97,11 @@ pub(crate) struct SendLayout {
     pub max_rows: usize,
     /// Smallest `(pick << 32) | expert` of an unknown expert (u64, all ones when none).
     pub err: usize,
+    /// Per destination, its first row (u32, `size + 1`), right after `err`.
+    pub bucket_offsets: usize,
     /// Physical slot per pick (u32).
     pub slots: usize,
     pub counts: usize,
-    /// Per destination, its first row (u32, `size + 1`).
-    pub bucket_offsets: usize,
     pub chunk_base: usize,
     /// Token of every sent row (u32, `max_rows`).
     pub send_index: usize,
@@ -128,10 +128,11 @@ impl SendLayout {
             size,
             sort,
             max_rows,
+            // The error word and the row offsets first: the host copies just those two.
             err: c.take(8),
+            bucket_offsets: c.take((size + 1) * 4),
             slots: c.take(picks * 4),
             counts: c.take(sort.count_bytes()),
-            bucket_offsets: c.take((size + 1) * 4),
             chunk_base: c.take((sort.chunks as usize + 1) * 4),
             send_index: c.take(max_rows * 4),
             send_meta: c.take(max_rows * top_k * 8),
@@ -732,6 +733,8 @@ mod tests {
         assert!(parts.iter().all(|&(at, _)| at % ALIGN == 0));
         assert!(parts.last().map(|&(a, b)| a + b) <= Some(l.len));
         assert_eq!(l.max_rows, 4096 * 8);
+        // The host copies the error word and the row offsets, not the per-pick slots.
+        assert!(l.outcome_len() <= 2 * ALIGN + 9 * 4, "{}", l.outcome_len());
 
         // What the host reads back: the error word, then the row offsets.
         let mut bytes = vec![0u8; l.outcome_len()];
