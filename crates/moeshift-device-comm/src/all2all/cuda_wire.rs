@@ -2,10 +2,11 @@
 //! layout of the per-row pick metadata that travels with the rows.
 //!
 //! Every rank sends every peer (itself included) one [`DeviceHeader`] per call: status,
-//! the sender's token count, the rows of this message, the parameters every rank must agree
-//! on (layer, hidden size, top-k, placement fingerprint, element type, manager) and the call
-//! number. Each rank's status and parameters reach every rank, so every rank takes the same
-//! decision: go on, or fail with the rank at fault named.
+//! the sender's token count (in a combine: the rows it expects back from that peer), the
+//! rows of this message, the parameters every rank must agree on (layer, hidden size,
+//! top-k, placement fingerprint, element type, manager) and the call number. Each rank's
+//! status and parameters reach every rank, so every rank takes the same decision: go on,
+//! or fail with the rank at fault named.
 //!
 //! Pick metadata: each row sent to a rank carries `top_k` entries of 8 bytes, `(slot: u32,
 //! weight: f32)` little-endian, in pick order; picks served by another rank have slot
