@@ -398,16 +398,16 @@ fn check_cuda<M>(
     }
 }
 
-/// Dispatches `full` then `empty` with `manager`; rank 0 combines the first, the other
-/// ranks the second. Every rank must fail with a peer mismatch (never wait for its
+/// Dispatches `first` then `then` with `manager`; rank 0 combines the first dispatch, the
+/// other ranks the second. Every rank must fail with a peer mismatch (never wait for its
 /// deadline).
 fn mismatched_combine<M>(
     what: &str,
     manager: &M,
     stream: &Arc<CudaStream>,
     s: &Setup,
-    full: &DeviceBatch,
-    empty: &DeviceBatch,
+    first: &DeviceBatch,
+    then: &DeviceBatch,
     rank: usize,
 ) where
     M: for<'a> MoeAll2All<
@@ -424,7 +424,7 @@ fn mismatched_combine<M>(
             .dispatch(tokens(b, s), &s.placement, None, deadline())
             .unwrap_or_else(|e| panic!("{what} dispatch: {e}"))
     };
-    let (first, second) = (dispatch(full), dispatch(empty));
+    let (first, second) = (dispatch(first), dispatch(then));
     let mine = if rank == 0 { &first } else { &second };
     let outputs = Padded::new(stream, &vec![0u8; mine.items().len() * s.hidden * 4]);
     // A rank left waiting would fail at its deadline with an NCCL error instead.
@@ -644,20 +644,32 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
         }
     }
     // Two ranks combining different dispatches of one layer (say, micro-batches handed
-    // over out of order): every rank dispatches the batch and then an empty one, rank 0
-    // combines the first, the others the second. The row counts of a pair disagree (often
-    // in one direction only), and every rank must fail before any row moves, not wait.
+    // over out of order): every rank dispatches a full batch, then rank 0 the same batch
+    // again and the others an empty one; rank 0 combines the first dispatch, the others
+    // the second. Only the rows the others sent rank 0 disagree, in one direction: rank 0
+    // sees its own counts match and must still fail with them, not wait in the exchange.
     if ranks() > 1 {
-        let dev = upload(&stream, &s, &b);
+        // 64 tokens picking every expert many times: rows go both ways between every pair.
+        let n = 64;
+        let logical = s.placement.num_logical() as u32;
+        let many = Batch {
+            hidden: vec![1.0; n * s.hidden],
+            ids: (0..(n * TOP_K) as u32)
+                .map(|i| (i / TOP_K as u32 + i % TOP_K as u32) % logical)
+                .collect(),
+            weights: vec![0.5; n * TOP_K],
+        };
+        let dev = upload(&stream, &s, &many);
         let empty = Batch {
             hidden: Vec::new(),
             ids: Vec::new(),
             weights: Vec::new(),
         };
         let none = upload(&stream, &s, &empty);
-        mismatched_combine("agrs", &agrs, &stream, &s, &dev, &none, rank);
-        mismatched_combine("a2av", &a2av, &stream, &s, &dev, &none, rank);
-        mismatched_combine("one_sided", &one_sided, &stream, &s, &dev, &none, rank);
+        let then = if rank == 0 { &dev } else { &none };
+        mismatched_combine("agrs", &agrs, &stream, &s, &dev, then, rank);
+        mismatched_combine("a2av", &a2av, &stream, &s, &dev, then, rank);
+        mismatched_combine("one_sided", &one_sided, &stream, &s, &dev, then, rank);
     }
     // The managers are still usable: a good round matches the host manager.
     let host = run_host(&host_a2av, &s, &b);
