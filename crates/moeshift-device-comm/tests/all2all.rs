@@ -423,6 +423,40 @@ fn rank_invalid_input_fails_everywhere_3() {
         );
     }
 
+    // Two dispatches of one layer combined out of order: rank 0 dispatches a token twice
+    // and combines the first dispatch; ranks 1 and 2 dispatch a token, then nothing, and
+    // combine the second. Rank 0 receives exactly the rows it sent, yet the others' rows to
+    // it disagree, so every rank fails (none returns sums of another dispatch).
+    let plain = ExpertPlacement::from_phy2log(5, &[0, 1, 2, 3, 4, 5], 6, 3).expect("placement");
+    let (ids, half) = ([0u32, 2], [0.5f32, 0.5]); // experts on ranks 0 and 1
+    for kind in HostAll2AllKind::ALL {
+        let manager = HostAll2All::new(kind, &ep);
+        let one = || HostTokens::new(&hidden[..2], 2, &ids, &half, 2);
+        let first = manager
+            .dispatch(one(), &plain, None, deadline())
+            .expect("first dispatch");
+        let then = if me == 0 {
+            one()
+        } else {
+            HostTokens::new(&[], 2, &[], &[], 2)
+        };
+        let second = manager
+            .dispatch(then, &plain, None, deadline())
+            .expect("second dispatch");
+        let mine = if me == 0 { &first } else { &second };
+        let outputs = mine.expert_outputs_with(|_, row, out| out.copy_from_slice(row));
+        match manager.combine(mine, &outputs, deadline()) {
+            Err(All2AllError::PeerMismatch { op: "combine", .. }) => {}
+            other => panic!("{}: rank {me}: combine gave {other:?}", kind.name()),
+        }
+        // The pairs that do match still combine.
+        let outputs = first.expert_outputs_with(|_, row, out| out.copy_from_slice(row));
+        let out = manager
+            .combine(&first, &outputs, deadline())
+            .expect("combine of the first dispatch everywhere");
+        assert_eq!(out, [1.0, 2.0], "{}", kind.name());
+    }
+
     // Combine refuses another manager's dispatch, on every rank, and the group survives.
     let agrs = HostAll2All::new(HostAll2AllKind::AgRs, &ep);
     let a2av = HostAll2All::new(HostAll2AllKind::AllToAllV, &ep);

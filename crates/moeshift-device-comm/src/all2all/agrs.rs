@@ -167,7 +167,10 @@ impl<G: Borrow<HostGroup>> AgRsManager<G> {
         let local = dispatched
             .check_combine(&ctx, outputs.len())
             .and_then(|()| match &dispatched.route {
-                Route::AgRs { counts } if counts.len() == size => Ok(counts),
+                // Every rank got all `mine` tokens of this rank.
+                Route::AgRs { counts } if counts.len() == size => {
+                    Ok((counts, vec![counts[me]; size]))
+                }
                 _ => Err(ctx.foreign("the dispatch has no gather route for this group")),
             });
         // This rank holds every rank's tokens (`counts[r]` of rank `r`, in rank order) and
@@ -175,14 +178,17 @@ impl<G: Borrow<HostGroup>> AgRsManager<G> {
         let got = ctx.exchange_partials(
             dispatched,
             outputs,
-            local.as_ref().ok().map(|c| c.as_slice()),
+            local
+                .as_ref()
+                .ok()
+                .map(|(counts, sent)| (counts.as_slice(), sent.as_slice())),
             deadline,
         )?;
-        let counts = local?;
+        let (counts, _) = local?;
         let mine = counts.get(me).copied().unwrap_or(0);
         let mut out = vec![0.0f32; mine * h];
         for (src, bytes) in got.iter().enumerate() {
-            ctx.read_partials(src, bytes, h, mine, |r| {
+            ctx.read_partials(src, bytes, h, (mine, counts[src]), |r| {
                 r.f32s_add(&mut out, "partial sums")
             })?;
         }

@@ -169,7 +169,8 @@ impl<G: Borrow<HostGroup>> AllToAllVManager<G> {
                     sent,
                     num_local_tokens,
                 } if recv_rows.len() == size && sent.len() == size => {
-                    Ok((recv_rows, sent, *num_local_tokens))
+                    let sent_rows: Vec<usize> = sent.iter().map(Vec::len).collect();
+                    Ok((recv_rows, sent, *num_local_tokens, sent_rows))
                 }
                 _ => Err(ctx.foreign("the dispatch has no all-to-all-v route for this group")),
             });
@@ -179,13 +180,14 @@ impl<G: Borrow<HostGroup>> AllToAllVManager<G> {
             local
                 .as_ref()
                 .ok()
-                .map(|(recv_rows, _, _)| recv_rows.as_slice()),
+                .map(|(recv_rows, _, _, sent_rows)| (recv_rows.as_slice(), sent_rows.as_slice())),
             deadline,
         )?;
-        let (_, sent, n) = local?;
+        let (recv_rows, sent, n, _) = local?;
         let mut out = vec![0.0f32; n * h];
         for (dest, (bytes, tokens)) in got.iter().zip(sent).enumerate() {
-            ctx.read_partials(dest, bytes, h, tokens.len(), |r| {
+            let counts = (tokens.len(), recv_rows[dest]);
+            ctx.read_partials(dest, bytes, h, counts, |r| {
                 for &t in tokens {
                     let t = t as usize;
                     let row = out.get_mut(t * h..(t + 1) * h).unwrap_or_default();

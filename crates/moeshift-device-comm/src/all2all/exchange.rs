@@ -156,13 +156,15 @@ impl<'g> Ctx<'g> {
     }
 
     /// Checks the combine header from `peer`: valid status, this rank's hidden size and
-    /// layer, and `rows` rows.
+    /// layer, the `sent` rows this rank dispatched to `peer` coming back, and `peer`
+    /// expecting back the `received` rows this rank got from it. Both ranks of a pair check
+    /// the same two counts, so two ranks combining different dispatches fail together.
     pub(crate) fn check_combine(
         &self,
         peer: usize,
         h: &CombineHeader,
         hidden_size: usize,
-        rows: usize,
+        (sent, received): (usize, usize),
     ) -> Result<(), All2AllError> {
         if h.status != STATUS_OK {
             return Err(self.rejected("combine", peer));
@@ -187,8 +189,15 @@ impl<'g> Ctx<'g> {
                 u64::from(h.hidden_size),
             ));
         }
-        if h.rows != rows as u64 {
-            return Err(mismatch("row count for this rank", rows as u64, h.rows));
+        if h.rows != sent as u64 {
+            return Err(mismatch("row count for this rank", sent as u64, h.rows));
+        }
+        if h.expects != received as u64 {
+            return Err(mismatch(
+                "row count from this rank",
+                received as u64,
+                h.expects,
+            ));
         }
         Ok(())
     }
@@ -229,31 +238,34 @@ impl<'g> Ctx<'g> {
     }
 
     /// The first step of combine: sends every rank `r` the router-weighted sums of the
-    /// `rows[r]` rows it dispatched here (consecutive in `dispatched`'s rows), or, when
-    /// `rows` is `None` (this rank cannot combine), a rejection; returns every rank's
-    /// message to this one.
+    /// `received[r]` rows it dispatched here (consecutive in `dispatched`'s rows) and the
+    /// `sent[r]` rows this rank expects back from it, or, when `rows` is `None` (this rank
+    /// cannot combine), a rejection; returns every rank's message to this one.
     pub(crate) fn exchange_partials(
         &self,
         dispatched: &HostDispatched,
         outputs: &[f32],
-        rows: Option<&[usize]>,
+        rows: Option<(&[usize], &[usize])>,
         deadline: Deadline,
     ) -> Result<Vec<Vec<u8>>, All2AllError> {
         let size = self.group.size();
         let h = dispatched.hidden_size();
         let layer = dispatched.layer() as u64;
         let messages: Vec<Vec<u8>> = match rows {
-            Some(rows) => {
+            Some((received, sent)) => {
                 let partial = dispatched.weighted_partials(outputs);
                 let mut start = 0usize;
-                rows.iter()
-                    .map(|&c| {
+                received
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &c)| {
                         let rows = partial.get(start * h..(start + c) * h).unwrap_or_default();
                         start += c;
                         let mut w = Writer::with_capacity(CombineHeader::LEN + 4 * rows.len());
                         CombineHeader {
                             status: STATUS_OK,
                             rows: c as u64,
+                            expects: sent.get(r).copied().unwrap_or(0) as u64,
                             hidden_size: h as u32,
                             layer,
                         }
@@ -271,20 +283,22 @@ impl<'g> Ctx<'g> {
             .map_err(self.comm("combine"))
     }
 
-    /// Reads `peer`'s combine message: a header announcing `rows` rows of `hidden_size`
-    /// values for this layer, then the sums, which `add` consumes; nothing may follow.
+    /// Reads `peer`'s combine message: a header announcing the `counts.0` rows of
+    /// `hidden_size` values this rank sent `peer`, for this layer, and expecting back the
+    /// `counts.1` rows this rank received from it (see [`check_combine`](Self::check_combine)),
+    /// then the sums, which `add` consumes; nothing may follow.
     pub(crate) fn read_partials(
         &self,
         peer: usize,
         bytes: &[u8],
         hidden_size: usize,
-        rows: usize,
+        counts: (usize, usize),
         add: impl FnOnce(&mut Reader<'_>) -> Result<(), String>,
     ) -> Result<(), All2AllError> {
         let bad = |d: String| self.malformed("combine", peer, d);
         let mut r = Reader::new(bytes);
         let header = CombineHeader::read(&mut r).map_err(bad)?;
-        self.check_combine(peer, &header, hidden_size, rows)?;
+        self.check_combine(peer, &header, hidden_size, counts)?;
         add(&mut r).map_err(bad)?;
         r.finish().map_err(bad)
     }
@@ -318,6 +332,7 @@ fn rejected_combine(layer: u64) -> Vec<u8> {
     CombineHeader {
         status: STATUS_REJECTED,
         rows: 0,
+        expects: 0,
         hidden_size: 0,
         layer,
     }

@@ -27,8 +27,9 @@
 //! EP ranks the counts are exactly the picks per slot.
 //!
 //! Failures are shared: the ranks exchange a header (status, shape, layer, placement
-//! fingerprint) with the data, so a rank with invalid input, another hidden size or
-//! another placement makes every rank return an error for that call instead of
+//! fingerprint, and in combine the row counts of both directions of every pair) with the
+//! data, so a rank with invalid input, another hidden size, another placement or another
+//! dispatch to combine makes every rank return an error for that call instead of
 //! misrouting or waiting for its deadline.
 //!
 //! With feature `cuda`, the same trait runs on the GPU over the EP group's NCCL

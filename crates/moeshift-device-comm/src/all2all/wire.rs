@@ -246,17 +246,21 @@ pub(crate) struct CombineHeader {
     pub status: u32,
     /// Output rows that follow.
     pub rows: u64,
+    /// Rows the sender expects back from the receiver (those it dispatched there), so
+    /// both ranks of a pair check the same two counts.
+    pub expects: u64,
     pub hidden_size: u32,
     pub layer: u64,
 }
 
 impl CombineHeader {
-    pub(crate) const LEN: usize = 28;
+    pub(crate) const LEN: usize = 36;
 
     pub(crate) fn write(&self, w: &mut Writer) {
         w.u32(COMBINE_MAGIC);
         w.u32(self.status);
         w.u64(self.rows);
+        w.u64(self.expects);
         w.u32(self.hidden_size);
         w.u64(self.layer);
     }
@@ -269,6 +273,7 @@ impl CombineHeader {
         Ok(Self {
             status: r.u32("status")?,
             rows: r.u64("row count")?,
+            expects: r.u64("expected row count")?,
             hidden_size: r.u32("hidden size")?,
             layer: r.u64("layer")?,
         })
@@ -301,6 +306,7 @@ mod tests {
         let c = CombineHeader {
             status: STATUS_REJECTED,
             rows: 0,
+            expects: 5,
             hidden_size: 8,
             layer: 1,
         };
