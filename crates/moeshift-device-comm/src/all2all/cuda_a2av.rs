@@ -14,10 +14,10 @@ use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, gather_rows, reject_staged_headers, Arrived, Block, SendSide,
+    finish_dispatch, gather_rows, route_into_headers, Arrived, Block, SendSide,
 };
 use super::cuda_tables::{Foreign, PlacementSections, SendTables};
-use super::cuda_wire::{DeviceHeader, DISPATCH, HEADER_FIELDS, MANAGER_A2AV, PICK_BYTES};
+use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_A2AV, PICK_BYTES};
 use super::placement::ExpertPlacement;
 use crate::nccl::NcclComm;
 
@@ -91,29 +91,26 @@ impl<C: Borrow<NcclComm>> CudaAllToAllVManager<C> {
         let routed = match &local {
             Ok((p, tables)) => {
                 let dev = tables.on_device(staged_base);
-                // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered this
-                // stream after them; `dev` lies in `staged`, alive until the end of the call.
-                let send = unsafe { SendTables::route(&call, engine, &tokens, p.n, &dev) }
-                    .and_then(|send| {
-                        // SAFETY: the header section holds `size` headers of `LEN` bytes at
-                        // a 16-byte aligned offset of `staged`; `send` is the routed batch.
-                        unsafe {
-                            engine.tables.fill_headers(
-                                stream,
-                                headers_at,
-                                size,
-                                &HEADER_FIELDS,
-                                send.at(send.layout.bucket_offsets),
-                                send.at(send.layout.err),
-                            )
-                        }
-                        .map_err(call.launch("msh_fill_headers"))?;
-                        Ok(send)
-                    });
-                if send.is_err() {
-                    // The peers learn of it from the header exchange.
-                    reject_staged_headers(&call, headers_at, size, MANAGER_A2AV, seq, deadline)?;
-                }
+                // SAFETY: the header section holds `size` headers at a 16-byte aligned offset
+                // of `staged`, alive until the end of the call; the words lie in `send`.
+                let send = unsafe {
+                    route_into_headers(
+                        &call,
+                        engine,
+                        headers_at,
+                        size,
+                        MANAGER_A2AV,
+                        seq,
+                        deadline,
+                        // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered
+                        // this stream after them; `dev` lies in `staged`.
+                        || SendTables::route(&call, engine, &tokens, p.n, &dev),
+                        |send| {
+                            let l = &send.layout;
+                            (send.at(l.bucket_offsets), send.at(l.err))
+                        },
+                    )
+                }?;
                 Some(send.map(|send| (send, dev)))
             }
             Err(_) => None,

@@ -15,10 +15,10 @@ use super::cuda_dispatched::{CudaDispatched, CudaRoute};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_steps::{
     at, block_offsets, check_combine, combine_over_nccl, dispatch_header, exchange_blocks,
-    finish_dispatch, reject_staged_headers, Arrived, Block, SendSide,
+    finish_dispatch, route_into_headers, Arrived, Block, SendSide,
 };
 use super::cuda_tables::{Foreign, PlacementSections, RouteTables};
-use super::cuda_wire::{DeviceHeader, DISPATCH, HEADER_FIELDS, MANAGER_AGRS, PICK_BYTES};
+use super::cuda_wire::{DeviceHeader, DISPATCH, MANAGER_AGRS, PICK_BYTES};
 use super::placement::ExpertPlacement;
 use crate::nccl::NcclComm;
 
@@ -90,31 +90,24 @@ impl<C: Borrow<NcclComm>> CudaAgRsManager<C> {
         let routed = match &local {
             Ok((p, tables)) => {
                 let dev = tables.on_device(staged_base);
-                let headers_at = at(staged_base, header_sec);
-                // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered this
-                // stream after them; `dev` lies in `staged`, alive until the end of the call.
-                let route = unsafe { RouteTables::route(&call, engine, &tokens, p.n, &dev) }
-                    .and_then(|route| {
-                        // SAFETY: the header section holds `size` headers of `LEN` bytes at
-                        // a 16-byte aligned offset of `staged`; the error word lies in
-                        // `route`.
-                        unsafe {
-                            engine.tables.fill_headers(
-                                stream,
-                                headers_at,
-                                size,
-                                &HEADER_FIELDS,
-                                0,
-                                route.at(route.layout.err),
-                            )
-                        }
-                        .map_err(call.launch("msh_fill_headers"))?;
-                        Ok(route)
-                    });
-                if route.is_err() {
-                    // The peers learn of it from the header exchange.
-                    reject_staged_headers(&call, headers_at, size, MANAGER_AGRS, seq, deadline)?;
-                }
+                // SAFETY: the header section holds `size` headers at a 16-byte aligned offset
+                // of `staged`, alive until the end of the call; the error word lies in
+                // `route`. Every rank gets all rows: the counts stay as staged.
+                let route = unsafe {
+                    route_into_headers(
+                        &call,
+                        engine,
+                        at(staged_base, header_sec),
+                        size,
+                        MANAGER_AGRS,
+                        seq,
+                        deadline,
+                        // SAFETY: `check_batch` checked `tokens` for `p.n` tokens and ordered
+                        // this stream after them; `dev` lies in `staged`.
+                        || RouteTables::route(&call, engine, &tokens, p.n, &dev),
+                        |route| (0, route.at(route.layout.err)),
+                    )
+                }?;
                 Some(route.map(|route| (route, dev)))
             }
             Err(_) => None,

@@ -15,7 +15,7 @@ use super::cuda::{
 use super::cuda_dispatched::{CudaDispatched, CudaRoute, Tables};
 use super::cuda_error::CudaAll2AllError;
 use super::cuda_tables::{Foreign, ItemTables, RouteTables, SendTables};
-use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH};
+use super::cuda_wire::{DeviceHeader, COMBINE, DISPATCH, HEADER_FIELDS};
 use super::error::All2AllError;
 use super::placement::ExpertPlacement;
 use super::table_kernels::DevicePlacement;
@@ -241,11 +241,52 @@ pub(crate) unsafe fn finish_dispatch(
     })
 }
 
+/// Queues `route` (this rank's routing on the GPU), then fills in the `size` dispatch
+/// headers staged at `headers` from the routed tables: the row counts from the
+/// per-destination offsets and the status from the routing error word, at the addresses
+/// `words` returns (`(offsets or 0 to leave the counts, error word)`). When routing or the
+/// fill fails on this rank, the headers become rejections, so its peers fail with it at
+/// the header exchange instead of waiting for their deadline; the failure is returned
+/// inside, for after the exchange. The outer error: not even the rejection could be
+/// written.
+///
+/// # Safety
+/// `headers` holds `size` headers of [`DeviceHeader::LEN`] bytes, 16-byte aligned device
+/// memory of this rank's GPU, and the addresses `words` returns lie in the routed tables;
+/// all ordered on the communicator's stream and alive until the exchange.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn route_into_headers<T>(
+    call: &Call<'_>,
+    engine: &Engine,
+    headers: u64,
+    size: usize,
+    manager: u8,
+    seq: u32,
+    deadline: Deadline,
+    route: impl FnOnce() -> Result<T, CudaAll2AllError>,
+    words: impl FnOnce(&T) -> (u64, u64),
+) -> Result<Result<T, CudaAll2AllError>, CudaAll2AllError> {
+    let stream = call.comm.stream();
+    let routed = route().and_then(|t| {
+        let (offsets, err) = words(&t);
+        // SAFETY: the caller's contract.
+        unsafe {
+            engine
+                .tables
+                .fill_headers(stream, headers, size, &HEADER_FIELDS, offsets, err)
+        }
+        .map_err(call.launch("msh_fill_headers"))?;
+        Ok(t)
+    });
+    if routed.is_err() {
+        reject_staged_headers(call, headers, size, manager, seq, deadline)?;
+    }
+    Ok(routed)
+}
+
 /// Overwrites the `size` dispatch headers staged at `headers` (device memory of this rank's
-/// GPU, not yet exchanged) with rejections, for a rank whose routing failed after they were
-/// staged: its peers then fail with it at the header exchange instead of waiting for their
-/// deadline.
-pub(crate) fn reject_staged_headers(
+/// GPU, not yet exchanged) with rejections.
+fn reject_staged_headers(
     call: &Call<'_>,
     headers: u64,
     size: usize,
