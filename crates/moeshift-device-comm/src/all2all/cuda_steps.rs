@@ -97,10 +97,12 @@ pub(crate) fn exchange_blocks(
     if copying {
         // Later work on the stream (and the frees of these buffers) waits for the copies,
         // on every path: the caller frees the buffers as soon as this returns. Should the
-        // join itself fail, wait for the copies on the host instead.
+        // join itself fail, wait for the copies on the host instead (with the deadline).
         if let Err(e) = stream.join(&engine.side) {
-            let _ = engine.side.synchronize();
-            own_result = own_result.and(Err(call.cuda("cuStreamWaitEvent")(e)));
+            let waited = call.wait(&engine.side, "the local copies", deadline);
+            own_result = own_result
+                .and(Err::<(), _>(call.cuda("cuStreamWaitEvent")(e)))
+                .and(waited);
         }
     }
     call.mark("row exchange (NCCL)");
