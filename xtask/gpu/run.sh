@@ -11,6 +11,9 @@
 #                      rearrangement beside PyTorch's batch_isend_irecv of the same plan; the
 #                      all-to-all dispatch/combine beside all_to_all_single; weight transfer
 #                      from 1 trainer GPU to the others. Results as for bench.
+#   bash run.sh shared the all-to-all GPU tests and benchmark as 2 ranks even on one GPU
+#                      (MOESHIFT_GPU_RANKS=2, all2all_bw --share-gpus): the multi-rank paths,
+#                      with NCCL over loopback sockets; its timings are not bandwidth figures.
 # Needs: NVIDIA driver, CUDA runtime, NCCL (libnccl.so or libnccl.so.2), python3 + torch for the
 # peer baseline. Nothing is downloaded.
 set -uo pipefail
@@ -46,7 +49,7 @@ run_tests() { # pattern
     echo "==> $name" >> "$results/tests.log"
     # A crate's unit-test executable: only its GPU tests.
     filter=""; case "$name" in *_lib_gpu) filter="gpu_" ;; esac
-    if "$t" $filter --test-threads=1 2>&1 | tee -a "$results/tests.log"; then
+    if "$t" $filter ${TEST_ARGS:-} --test-threads=1 2>&1 | tee -a "$results/tests.log"; then
       passed=$((passed + 1))
     else
       failed=$((failed + 1)); fail=1; echo "FAILED: $name"
@@ -185,13 +188,21 @@ run_scale() {
   bench ws_ipc_packed $L moeshift bench weight-sync --engine ipc --mode packed $ws
 }
 
+# The multi-rank all-to-all paths on however many GPUs there are (one is enough).
+run_shared() {
+  # --nocapture: every rank's lines ("[rank 1] ...") land in tests.log.
+  MOESHIFT_GPU_RANKS=2 TEST_ARGS=--nocapture run_tests '*all2all_gpu*'
+  bench all2all_shared "$here/examples/all2all_bw" --ranks 2 --share-gpus --reps 5 --warmup 1
+}
+
 case "$mode" in
   gpu) run_tests '*gpu*' ;;
   all) run_tests '*' ;;
   bench) run_benches ;;
   gpu+bench) run_tests '*gpu*'; run_benches ;;
   scale) run_scale ;;
-  *) echo "usage: bash run.sh [gpu|all|bench|gpu+bench|scale]"; exit 2 ;;
+  shared) run_shared ;;
+  *) echo "usage: bash run.sh [gpu|all|bench|gpu+bench|scale|shared]"; exit 2 ;;
 esac
 [ "$mode" = bench ] || [ "$mode" = scale ] || echo "gpu tests: $passed passed, $failed failed"
 exit $fail

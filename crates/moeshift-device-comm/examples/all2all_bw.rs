@@ -13,7 +13,15 @@
 //! cargo build --release --features cuda -p moeshift-device-comm --example all2all_bw
 //! moeshift launch --nproc 2 -- target/release/examples/all2all_bw [--reps 9] [--splits-out F]
 //! target/release/examples/all2all_bw [--ranks 8]            # starts the ranks itself (2)
+//! target/release/examples/all2all_bw --ranks 2 --share-gpus  # 2 ranks on fewer GPUs
 //! ```
+//!
+//! `--share-gpus` lets the ranks outnumber the GPUs ([`testing::share_gpus`]: ranks on one
+//! GPU take turns on it and NCCL carries their rows over loopback sockets). It checks the
+//! multi-rank paths at full size; its timings say nothing about bandwidth, and the JSON
+//! says `"shared_gpus": true`.
+//!
+//! [`testing::share_gpus`]: moeshift_device_comm::testing::share_gpus
 //!
 //! `--splits-out FILE` writes the rows each rank sends each rank (all-to-all-v routing) as
 //! JSON, for `bench/torch_all2all_peer.py` to exchange the same bytes. Rank 0 prints one
@@ -51,7 +59,7 @@ mod bench {
     };
     use moeshift_device_comm::launch::OutputMode;
     use moeshift_device_comm::nccl::{nccl_available, NcclComm};
-    use moeshift_device_comm::{HostGroup, Launcher, StoreClient, World};
+    use moeshift_device_comm::{testing, HostGroup, Launcher, StoreClient, World};
     use moeshift_sync::Deadline;
     use moeshift_tensor::DType;
     use rand::rngs::StdRng;
@@ -73,6 +81,7 @@ mod bench {
         hidden: usize,
         splits_out: Option<String>,
         ranks: usize,
+        share_gpus: bool,
     }
 
     fn parse_args() -> Result<Args> {
@@ -83,6 +92,7 @@ mod bench {
             hidden: 7168,
             splits_out: None,
             ranks: DEFAULT_RANKS,
+            share_gpus: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -94,10 +104,11 @@ mod bench {
                 "--hidden" => a.hidden = value()?.parse()?,
                 "--splits-out" => a.splits_out = Some(value()?),
                 "--ranks" => a.ranks = value()?.parse()?,
+                "--share-gpus" => a.share_gpus = true,
                 other => {
                     return Err(format!(
                         "unexpected argument {other:?}; usage: all2all_bw [--reps N] [--warmup N] \
-                     [--tokens N] [--hidden N] [--splits-out FILE] [--ranks N]"
+                     [--tokens N] [--hidden N] [--splits-out FILE] [--ranks N] [--share-gpus]"
                     )
                     .into())
                 }
@@ -117,17 +128,21 @@ mod bench {
     pub fn main() -> Result<()> {
         let args = parse_args()?;
         if std::env::var_os("RANK").is_none() {
-            return launch(args.ranks);
+            return launch(&args);
         }
         run_rank(&args)
     }
 
     /// Starts `ranks` ranks of this program and prints rank 0's JSON.
-    fn launch(ranks: usize) -> Result<()> {
+    fn launch(args: &Args) -> Result<()> {
+        let ranks = args.ranks;
         nccl_available()?;
         let gpus = CudaContext::device_count()?;
-        if gpus < ranks as i32 {
-            return Err(format!("{gpus} GPU(s) visible; the benchmark needs {ranks}").into());
+        if gpus < ranks as i32 && !args.share_gpus {
+            return Err(format!(
+                "{gpus} GPU(s) visible; the benchmark needs {ranks} (or --share-gpus)"
+            )
+            .into());
         }
         let exe = std::env::current_exe()?;
         let outcome = Launcher::new(ranks, exe)
@@ -285,15 +300,15 @@ mod bench {
         let setup = Deadline::after(Duration::from_secs(120));
         let store = StoreClient::connect(&world, setup)?;
         let group = HostGroup::world(&store, setup)?;
+        let device = if args.share_gpus {
+            let gpus = CudaContext::device_count()?.max(1) as usize;
+            testing::share_gpus(&world, gpus)
+        } else {
+            world.local_rank()
+        };
         let version = nccl_available()?;
-        let comm = NcclComm::from_store(
-            &store,
-            rank,
-            ranks,
-            "all2all_bw/unique_id",
-            world.local_rank(),
-            setup,
-        )?;
+        let comm =
+            NcclComm::from_store(&store, rank, ranks, "all2all_bw/unique_id", device, setup)?;
         let stream = comm.stream().clone();
         let gpu = stream.context().name()?;
 
@@ -461,7 +476,7 @@ mod bench {
                 "{RESULT_TAG}{{\"bench\": \"all2all_bw\", \"impl\": \"moeshift\", \"gpu\": \"{}\", \
                  \"nccl\": \"{version}\", \"ranks\": {ranks}, \"tokens_per_rank\": {n}, \
                  \"hidden\": {h}, \"dtype\": \"bf16\", \"top_k\": {TOP_K}, \"experts\": {EXPERTS}, \
-                 \"reps\": {}, \"warmup\": {}, \"send_rows\": {:?}, \"verified\": true, \
+                 \"reps\": {}, \"warmup\": {}, \"send_rows\": {:?}, \"shared_gpus\": {}, \"verified\": true, \
                  \"timing\": \"rank 0 wall clock, median; each repetition starts after an NCCL \
                  barrier; dispatch returns when its rows arrived, combine when its output is \
                  ready; GBps = token-row bytes sent to + received from the other GPUs in dispatch \
@@ -470,6 +485,7 @@ mod bench {
                 args.reps,
                 args.warmup,
                 matrix,
+                args.share_gpus,
                 fields.join(", ")
             );
         }

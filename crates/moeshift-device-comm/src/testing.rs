@@ -56,6 +56,9 @@ use crate::world::{World, WorldError, ENV_RANK};
 pub const ENV_FAIL_RANK: &str = "MOESHIFT_FAIL_RANK";
 /// Names the point at which [`fail_point`] kills it.
 pub const ENV_FAIL_POINT: &str = "MOESHIFT_FAIL_POINT";
+/// Asks the GPU tests for this many ranks, even more than there are GPUs: the ranks then
+/// share the GPUs ([`gpu_ranks`], [`share_gpus`]).
+pub const ENV_GPU_RANKS: &str = "MOESHIFT_GPU_RANKS";
 
 /// Why a multi-process test could not run or did not pass.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,16 @@ pub enum TestingError {
         /// The launcher's error.
         #[source]
         source: LaunchError,
+    },
+    /// A variable this module reads holds something it cannot use.
+    #[error("{name}={value:?}: {why}")]
+    BadVariable {
+        /// The variable.
+        name: &'static str,
+        /// What it holds.
+        value: String,
+        /// What is wrong with it.
+        why: &'static str,
     },
     /// Some rank failed.
     #[error("{test}: not every rank passed\n{report}")]
@@ -199,6 +212,72 @@ impl RankTest {
     }
 }
 
+/// How many ranks a GPU test runs on a machine with `gpus` GPUs: [`ENV_GPU_RANKS`] when it
+/// is set (a positive number), otherwise one rank per GPU and at most `max` (at least 1).
+///
+/// Asking for more ranks than GPUs runs the multi-rank paths (headers, offsets, pairing,
+/// CUDA IPC between processes) on a machine with fewer GPUs; [`share_gpus`] makes that work.
+/// It says nothing about speed: ranks on one GPU take turns on it.
+pub fn gpu_ranks(gpus: usize, max: usize) -> Result<usize, TestingError> {
+    ranks_for(std::env::var(ENV_GPU_RANKS).ok(), gpus, max)
+}
+
+/// [`gpu_ranks`] with the variable's value given.
+fn ranks_for(asked: Option<String>, gpus: usize, max: usize) -> Result<usize, TestingError> {
+    match asked {
+        Some(value) => match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(TestingError::BadVariable {
+                name: ENV_GPU_RANKS,
+                value,
+                why: "not a positive number of ranks",
+            }),
+        },
+        None => Ok(gpus.min(max).max(1)),
+    }
+}
+
+/// The GPU this rank uses when the ranks share `gpus` GPUs round robin (`local_rank %
+/// gpus`), with NCCL set up so that it accepts two ranks on one GPU. Call it in the rank
+/// before anything loads NCCL.
+///
+/// NCCL refuses a communicator with two ranks on one GPU of one host ("duplicate GPU").
+/// When ranks share a GPU, this gives each rank its own NCCL host identity
+/// (`NCCL_HOSTID`), so NCCL sees one GPU per host and carries the traffic between ranks over
+/// its network transport: sockets on the loopback interface (`NCCL_NET=Socket`,
+/// `NCCL_SOCKET_IFNAME=lo`) unless those variables are already set. CUDA IPC between the
+/// processes works as it does between GPUs. With one rank per GPU it changes nothing.
+///
+/// It sets environment variables of this process, so call it while no other thread reads
+/// them, as test ranks do at their start.
+pub fn share_gpus(world: &World, gpus: usize) -> usize {
+    let (gpu, vars) = shared_gpu(world, gpus, |key| std::env::var_os(key).is_some());
+    for (key, value) in vars {
+        std::env::set_var(key, value);
+    }
+    gpu
+}
+
+/// [`share_gpus`] without touching the environment: this rank's GPU and the variables to
+/// set (`is_set` tells which ones the user set already).
+fn shared_gpu(
+    world: &World,
+    gpus: usize,
+    is_set: impl Fn(&str) -> bool,
+) -> (usize, Vec<(&'static str, String)>) {
+    let gpus = gpus.max(1);
+    let mut vars = Vec::new();
+    if world.local_world_size() > gpus {
+        vars.push(("NCCL_HOSTID", format!("moeshift-rank-{}", world.rank())));
+        for (key, value) in [("NCCL_NET", "Socket"), ("NCCL_SOCKET_IFNAME", "lo")] {
+            if !is_set(key) {
+                vars.push((key, value.to_string()));
+            }
+        }
+    }
+    (world.local_rank() % gpus, vars)
+}
+
 /// The launcher's summary plus the output of every rank that did not pass.
 pub fn failure_report(outcome: &LaunchOutcome) -> String {
     let mut report = outcome.summary();
@@ -234,5 +313,51 @@ pub fn fail_point(world: &World, point: &str) {
             world.rank()
         );
         sys::kill_self();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_ranks_follow_the_gpus_unless_asked() {
+        assert_eq!(ranks_for(None, 8, 2).unwrap(), 2);
+        assert_eq!(ranks_for(None, 1, 2).unwrap(), 1);
+        assert_eq!(ranks_for(None, 0, 2).unwrap(), 1);
+        assert_eq!(ranks_for(Some(" 3 ".into()), 1, 2).unwrap(), 3);
+        for bad in ["0", "-1", "two", ""] {
+            let err = ranks_for(Some(bad.into()), 1, 2).unwrap_err();
+            assert!(
+                matches!(err, TestingError::BadVariable { ref value, .. } if value == bad),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn ranks_sharing_a_gpu_get_their_own_nccl_host() {
+        // 4 ranks on 2 GPUs: round robin, and a distinct NCCL host per rank.
+        let mut hosts = Vec::new();
+        for rank in 0..4 {
+            let world = World::single_node(rank, 4, "127.0.0.1", 29500).unwrap();
+            let (gpu, vars) = shared_gpu(&world, 2, |_| false);
+            assert_eq!(gpu, rank % 2);
+            let keys: Vec<&str> = vars.iter().map(|(k, _)| *k).collect();
+            assert_eq!(keys, ["NCCL_HOSTID", "NCCL_NET", "NCCL_SOCKET_IFNAME"]);
+            hosts.push(vars[0].1.clone());
+        }
+        hosts.sort();
+        hosts.dedup();
+        assert_eq!(hosts.len(), 4, "{hosts:?}");
+        // The user's transport choice stays.
+        let world = World::single_node(1, 2, "127.0.0.1", 29500).unwrap();
+        let (gpu, vars) = shared_gpu(&world, 1, |k| k == "NCCL_NET");
+        assert_eq!(gpu, 0);
+        let keys: Vec<&str> = vars.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, ["NCCL_HOSTID", "NCCL_SOCKET_IFNAME"]);
+        // One rank per GPU: nothing changes.
+        let world = World::single_node(1, 2, "127.0.0.1", 29500).unwrap();
+        assert_eq!(shared_gpu(&world, 2, |_| false), (1, Vec::new()));
     }
 }

@@ -14,6 +14,8 @@
 //! the device results must equal the host's exactly too.
 //!
 //! Run on a GPU machine: `cargo test -p moeshift-device-comm --features cuda --test all2all_gpu`.
+//! `MOESHIFT_GPU_RANKS=2` runs 2 ranks even on one GPU ([`testing::share_gpus`]): every
+//! multi-rank path of the managers, with NCCL over loopback sockets between the ranks.
 #![cfg(feature = "cuda")]
 
 use std::sync::Arc;
@@ -35,9 +37,10 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-/// Most ranks: one per GPU, 2 at most. With one GPU the tests run one rank, which still
-/// runs every kernel and table of the managers (every row then stays on its rank).
-const MAX_WORLD: i32 = 2;
+/// Most ranks: one per GPU, 2 at most, unless `MOESHIFT_GPU_RANKS` asks for more. With one
+/// GPU the tests run one rank, which still runs every kernel and table of the managers
+/// (every row then stays on its rank).
+const MAX_WORLD: usize = 2;
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(240);
 /// Slots per rank and top-k are fixed: the one-sided workspace fixes them at creation.
 const SLOTS_PER_RANK: usize = 4;
@@ -62,9 +65,13 @@ fn skip_reason() -> Option<String> {
     }
 }
 
+fn gpus() -> usize {
+    CudaContext::device_count().map_or(1, |n| n.max(1) as usize)
+}
+
 /// The number of ranks (called once the GPUs are known to be usable).
 fn ranks() -> usize {
-    CudaContext::device_count().map_or(1, |n| n.clamp(1, MAX_WORLD) as usize)
+    testing::gpu_ranks(gpus(), MAX_WORLD).expect("rank count")
 }
 
 fn skipped(test: &str) -> bool {
@@ -478,7 +485,7 @@ fn rank_cuda_managers_match_host_managers() {
         rank,
         ranks(),
         "all2all_gpu/match",
-        world.local_rank(),
+        testing::share_gpus(&world, gpus()),
         setup_deadline,
     )
     .expect("NCCL communicator");
@@ -586,7 +593,7 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
         rank,
         ranks(),
         "all2all_gpu/fail",
-        world.local_rank(),
+        testing::share_gpus(&world, gpus()),
         setup_deadline,
     )
     .expect("NCCL communicator");
