@@ -11,7 +11,7 @@
 #                      rearrangement beside PyTorch's batch_isend_irecv of the same plan; the
 #                      all-to-all dispatch/combine beside all_to_all_single; weight transfer
 #                      from 1 trainer GPU to the others. Results as for bench.
-#   bash run.sh shared the all-to-all GPU tests and benchmark as 2 ranks even on one GPU
+#   bash run.sh shared the GPU tests and the all-to-all benchmark as 2 ranks even on one GPU
 #                      (MOESHIFT_GPU_RANKS=2, all2all_bw --share-gpus): the multi-rank paths,
 #                      with NCCL over loopback sockets; its timings are not bandwidth figures.
 # Needs: NVIDIA driver, CUDA runtime, NCCL (libnccl.so or libnccl.so.2), python3 + torch for the
@@ -188,10 +188,10 @@ run_scale() {
   bench ws_ipc_packed $L moeshift bench weight-sync --engine ipc --mode packed $ws
 }
 
-# The multi-rank all-to-all paths on however many GPUs there are (one is enough).
+# The multi-rank GPU paths on however many GPUs there are (one is enough).
 run_shared() {
   # --nocapture: every rank's lines ("[rank 1] ...") land in tests.log.
-  MOESHIFT_GPU_RANKS=2 TEST_ARGS=--nocapture run_tests '*all2all_gpu*'
+  MOESHIFT_GPU_RANKS=2 TEST_ARGS=--nocapture run_tests '*gpu*'
   bench all2all_shared "$here/examples/all2all_bw" --ranks 2 --share-gpus --reps 5 --warmup 1
 }
 

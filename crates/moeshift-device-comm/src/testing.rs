@@ -237,6 +237,27 @@ fn ranks_for(asked: Option<String>, gpus: usize, max: usize) -> Result<usize, Te
     }
 }
 
+/// Why `gpus` GPUs cannot run a GPU test of `ranks` ranks, if they cannot: no GPU, or fewer
+/// GPUs than ranks while [`ENV_GPU_RANKS`] is not set. With the variable set, tests of a
+/// fixed number of ranks run on fewer GPUs too, the ranks sharing them ([`share_gpus`]).
+pub fn gpu_shortage(ranks: usize, gpus: usize) -> Option<String> {
+    shortage_for(std::env::var(ENV_GPU_RANKS).ok(), ranks, gpus)
+}
+
+/// [`gpu_shortage`] with the variable's value given.
+fn shortage_for(asked: Option<String>, ranks: usize, gpus: usize) -> Option<String> {
+    if gpus == 0 {
+        return Some("no GPU visible".to_string());
+    }
+    match asked {
+        Some(value) => ranks_for(Some(value), gpus, ranks).err().map(|e| e.to_string()),
+        None if gpus < ranks => Some(format!(
+            "{gpus} GPU(s) visible, the test needs {ranks} ({ENV_GPU_RANKS}=2 lets ranks share GPUs)"
+        )),
+        None => None,
+    }
+}
+
 /// The GPU this rank uses when the ranks share `gpus` GPUs round robin (`local_rank %
 /// gpus`), with NCCL set up so that it accepts two ranks on one GPU. Call it in the rank
 /// before anything loads NCCL.
@@ -333,6 +354,17 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn fixed_rank_tests_share_gpus_only_when_asked() {
+        assert_eq!(shortage_for(None, 2, 2), None);
+        assert_eq!(shortage_for(None, 2, 8), None);
+        let short = shortage_for(None, 2, 1).expect("too few GPUs");
+        assert!(short.contains("1 GPU(s) visible"), "{short}");
+        assert_eq!(shortage_for(Some("2".into()), 2, 1), None);
+        assert!(shortage_for(Some("2".into()), 2, 0).is_some());
+        assert!(shortage_for(Some("x".into()), 2, 1).is_some());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Multi-rank scenarios follow the crate's `testing` convention (`rank_` tests start copies of
 //! this binary as ranks). Every test checks first whether NCCL and 2 GPUs are there and, if
 //! not, prints why and passes without doing anything, so CI machines without GPUs run it too.
+//! With `MOESHIFT_GPU_RANKS=2` the 2 ranks share one GPU ([`testing::share_gpus`]: NCCL over
+//! loopback sockets).
 //!
 //! Run on a GPU machine: `cargo test -p moeshift-device-comm --features cuda --test nccl_gpu`.
 #![cfg(feature = "cuda")]
@@ -33,10 +35,16 @@ fn skip_reason() -> Option<String> {
         return Some(format!("NCCL is not usable here: {err}"));
     }
     match CudaContext::device_count() {
-        Ok(n) if n >= WORLD as i32 => None,
-        Ok(n) => Some(format!("{n} GPU(s) visible, the test needs {WORLD}")),
+        Ok(n) => testing::gpu_shortage(WORLD, n.max(0) as usize),
         Err(err) => Some(format!("cannot count GPUs: {err}")),
     }
+}
+
+/// This rank's GPU: `LOCAL_RANK`, or a shared one ([`testing::share_gpus`]) when
+/// `MOESHIFT_GPU_RANKS` lets the ranks outnumber the GPUs.
+fn rank_gpu(world: &World) -> usize {
+    let gpus = CudaContext::device_count().map_or(1, |n| n.max(1) as usize);
+    testing::share_gpus(world, gpus)
 }
 
 /// True (after printing why) when the test must be skipped.
@@ -50,7 +58,7 @@ fn skipped(test: &str) -> bool {
     }
 }
 
-/// The store and a communicator on this rank's GPU (`LOCAL_RANK`).
+/// The store and a communicator on this rank's GPU ([`rank_gpu`]).
 fn setup(world: &World, key: &str) -> (StoreClient, NcclComm) {
     let deadline = Deadline::after(SETUP);
     let store = StoreClient::connect(world, deadline).expect("connect to the store");
@@ -59,7 +67,7 @@ fn setup(world: &World, key: &str) -> (StoreClient, NcclComm) {
         world.rank(),
         world.world_size(),
         key,
-        world.local_rank(),
+        rank_gpu(world),
         deadline,
     )
     .expect("create the NCCL communicator");
@@ -408,6 +416,7 @@ fn rank_nccl_first_ops_with_a_silent_peer_time_out() {
     let wait = Duration::from_secs(3);
     // One store for both cases (rank 0 hosts it: it must outlive both communicators).
     let store = StoreClient::connect(&world, Deadline::after(SETUP)).expect("connect");
+    let gpu = rank_gpu(&world);
     for (case, key) in [
         ("recv", "nccl_gpu/silent/recv"),
         ("broadcast", "nccl_gpu/silent/bcast"),
@@ -417,7 +426,7 @@ fn rank_nccl_first_ops_with_a_silent_peer_time_out() {
             world.rank(),
             world.world_size(),
             key,
-            world.local_rank(),
+            gpu,
             Deadline::after(SETUP),
         )
         .expect("create the NCCL communicator");

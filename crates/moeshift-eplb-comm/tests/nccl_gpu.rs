@@ -429,7 +429,7 @@ fn nccl_peer_killed_gpu() {
         }
         RankRole::Rank(world) => world,
     };
-    let (me, gpu) = (world.rank(), world.local_rank());
+    let (me, gpu) = (world.rank(), common::gpu::rank_gpu(&world));
     let deadline = Deadline::after(Duration::from_secs(60));
     let store = StoreClient::connect(&world, deadline).expect("store");
     // 8 rows per rank of 2 tensors, 5 MiB per expert: 40 MiB move each way per layer.

@@ -41,7 +41,7 @@ fn config(buffer: usize) -> IpcConfig {
 }
 
 fn trainer(world: &World) {
-    let device = world.local_rank();
+    let device = common::rank_device(world);
     let metas = model();
     let mut t = IpcTrainer::new(connect(world), device, config(BUFFER)).expect("trainer");
 
@@ -121,7 +121,7 @@ fn trainer(world: &World) {
 }
 
 fn worker(world: &World) {
-    let device = world.local_rank();
+    let device = common::rank_device(world);
     let rank = world.rank();
     let engine: IpcWorker<CudaBuffer> =
         IpcWorker::new(connect(world), device, config(BUFFER)).expect("worker");
@@ -188,7 +188,7 @@ fn ipc_trainer_dies_mid_update() {
     let Some(world) = kill_test(NAME, KILLED) else {
         return;
     };
-    let device = world.local_rank();
+    let device = common::rank_device(&world);
     let rank = world.rank();
     let metas = model();
     if rank == TRAINER_RANK {

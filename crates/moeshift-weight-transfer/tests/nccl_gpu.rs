@@ -49,7 +49,7 @@ fn config() -> NcclConfig {
 }
 
 fn trainer(world: &World) {
-    let device = world.local_rank();
+    let device = common::rank_device(world);
     let metas = model();
     let mut t = NcclTrainer::new(connect(world), device, config(), deadline()).expect("trainer");
 
@@ -212,7 +212,7 @@ fn trainer(world: &World) {
 }
 
 fn worker(world: &World) {
-    let device = world.local_rank();
+    let device = common::rank_device(world);
     let rank = world.rank();
     let group = connect(world);
     let engine: NcclWorker<CudaBuffer> =
@@ -284,7 +284,7 @@ const KILLED: &str = "trainer-killed-mid-update";
 /// A worker of the kill tests: receives version `v` in one session, then the session its
 /// trainer dies in, which must fail in time and leave version `v` in place byte for byte.
 fn kill_test_worker(world: &World, v: u64) {
-    let device = world.local_rank();
+    let device = common::rank_device(world);
     let rank = world.rank();
     let engine: NcclWorker<CudaBuffer> = NcclWorker::new(
         connect(world),
@@ -330,7 +330,7 @@ fn nccl_trainer_dies_mid_packed_update() {
         kill_test_worker(&world, 1);
         return;
     }
-    let device = world.local_rank();
+    let device = common::rank_device(&world);
     let metas = model();
     // The default 1 GiB chunk holds the whole model.
     let config = NcclConfig {
@@ -371,7 +371,7 @@ fn nccl_trainer_dies_mid_sparse_update() {
         kill_test_worker(&world, 2);
         return;
     }
-    let device = world.local_rank();
+    let device = common::rank_device(&world);
     let metas = model();
     let mut t = NcclTrainer::new(connect(&world), device, NcclConfig::default(), deadline())
         .expect("trainer");

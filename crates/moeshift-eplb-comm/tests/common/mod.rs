@@ -574,8 +574,11 @@ pub mod gpu {
             return None;
         }
         match cuda_available() {
-            Ok(n) if n >= ranks => {}
-            Ok(n) => return Some(format!("{n} GPU(s) visible, the test needs {ranks}")),
+            Ok(n) => {
+                if let Some(short) = testing::gpu_shortage(ranks, n) {
+                    return Some(short);
+                }
+            }
             Err(e) => return Some(format!("CUDA is not usable here: {e}")),
         }
         probe()
@@ -600,7 +603,7 @@ pub mod gpu {
         pub world: World,
         /// This rank.
         pub me: usize,
-        /// This rank's GPU (`LOCAL_RANK`).
+        /// This rank's GPU ([`rank_gpu`]).
         pub gpu: usize,
         /// Deadline for the whole set-up (60 s from the rank's start).
         pub deadline: Deadline,
@@ -615,6 +618,13 @@ pub mod gpu {
         }
     }
 
+    /// This rank's GPU: `LOCAL_RANK`, or a shared one ([`testing::share_gpus`]) when
+    /// `MOESHIFT_GPU_RANKS` lets the ranks outnumber the GPUs. Call it once, before NCCL or
+    /// NIXL is used.
+    pub fn rank_gpu(world: &World) -> usize {
+        testing::share_gpus(world, cuda_available().unwrap_or(1))
+    }
+
     /// Starts `name` as `ranks` ranks unless `skip` says why not: `None` in the parent (or
     /// when skipped), this rank otherwise.
     pub fn start_ranks(
@@ -627,7 +637,7 @@ pub mod gpu {
             return None;
         }
         let world = testing::run_as_ranks(name, ranks, launch_timeout).expect("ranks")?;
-        let (me, gpu) = (world.rank(), world.local_rank());
+        let (me, gpu) = (world.rank(), rank_gpu(&world));
         let deadline = Deadline::after(Duration::from_secs(60));
         let store = StoreClient::connect(&world, deadline).expect("store");
         Some(GpuRank {

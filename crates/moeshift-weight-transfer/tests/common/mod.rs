@@ -34,10 +34,15 @@ pub fn skip_reason(need_nccl: bool) -> Option<String> {
         }
     }
     match cuda_available() {
-        Ok(n) if n >= 2 => None,
-        Ok(n) => Some(format!("{n} GPU(s) visible, the test needs 2")),
+        Ok(n) => testing::gpu_shortage(2, n),
         Err(err) => Some(format!("CUDA is not usable here: {err}")),
     }
+}
+
+/// This rank's GPU: `LOCAL_RANK`, or a shared one ([`testing::share_gpus`]) when
+/// `MOESHIFT_GPU_RANKS` lets the 2 ranks run on one GPU. Call it once, before NCCL is used.
+pub fn rank_device(world: &World) -> usize {
+    testing::share_gpus(world, cuda_available().unwrap_or(1))
 }
 
 /// True (after printing why) when the test must be skipped.
