@@ -11,9 +11,11 @@
 #                      rearrangement beside PyTorch's batch_isend_irecv of the same plan; the
 #                      all-to-all dispatch/combine beside all_to_all_single; weight transfer
 #                      from 1 trainer GPU to the others. Results as for bench.
-#   bash run.sh shared the GPU tests and the all-to-all benchmark as 2 ranks even on one GPU
-#                      (MOESHIFT_GPU_RANKS=2, all2all_bw --share-gpus): the multi-rank paths,
-#                      with NCCL over loopback sockets; its timings are not bandwidth figures.
+#   bash run.sh shared the GPU tests, then the all-to-all, EPLB (random and re-planned layers,
+#                      nccl and nixl, every row verified) and weight-sync programs, as N ranks
+#                      even on one GPU (N = $MOESHIFT_GPU_RANKS, default 2; ranks share GPUs,
+#                      NCCL between them over loopback sockets): the multi-rank paths at
+#                      scale. Correctness only: its timings are not bandwidth figures.
 # Needs: NVIDIA driver, CUDA runtime, NCCL (libnccl.so or libnccl.so.2), python3 + torch for the
 # peer baseline. Nothing is downloaded.
 set -uo pipefail
@@ -190,9 +192,25 @@ run_scale() {
 
 # The multi-rank GPU paths on however many GPUs there are (one is enough).
 run_shared() {
+  local n=${MOESHIFT_GPU_RANKS:-2}
+  local ex="$here/examples" L="moeshift launch --nproc $n --timeout 900 --"
+  : > "$results/bench.jsonl"
+  echo "shared: $n ranks" | tee -a "$results/bench.log"
   # --nocapture: every rank's lines ("[rank 1] ...") land in tests.log.
-  MOESHIFT_GPU_RANKS=2 TEST_ARGS=--nocapture run_tests '*gpu*'
-  bench all2all_shared "$here/examples/all2all_bw" --ranks 2 --share-gpus --reps 5 --warmup 1
+  MOESHIFT_GPU_RANKS=$n TEST_ARGS=--nocapture run_tests '*gpu*'
+  bench all2all_shared "$ex/all2all_bw" --ranks "$n" --share-gpus --reps 5 --warmup 1
+  local stress="--layers 100 --experts-per-rank 16 --moved-per-rank 4 --tensors 2 --expert-bytes 262144 --device cuda --verify --deadline 60 --share-gpus"
+  local replan="--plan deepseek --layers 100 --experts-per-rank 9 --logical-experts $((8 * n)) --tensors 2 --expert-bytes 262144 --device cuda --verify --deadline 60 --share-gpus"
+  local b
+  for b in nccl nixl; do
+    bench "shared_stress_$b" $L moeshift bench eplb-comm --backend $b $stress
+    bench "shared_replan_$b" $L moeshift bench eplb-comm --backend $b $replan
+    bench "shared_rearrange_$b" $L moeshift bench eplb-comm --backend $b --rearrange ${stress/--layers 100/--layers 16}
+  done
+  local ws="--params 20000000 --tensors 24 --dtype bf16 --device cuda --verify --reps 3 --share-gpus"
+  bench shared_ws_nccl_dense $L moeshift bench weight-sync --engine nccl --mode dense $ws
+  bench shared_ws_nccl_sparse $L moeshift bench weight-sync --engine nccl --mode sparse --sparse-fraction 0.001 $ws
+  bench shared_ws_ipc_packed $L moeshift bench weight-sync --engine ipc --mode packed $ws
 }
 
 case "$mode" in

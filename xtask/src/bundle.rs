@@ -8,7 +8,8 @@
 //!   crates in `GPU_UNIT_TESTS` as `<crate>_lib_gpu`, of which only the `gpu_` tests run),
 //!   release-built with all features, or every test executable with `--all-tests`;
 //!   `run.sh gpu` runs the GPU ones, `run.sh all` every one in the bundle, `run.sh shared`
-//!   the GPU tests as 2 ranks even on one GPU;
+//!   the GPU tests and the multi-rank programs as 2 (or `MOESHIFT_GPU_RANKS`) ranks even on
+//!   one GPU;
 //! - `examples/*`: benchmark programs, run by `run.sh bench`;
 //! - `nixl-runtime.tar.xz`: the NIXL runtime files, unpacked by `run.sh` at start;
 //! - `torch_peer_baseline.py` and `bench/*.py`: the PyTorch peers measured beside moeshift's

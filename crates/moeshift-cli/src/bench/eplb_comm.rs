@@ -42,7 +42,8 @@
 //! pattern derived from `(expert, tensor, byte index)` (replicas of an expert hold the same
 //! bytes), so `--verify` checks every row of every layer byte for byte against the new
 //! placement after the moves (for `--device cuda`, after copying the rows back to the host).
-//! With `--device cuda`, each rank's weights live on GPU `LOCAL_RANK`, allocated with
+//! With `--device cuda`, each rank's weights live on GPU `LOCAL_RANK` (`--share-gpus`: ranks
+//! may outnumber the GPUs and share them, for checking only), allocated with
 //! `cuMemAlloc` as PyTorch's caching allocator does (not from a stream-ordered pool), so
 //! the `nixl` backend's peers can READ them through CUDA IPC.
 //!
@@ -306,6 +307,10 @@ pub struct Args {
     /// `--rearrange` (so commits overlap the next layer's READs), 1 otherwise.
     #[arg(long, value_name = "N")]
     nixl_landing_slots: Option<usize>,
+    /// With `--device cuda`: let the ranks outnumber the GPUs, sharing them (NCCL between
+    /// them over loopback sockets). Checks the multi-rank paths; not for figures.
+    #[arg(long)]
+    share_gpus: bool,
 }
 
 impl Args {
@@ -450,6 +455,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let world =
         World::from_env().context("moeshift bench eplb-comm must run under `moeshift launch`")?;
     let (rank, ranks) = (world.rank(), world.world_size());
+    let gpu = match args.device {
+        DeviceArg::Cuda => super::rank_gpu(&world, args.share_gpus)?,
+        DeviceArg::Cpu if args.share_gpus => bail!("--share-gpus applies to --device cuda"),
+        DeviceArg::Cpu => 0,
+    };
     if let PlanKind::Random { moved_per_rank } = kind {
         if ranks < 2 && moved_per_rank > 0 {
             bail!("moving experts between ranks needs at least 2 ranks (WORLD_SIZE is {ranks})");
@@ -472,8 +482,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &kind,
         &tensor_bytes,
         &maps,
-        &store,
-        &world,
+        (&store, &world, gpu),
         deadline_for,
     ) {
         Ok(r) => r,
@@ -565,6 +574,7 @@ fn summary(
         "backend": backend,
         "device": args.device.name(),
         "ranks": ranks,
+        "shared_gpus": args.share_gpus,
         "layers": args.layers,
         "plan": kind.name(),
         "experts_per_rank": args.experts_per_rank,
@@ -874,8 +884,7 @@ fn run_rank(
     kind: &PlanKind,
     tensor_bytes: &[usize],
     maps: &[(Vec<usize>, Vec<usize>)],
-    store: &StoreClient,
-    world: &World,
+    (store, world, gpu): (&StoreClient, &World, usize),
     deadline_for: Duration,
 ) -> anyhow::Result<RankReport> {
     let (rank, ranks) = (world.rank(), world.world_size());
@@ -884,7 +893,7 @@ fn run_rank(
 
     let mut storage = Weights::new(
         args.device,
-        world.local_rank(),
+        gpu,
         tensor_bytes,
         e,
         maps.iter().map(|(old, _)| mine(old)),

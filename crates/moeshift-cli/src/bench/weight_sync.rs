@@ -109,6 +109,10 @@ pub struct Args {
     /// Packed chunk size in MiB.
     #[arg(long, default_value_t = 1024)]
     buffer_mib: usize,
+    /// Let the ranks outnumber the GPUs, sharing them (NCCL between them over loopback
+    /// sockets). Checks the multi-rank paths; not for figures.
+    #[arg(long)]
+    share_gpus: bool,
 }
 
 impl Args {
@@ -153,6 +157,9 @@ impl Args {
             }
             (Engine::Ipc, _, Mode::Dense | Mode::Sparse | Mode::Auto) => {
                 bail!("the ipc engine moves packed dense updates only: use --mode packed")
+            }
+            (Engine::Host, _, _) if self.share_gpus => {
+                bail!("--share-gpus applies to the nccl and ipc engines")
             }
             _ => Ok(()),
         }
@@ -341,6 +348,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if world.world_size() < 2 {
         bail!("weight-sync needs a trainer and at least one worker: run it with --nproc 2 or more");
     }
+    if args.share_gpus {
+        // Before any NCCL call: ranks sharing a GPU need their own NCCL host identity.
+        super::rank_gpu(&world, true)?;
+    }
     let deadline = args.deadline()?;
     let store = StoreClient::connect(&world, deadline).context("connecting to the store")?;
     let group = HostGroup::world(&store, deadline).context("forming the host group")?;
@@ -365,6 +376,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "dtype": dtype.name(),
         "tensors": args.tensors,
         "device": format!("{:?}", args.place()).to_lowercase(),
+        "shared_gpus": args.share_gpus,
         "reps": args.reps,
         "seconds_min": sorted.first().copied(),
         "seconds_max": sorted.last().copied(),
@@ -577,7 +589,8 @@ mod gpu {
         NcclTrainer, NcclWorker,
     };
 
-    /// This rank's GPU: `LOCAL_RANK` modulo the GPUs visible.
+    /// This rank's GPU: `LOCAL_RANK` modulo the GPUs visible (with `--share-gpus`, NCCL
+    /// was set up for the sharing at the start of the run).
     fn device(world: &World) -> anyhow::Result<usize> {
         let count = cuda_available().context("the nccl and ipc engines need a GPU")?;
         Ok(world.local_rank() % count)
