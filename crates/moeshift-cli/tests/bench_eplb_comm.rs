@@ -264,6 +264,10 @@ fn bad_plan_options_fail_with_a_reason() {
             &["--plan", "migration", "--drift-sigma", "-0.5"][..],
             "--drift-sigma",
         ),
+        (
+            &["--share-gpus"][..],
+            "--share-gpus applies to --device cuda",
+        ),
     ] {
         let out = moeshift(&launch_args(exe, extra), Duration::from_secs(60));
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -131,4 +131,30 @@ fn bad_combinations_fail_with_a_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr.contains("use --device cpu"), "{stderr}");
+
+    let out = moeshift(
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            "--timeout",
+            "30",
+            "--",
+            exe,
+            "bench",
+            "weight-sync",
+            "--engine",
+            "host",
+            "--share-gpus",
+            "--params",
+            "10",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("--share-gpus applies to the nccl and ipc engines"),
+        "{stderr}"
+    );
 }
