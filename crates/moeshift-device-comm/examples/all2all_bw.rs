@@ -297,15 +297,16 @@ mod bench {
             return Err(format!("{ranks} ranks do not divide the {EXPERTS} experts").into());
         }
         let rank = world.rank();
-        let setup = Deadline::after(Duration::from_secs(120));
-        let store = StoreClient::connect(&world, setup)?;
-        let group = HostGroup::world(&store, setup)?;
+        // Before any other thread runs: sharing GPUs sets NCCL's variables.
         let device = if args.share_gpus {
             let gpus = CudaContext::device_count()?.max(1) as usize;
             testing::share_gpus(&world, gpus)
         } else {
             world.local_rank()
         };
+        let setup = Deadline::after(Duration::from_secs(120));
+        let store = StoreClient::connect(&world, setup)?;
+        let group = HostGroup::world(&store, setup)?;
         let version = nccl_available()?;
         let comm =
             NcclComm::from_store(&store, rank, ranks, "all2all_bw/unique_id", device, setup)?;

@@ -477,6 +477,7 @@ fn rank_cuda_managers_match_host_managers() {
         return;
     };
     let rank = world.rank();
+    let gpu = testing::share_gpus(&world, gpus());
     let setup_deadline = Deadline::after(Duration::from_secs(90));
     let store = StoreClient::connect(&world, setup_deadline).expect("store");
     let group = HostGroup::world(&store, setup_deadline).expect("host group");
@@ -485,7 +486,7 @@ fn rank_cuda_managers_match_host_managers() {
         rank,
         ranks(),
         "all2all_gpu/match",
-        testing::share_gpus(&world, gpus()),
+        gpu,
         setup_deadline,
     )
     .expect("NCCL communicator");
@@ -585,6 +586,7 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
         return;
     };
     let rank = world.rank();
+    let gpu = testing::share_gpus(&world, gpus());
     let setup_deadline = Deadline::after(Duration::from_secs(90));
     let store = StoreClient::connect(&world, setup_deadline).expect("store");
     let group = HostGroup::world(&store, setup_deadline).expect("host group");
@@ -593,7 +595,7 @@ fn rank_cuda_managers_fail_together_on_bad_input() {
         rank,
         ranks(),
         "all2all_gpu/fail",
-        testing::share_gpus(&world, gpus()),
+        gpu,
         setup_deadline,
     )
     .expect("NCCL communicator");

@@ -60,17 +60,11 @@ fn skipped(test: &str) -> bool {
 
 /// The store and a communicator on this rank's GPU ([`rank_gpu`]).
 fn setup(world: &World, key: &str) -> (StoreClient, NcclComm) {
+    let gpu = rank_gpu(world);
     let deadline = Deadline::after(SETUP);
     let store = StoreClient::connect(world, deadline).expect("connect to the store");
-    let comm = NcclComm::from_store(
-        &store,
-        world.rank(),
-        world.world_size(),
-        key,
-        rank_gpu(world),
-        deadline,
-    )
-    .expect("create the NCCL communicator");
+    let comm = NcclComm::from_store(&store, world.rank(), world.world_size(), key, gpu, deadline)
+        .expect("create the NCCL communicator");
     (store, comm)
 }
 
@@ -415,8 +409,8 @@ fn rank_nccl_first_ops_with_a_silent_peer_time_out() {
     };
     let wait = Duration::from_secs(3);
     // One store for both cases (rank 0 hosts it: it must outlive both communicators).
-    let store = StoreClient::connect(&world, Deadline::after(SETUP)).expect("connect");
     let gpu = rank_gpu(&world);
+    let store = StoreClient::connect(&world, Deadline::after(SETUP)).expect("connect");
     for (case, key) in [
         ("recv", "nccl_gpu/silent/recv"),
         ("broadcast", "nccl_gpu/silent/bcast"),
