@@ -108,8 +108,14 @@ fn sparse_moves_indices_and_values_only() {
 #[test]
 fn bad_combinations_fail_with_a_reason() {
     let exe = env!("CARGO_BIN_EXE_moeshift");
-    let out = moeshift(
-        &[
+    for (extra, reason) in [
+        (&["--device", "cuda"][..], "use --device cpu"),
+        (
+            &["--share-gpus"][..],
+            "--share-gpus applies to the nccl and ipc engines",
+        ),
+    ] {
+        let mut args = vec![
             "launch",
             "--nproc",
             "2",
@@ -121,40 +127,13 @@ fn bad_combinations_fail_with_a_reason() {
             "weight-sync",
             "--engine",
             "host",
-            "--device",
-            "cuda",
             "--params",
             "10",
-        ],
-        Duration::from_secs(60),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(stderr.contains("use --device cpu"), "{stderr}");
-
-    let out = moeshift(
-        &[
-            "launch",
-            "--nproc",
-            "2",
-            "--timeout",
-            "30",
-            "--",
-            exe,
-            "bench",
-            "weight-sync",
-            "--engine",
-            "host",
-            "--share-gpus",
-            "--params",
-            "10",
-        ],
-        Duration::from_secs(60),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        stderr.contains("--share-gpus applies to the nccl and ipc engines"),
-        "{stderr}"
-    );
+        ];
+        args.extend_from_slice(extra);
+        let out = moeshift(&args, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{extra:?}");
+        assert!(stderr.contains(reason), "{extra:?}: {stderr}");
+    }
 }
