@@ -64,19 +64,8 @@ fn launch_args<'a>(exe: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 fn bench(extra: &[&str]) -> Value {
     let exe = env!("CARGO_BIN_EXE_moeshift");
     let out = moeshift(&launch_args(exe, extra), Duration::from_secs(90));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let lines: Vec<&str> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("[rank 0] "))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "rank 0 prints one line:\n{stdout}\n{stderr}"
-    );
-    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {}", lines[0]))
+    let (line, _) = common::rank0_line(&out);
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
 fn usize_of(v: &Value) -> usize {

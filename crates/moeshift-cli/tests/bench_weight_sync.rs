@@ -36,25 +36,14 @@ fn bench(extra: &[&str]) -> Value {
     ];
     args.extend_from_slice(extra);
     let out = moeshift(&args, Duration::from_secs(90));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let lines: Vec<&str> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("[rank 0] "))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "rank 0 prints one line:\n{stdout}\n{stderr}"
-    );
+    let (line, stdout) = common::rank0_line(&out);
     assert!(
         !stdout
             .lines()
             .any(|l| l.starts_with("[rank 1] ") || l.starts_with("[rank 2] ")),
         "workers print nothing on stdout:\n{stdout}"
     );
-    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {}", lines[0]))
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
 fn check_common(v: &Value, mode: &str, bytes: u64) {

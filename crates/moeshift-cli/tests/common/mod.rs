@@ -48,3 +48,22 @@ pub fn moeshift(args: &[&str], limit: Duration) -> (Output, Duration) {
     };
     (output, elapsed)
 }
+
+/// The one line rank 0 printed on stdout (without the launcher's `[rank 0] ` prefix) and the
+/// whole stdout, after checking that the run succeeded and rank 0 printed exactly one line.
+#[allow(dead_code)] // the bench tests use it, the other test files share this module
+pub fn rank0_line(out: &Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("[rank 0] "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "rank 0 prints one line:\n{stdout}\n{stderr}"
+    );
+    (lines[0].to_string(), stdout)
+}
